@@ -1,0 +1,38 @@
+"""condconv_ref: golden reference and verification toolkit for CondConv-style layers.
+
+Every op is written once against the Python array API standard and runs on
+any compliant namespace (NumPy, CuPy, torch, array-api-strict).  Each op
+``f`` has a hand-derived ``f_vjp(cotangent, *args)`` that returns a dict of
+gradients keyed by argument name.
+"""
+
+from condconv_ref.condconv import (
+    condconv,
+    condconv_layer,
+    condconv_layer_vjp,
+    condconv_vjp,
+    mix_experts,
+    mix_experts_vjp,
+    moe_condconv,
+    moe_condconv_vjp,
+)
+from condconv_ref.conv import conv, conv_vjp
+from condconv_ref.routing import route_sigmoid, route_sigmoid_vjp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "condconv",
+    "condconv_layer",
+    "condconv_layer_vjp",
+    "condconv_vjp",
+    "conv",
+    "conv_vjp",
+    "mix_experts",
+    "mix_experts_vjp",
+    "moe_condconv",
+    "moe_condconv_vjp",
+    "route_sigmoid",
+    "route_sigmoid_vjp",
+]

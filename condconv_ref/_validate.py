@@ -1,0 +1,244 @@
+"""Input validation shared by every public op.
+
+Every public function validates its arguments here, once, before any work
+starts.  Messages name the public function and the argument, and say what was
+expected and what was received, e.g.::
+
+    condconv: experts has 4 dims, expected 5 for 2-D input (E, O, I/groups, kh, kw)
+
+Nothing in this module imports from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+__all__ = [
+    "ConvGeometry",
+    "PADDING_MODES",
+    "check_finite_positive",
+    "check_groups",
+    "check_ndim",
+    "check_positive_int",
+    "check_shape",
+    "conv_geometry",
+    "namespace",
+    "spatial_tuple",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+SPATIAL_LETTERS = {1: ("kw",), 2: ("kh", "kw"), 3: ("kd", "kh", "kw")}
+
+
+def _describe(a: Any) -> str:
+    return type(a).__module__.split(".")[0] + "." + type(a).__qualname__
+
+
+def namespace(fn: str, **arrays: Any) -> ModuleType:
+    """Return the one array namespace shared by ``arrays`` (``None`` entries skipped).
+
+    Checks that every entry is an array, that all share one namespace and one
+    device, and that all have the same real floating dtype.
+    """
+    present = {name: a for name, a in arrays.items() if a is not None}
+    for name, a in present.items():
+        if not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float, complex)):
+            raise TypeError(f"{fn}: {name} must be an array, got {_describe(a)}")
+    try:
+        xp = array_api_compat.array_namespace(*present.values())
+    except TypeError as exc:
+        kinds = ", ".join(f"{name} is {_describe(a)}" for name, a in present.items())
+        raise TypeError(
+            f"{fn}: all arrays must come from one array namespace, got {kinds}"
+        ) from exc
+    first_name, first = next(iter(present.items()))
+    first_device = array_api_compat.device(first)
+    for name, a in present.items():
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(f"{fn}: {name} has dtype {a.dtype}, expected a real floating dtype")
+        if a.dtype != first.dtype:
+            raise TypeError(
+                f"{fn}: {name} has dtype {a.dtype} but {first_name} has {first.dtype}; "
+                "all arrays must share one floating dtype (no implicit promotion)"
+            )
+        if array_api_compat.device(a) != first_device:
+            raise ValueError(
+                f"{fn}: {name} is on device {array_api_compat.device(a)} but {first_name} is on "
+                f"{first_device}; all arrays must be on one device"
+            )
+    return xp
+
+
+def check_ndim(fn: str, name: str, a: Any, expected: int | Sequence[int], layout: str) -> None:
+    """Raise ``ValueError`` unless ``a.ndim`` is ``expected`` (or one of them)."""
+    allowed = (expected,) if isinstance(expected, int) else tuple(expected)
+    if a.ndim not in allowed:
+        want = " or ".join(str(n) for n in allowed)
+        raise ValueError(f"{fn}: {name} has {a.ndim} dims, expected {want} {layout}")
+
+
+def check_shape(fn: str, name: str, a: Any, expected: Sequence[int], layout: str) -> None:
+    """Raise ``ValueError`` unless ``a.shape`` equals ``expected``."""
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(
+            f"{fn}: {name} has shape {tuple(a.shape)}, expected {tuple(expected)} {layout}"
+        )
+
+
+def check_groups(fn: str, name: str, channels: int, out_channels: int, in_per_group: int,
+                 groups: int) -> None:
+    """Check that ``groups`` divides the channels and that ``name`` has C/groups inputs."""
+    if channels % groups or out_channels % groups:
+        raise ValueError(
+            f"{fn}: groups={groups} must divide both the input channels ({channels}) "
+            f"and the output channels ({out_channels})"
+        )
+    if in_per_group != channels // groups:
+        raise ValueError(
+            f"{fn}: {name} has {in_per_group} input channels per group, expected "
+            f"{channels // groups} (C={channels} / groups={groups})"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_positive_int(fn: str, name: str, value: Any, minimum: int = 1) -> int:
+    """Return ``value`` as an ``int`` if it is an integer ``>= minimum``."""
+    if not _is_int(value):
+        raise TypeError(f"{fn}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_finite_positive(fn: str, name: str, value: Any) -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{fn}: {name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def spatial_tuple(fn: str, name: str, value: Any, nd: int, minimum: int) -> tuple[int, ...]:
+    """Expand an int or a length-``nd`` sequence of ints, each ``>= minimum``."""
+    if _is_int(value):
+        items = (value,) * nd
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        items = tuple(value)
+        if len(items) != nd or not all(_is_int(v) for v in items):
+            raise TypeError(
+                f"{fn}: {name} must be an int or {nd} ints (one per spatial dim), got {value!r}"
+            )
+    else:
+        raise TypeError(
+            f"{fn}: {name} must be an int or {nd} ints (one per spatial dim), got {value!r}"
+        )
+    if any(v < minimum for v in items):
+        raise ValueError(f"{fn}: {name} must be >= {minimum} in every spatial dim, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Resolved per-axis options of one convolution.
+
+    ``padding`` holds one ``(before, after)`` pair per spatial dim; ``out`` is
+    the spatial output shape.
+    """
+
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    padding_mode: str
+    groups: int
+    out: tuple[int, ...]
+
+    @property
+    def padded(self) -> bool:
+        return any(before or after for before, after in self.padding)
+
+
+def _same_padding(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    # TensorFlow 'SAME': output size ceil(n / s); the odd element goes at the end.
+    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _padding_pairs(
+    fn: str, padding: Any, spatial: Sequence[int], kernel: Sequence[int],
+    stride: Sequence[int], dilation: Sequence[int],
+) -> tuple[tuple[int, int], ...]:
+    nd = len(spatial)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * nd
+        if padding == "same":
+            return tuple(_same_padding(*args) for args in zip(spatial, kernel, stride, dilation))
+        raise ValueError(f"{fn}: padding must be 'valid', 'same', an int or per-dim ints/pairs, got {padding!r}")
+    if (
+        isinstance(padding, Sequence)
+        and len(padding) == nd
+        and all(isinstance(p, Sequence) and not isinstance(p, str) for p in padding)
+    ):
+        pairs = tuple(tuple(p) for p in padding)
+        if not all(len(p) == 2 and all(_is_int(v) for v in p) for p in pairs):
+            raise TypeError(f"{fn}: padding pairs must be (before, after) ints, got {padding!r}")
+        if any(v < 0 for p in pairs for v in p):
+            raise ValueError(f"{fn}: padding must be >= 0, got {padding!r}")
+        return tuple((int(b), int(a)) for b, a in pairs)
+    per_dim = spatial_tuple(fn, "padding", padding, nd, minimum=0)
+    return tuple((p, p) for p in per_dim)
+
+
+def conv_geometry(
+    fn: str, spatial: Sequence[int], kernel: Sequence[int], *,
+    stride: Any, padding: Any, dilation: Any, groups: Any, padding_mode: Any,
+) -> ConvGeometry:
+    """Validate the convolution options and resolve them per spatial axis."""
+    nd = len(spatial)
+    stride_t = spatial_tuple(fn, "stride", stride, nd, minimum=1)
+    dilation_t = spatial_tuple(fn, "dilation", dilation, nd, minimum=1)
+    groups_i = check_positive_int(fn, "groups", groups)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{fn}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    pairs = _padding_pairs(fn, padding, spatial, kernel, stride_t, dilation_t)
+    for axis, ((before, after), size) in enumerate(zip(pairs, spatial)):
+        if padding_mode == "reflect" and max(before, after) >= size:
+            raise ValueError(
+                f"{fn}: reflect padding {(before, after)} on spatial dim {axis} must be smaller "
+                f"than the input size {size}"
+            )
+        if padding_mode == "circular" and max(before, after) > size:
+            raise ValueError(
+                f"{fn}: circular padding {(before, after)} on spatial dim {axis} must be at most "
+                f"the input size {size}"
+            )
+    out = []
+    for axis, (size, k, s, d, (before, after)) in enumerate(
+        zip(spatial, kernel, stride_t, dilation_t, pairs)
+    ):
+        span = d * (k - 1) + 1
+        padded = size + before + after
+        if padded < span:
+            raise ValueError(
+                f"{fn}: padded input size {padded} on spatial dim {axis} is smaller than the "
+                f"dilated kernel extent {span}; the output would be empty"
+            )
+        out.append((padded - span) // s + 1)
+    return ConvGeometry(stride_t, dilation_t, pairs, padding_mode, groups_i, tuple(out))
+
+
+def kernel_layout(nd: int, prefix: str) -> str:
+    """Human-readable layout like ``(E, O, I/groups, kh, kw)`` for messages."""
+    letters = ", ".join(SPATIAL_LETTERS.get(nd, tuple(f"k{i}" for i in range(nd))))
+    return f"for {nd}-D input ({prefix}, {letters})"

@@ -1,0 +1,102 @@
+"""Array backends the reference runs on, by name.
+
+The ops themselves never need this module: they take their namespace from
+their inputs.  It serves the callers that must *create* arrays for a chosen
+backend: the ``condconv-ref`` command, the test suite's backend fixture, the
+golden-vector verifier and the GPU checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = ["BACKEND_NAMES", "Backend", "BackendUnavailable", "get_backend", "to_numpy"]
+
+BACKEND_NAMES = ("numpy", "array_api_strict", "torch", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot be used here (not installed, or no GPU); the message is one line."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named array namespace and the device arrays are created on."""
+
+    name: str
+    xp: ModuleType
+    device: Any = None
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        """Copy a NumPy array (or nested sequence) onto this backend, optionally as ``dtype``."""
+        a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+        return self.xp.asarray(a, device=self.device, copy=True)
+
+    def dtype(self, name: str) -> Any:
+        """The backend's dtype object for a name such as ``"float64"``."""
+        return getattr(self.xp, name)
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Copy any supported array (NumPy, CuPy, torch, array-api-strict) to a NumPy array."""
+    if isinstance(a, np.ndarray):
+        return a
+    if array_api_compat.is_cupy_array(a):
+        return a.get()
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().numpy()
+    if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(a)):
+        import array_api_strict
+
+        a = array_api_strict.asarray(a, device=array_api_strict.Device("CPU_DEVICE"), copy=True)
+    return np.asarray(a)
+
+
+def _import(module: str, why: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend {why!r} is not available: cannot import {module} ({exc})") from None
+
+
+def get_backend(name: str) -> Backend:
+    """Return the backend called ``name``.
+
+    ``name`` is one of ``numpy``, ``array_api_strict``, ``array_api_strict:device1``
+    (a non-default strict device, to prove device propagation), ``torch`` (CPU,
+    through array-api-compat) or ``cupy`` (the current CUDA device).
+
+    Raises
+    ------
+    BackendUnavailable
+        With a one-line reason, when the backend cannot be used here.
+    ValueError
+        For an unknown name.
+    """
+    base, _, device_name = name.partition(":")
+    if base not in BACKEND_NAMES:
+        raise ValueError(f"get_backend: unknown backend {name!r}, expected one of {BACKEND_NAMES}")
+    if base == "numpy":
+        return Backend(name, array_api_compat.array_namespace(np.empty(0)))
+    if base == "array_api_strict":
+        strict = _import("array_api_strict", name)
+        device = strict.Device(device_name) if device_name else None
+        return Backend(name, strict, device)
+    if base == "torch":
+        torch = _import("torch", name)
+        return Backend(name, array_api_compat.array_namespace(torch.empty(0)), "cpu")
+    cupy = _import("cupy", name)
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken: report, do not crash
+        raise BackendUnavailable(f"backend 'cupy' is not available: no usable CUDA device ({exc})") from None
+    if count < 1:
+        raise BackendUnavailable("backend 'cupy' is not available: no CUDA device found")
+    xp = array_api_compat.array_namespace(cupy.empty(0))
+    return Backend(name, xp, cupy.cuda.Device())

@@ -1,0 +1,325 @@
+r"""N-d grouped cross-correlation and its VJP, built from strided slices and matmul.
+
+Shapes: ``x`` is (B, C, \*spatial); a shared kernel is (O, C/groups, \*k) and a
+per-example kernel is (B, O, C/groups, \*k); the output is (B, O, \*out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import array_api_extra as xpx
+
+from condconv_ref._validate import (
+    ConvGeometry,
+    check_groups,
+    check_ndim,
+    check_shape,
+    conv_geometry,
+    kernel_layout,
+    namespace,
+)
+
+__all__ = ["conv", "conv_vjp"]
+
+
+# ---------------------------------------------------------------- padding
+
+
+def _pad_source_indices(size: int, before: int, after: int, mode: str) -> list[int]:
+    """For each padded position, the input index it copies (PyTorch semantics)."""
+    indices = []
+    for j in range(-before, size + after):
+        if mode == "reflect":
+            j = -j if j < 0 else j
+            j = 2 * (size - 1) - j if j >= size else j
+        elif mode == "replicate":
+            j = min(max(j, 0), size - 1)
+        else:  # circular
+            j %= size
+        indices.append(j)
+    return indices
+
+
+def _pad(x: Any, geometry: ConvGeometry, *, xp: ModuleType) -> Any:
+    """Pad the spatial axes of ``x`` (B, C, *spatial) as ``geometry`` says."""
+    if not geometry.padded:
+        return x
+    if geometry.padding_mode == "zeros":
+        return xpx.pad(x, ((0, 0), (0, 0)) + geometry.padding, xp=xp)
+    device = array_api_compat.device(x)
+    for axis, (before, after) in enumerate(geometry.padding, start=2):
+        if before or after:
+            source = _pad_source_indices(x.shape[axis], before, after, geometry.padding_mode)
+            x = xp.take(x, xp.asarray(source, dtype=xp.int64, device=device), axis=axis)
+    return x
+
+
+def _pad_vjp(
+    grad_padded: Any, spatial: tuple[int, ...], geometry: ConvGeometry, *, xp: ModuleType
+) -> Any:
+    """Adjoint of :func:`_pad`: fold the gradient of the padded input back onto x.
+
+    Zero padding is a slice of the padded gradient.  The other modes copy input
+    index ``i[j]`` to padded position ``j``; the adjoint sums every padded
+    position into its source, which is a product with the one-hot matrix
+    ``P[j, i] = [i[j] == i]`` along each padded axis.
+    """
+    if not geometry.padded:
+        return grad_padded
+    if geometry.padding_mode == "zeros":
+        interior = tuple(
+            slice(before, before + size) for (before, _), size in zip(geometry.padding, spatial)
+        )
+        return grad_padded[(slice(None), slice(None)) + interior]
+    device = array_api_compat.device(grad_padded)
+    for axis, ((before, after), size) in enumerate(zip(geometry.padding, spatial), start=2):
+        if before or after:
+            source = xp.asarray(
+                _pad_source_indices(size, before, after, geometry.padding_mode),
+                dtype=xp.int64, device=device,
+            )
+            selection = xpx.one_hot(source, size, dtype=grad_padded.dtype, xp=xp)
+            moved = xp.moveaxis(grad_padded, axis, -1)
+            grad_padded = xp.moveaxis(moved @ selection, -1, axis)
+    return grad_padded
+
+
+# ---------------------------------------------------------------- columns
+
+
+def _offset_slices(
+    offset: tuple[int, ...], geometry: ConvGeometry
+) -> tuple[slice, ...]:
+    """Index of the padded input read by kernel offset ``offset`` at every output position."""
+    return (slice(None), slice(None)) + tuple(
+        slice(o * d, o * d + s * (n - 1) + 1, s)
+        for o, d, s, n in zip(offset, geometry.dilation, geometry.stride, geometry.out)
+    )
+
+
+def _kernel_offsets(kernel_spatial: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return list(itertools.product(*(range(k) for k in kernel_spatial)))
+
+
+def _columns(x_padded: Any, kernel_spatial: tuple[int, ...], geometry: ConvGeometry, *,
+             xp: ModuleType) -> Any:
+    """im2col: (B, C, *padded) -> (B, groups, C/groups * K, L), K = prod(k), L = prod(out)."""
+    batch, channels = x_padded.shape[:2]
+    slices = [x_padded[_offset_slices(offset, geometry)] for offset in _kernel_offsets(kernel_spatial)]
+    columns = xp.stack(slices, axis=2)  # (B, C, K, *out)
+    groups = geometry.groups
+    per_group = channels // groups * math.prod(kernel_spatial)
+    return xp.reshape(columns, (batch, groups, per_group, math.prod(geometry.out)))
+
+
+def _columns_vjp(grad_columns: Any, padded_shape: tuple[int, ...],
+                 kernel_spatial: tuple[int, ...], geometry: ConvGeometry, *,
+                 xp: ModuleType) -> Any:
+    """Adjoint of :func:`_columns` (col2im): scatter-add each offset's slice back."""
+    batch, channels = padded_shape[:2]
+    grad_columns = xp.reshape(
+        grad_columns, (batch, channels, math.prod(kernel_spatial)) + geometry.out
+    )
+    grad_padded = xp.zeros(padded_shape, dtype=grad_columns.dtype,
+                           device=array_api_compat.device(grad_columns))
+    for k, offset in enumerate(_kernel_offsets(kernel_spatial)):
+        grad_padded = xpx.at(grad_padded)[_offset_slices(offset, geometry)].add(
+            grad_columns[:, :, k, ...], xp=xp
+        )
+    return grad_padded
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _prepare(fn: str, x: Any, kernel: Any, bias: Any, options: dict[str, Any],
+             cotangent: Any = None) -> tuple[ModuleType, ConvGeometry]:
+    xp = namespace(fn, x=x, kernel=kernel, bias=bias, cotangent=cotangent)
+    check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
+    nd = x.ndim - 2
+    batch, channels = x.shape[:2]
+    check_ndim(fn, "kernel", kernel, (nd + 2, nd + 3),
+               f"{kernel_layout(nd, 'O, I/groups')} or per example (B, O, I/groups, *k)")
+    per_example = kernel.ndim == nd + 3
+    if per_example and kernel.shape[0] != batch:
+        raise ValueError(f"{fn}: kernel has batch size {kernel.shape[0]}, expected {batch} to match x")
+    out_channels, in_per_group = kernel.shape[-nd - 2: -nd]
+    geometry = conv_geometry(fn, x.shape[2:], kernel.shape[-nd:], **options)
+    check_groups(fn, "kernel", channels, out_channels, in_per_group, geometry.groups)
+    if bias is not None:
+        check_ndim(fn, "bias", bias, (1, 2), "(O,) or per example (B, O)")
+        expected = (batch, out_channels) if bias.ndim == 2 else (out_channels,)
+        check_shape(fn, "bias", bias, expected, "(O,) or per example (B, O)")
+    if cotangent is not None:
+        check_shape(fn, "cotangent", cotangent, (batch, out_channels) + geometry.out,
+                    "(B, O, *out), the shape of the output")
+    return xp, geometry
+
+
+def _options(stride: Any, padding: Any, dilation: Any, groups: Any,
+             padding_mode: Any) -> dict[str, Any]:
+    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                padding_mode=padding_mode)
+
+
+def _bias_broadcast(bias: Any, nd: int, *, xp: ModuleType) -> Any:
+    return xp.reshape(bias, tuple(bias.shape) + (1,) * nd)
+
+
+# ---------------------------------------------------------------- public ops
+
+
+def conv(x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1, padding: Any = 0,
+         dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> Any:
+    r"""N-d grouped cross-correlation (what deep-learning frameworks call convolution).
+
+    Parameters
+    ----------
+    x : array, shape (B, C, \*spatial)
+        Input, channels first, with 1, 2 or 3 spatial dims.
+    kernel : array, shape (O, C/groups, \*k) or (B, O, C/groups, \*k)
+        A kernel shared by the batch, or one kernel per example.
+    bias : array, shape (O,) or (B, O), optional
+        Added to every output position.
+    stride, dilation : int or sequence of int
+        Per spatial dim, each >= 1.
+    padding : int, sequence of int, sequence of (before, after), 'valid' or 'same'
+        'same' follows TensorFlow: per dim the total padding is
+        ``max((ceil(n/s) - 1) s + (k - 1) d + 1 - n, 0)`` and the odd element
+        goes at the end.
+    groups : int
+        Channels are split into ``groups`` independent blocks.
+    padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}
+        PyTorch semantics.
+
+    Returns
+    -------
+    array, shape (B, O, \*out)
+        ``out_i = floor((n_i + pad_i - d_i (k_i - 1) - 1) / s_i) + 1``, in the
+        namespace, device and dtype of ``x``.
+
+    Notes
+    -----
+    With :math:`\tilde x` the padded input, group :math:`g(o)` of output
+    channel :math:`o`, and :math:`c` running over that group's channels,
+
+    .. math::
+
+        y_{b,o,p} = \sum_{c,\kappa} W_{(b,)o,c,\kappa}\,
+                    \tilde x_{b,\,g(o)\,C/G + c,\; s p + d \kappa} + \beta_{(b,)o}.
+
+    The columns :math:`X_{b,g}[(c,\kappa), p] = \tilde x_{b,gC/G+c, sp + d\kappa}`
+    are gathered with one strided slice per kernel offset :math:`\kappa`, so each
+    group is one matmul :math:`Y_{b,g} = W_g X_{b,g}`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import conv
+    >>> x = np.arange(5.0).reshape(1, 1, 5)
+    >>> conv(x, np.ones((1, 1, 3)), padding="same")
+    array([[[1., 3., 6., 9., 7.]]])
+    """
+    xp, geometry = _prepare("conv", x, kernel, bias,
+                            _options(stride, padding, dilation, groups, padding_mode))
+    return _conv(x, kernel, bias, geometry, xp=xp)
+
+
+def _conv(x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, *, xp: ModuleType) -> Any:
+    """:func:`conv` on validated arguments."""
+    nd = x.ndim - 2
+    out_channels = kernel.shape[-nd - 2]
+    columns = _columns(_pad(x, geometry, xp=xp), tuple(kernel.shape[-nd:]), geometry, xp=xp)
+    weights = _weights_matrix(kernel, geometry.groups, nd, xp=xp)
+    y = xp.reshape(weights @ columns, (x.shape[0], out_channels) + geometry.out)
+    if bias is not None:
+        y = y + _bias_broadcast(bias, nd, xp=xp)
+    return y
+
+
+def _weights_matrix(kernel: Any, groups: int, nd: int, *, xp: ModuleType) -> Any:
+    """(…, O, C/g, *k) -> (…, g, O/g, C/g * K), the left factor of each group's matmul."""
+    lead = tuple(kernel.shape[:-nd - 2])
+    out_channels, in_per_group = kernel.shape[-nd - 2: -nd]
+    per_group = in_per_group * math.prod(kernel.shape[-nd:])
+    return xp.reshape(kernel, lead + (groups, out_channels // groups, per_group))
+
+
+def conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1,
+             padding: Any = 0, dilation: Any = 1, groups: int = 1,
+             padding_mode: str = "zeros") -> dict[str, Any]:
+    r"""Vector-Jacobian product of :func:`conv`.
+
+    Parameters
+    ----------
+    cotangent : array, shape (B, O, \*out)
+        :math:`\bar y`, the gradient of a scalar loss with respect to the output.
+    x, kernel, bias, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`conv`.
+
+    Returns
+    -------
+    dict
+        ``{"x": x̄, "kernel": W̄}`` plus ``"bias": β̄`` when ``bias`` is given,
+        each with the shape of its argument.
+
+    Notes
+    -----
+    Per group, :math:`Y = W X + \beta \mathbf 1^\top` with the columns
+    :math:`X` of the padded input.  Differentiating the matmul,
+
+    .. math::
+
+        \bar W = \bar Y X^\top \;(\text{summed over } b \text{ for a shared kernel}),\qquad
+        \bar X = W^\top \bar Y,\qquad
+        \bar\beta_{(b,)o} = \sum_{(b,)p} \bar y_{b,o,p}.
+
+    :math:`\bar X` is scattered back onto the padded input (col2im, the adjoint
+    of the strided gathers: each kernel offset adds its slice), and the padding
+    is undone by its adjoint: zero padding drops the border, while reflect,
+    replicate and circular padding add each border position's gradient onto the
+    input position it was copied from.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import conv_vjp
+    >>> grads = conv_vjp(np.ones((1, 1, 3)), np.arange(5.0).reshape(1, 1, 5), np.ones((1, 1, 3)))
+    >>> grads["x"]
+    array([[[1., 2., 3., 2., 1.]]])
+    >>> grads["kernel"]
+    array([[[3., 6., 9.]]])
+    """
+    xp, geometry = _prepare("conv_vjp", x, kernel, bias,
+                            _options(stride, padding, dilation, groups, padding_mode),
+                            cotangent=cotangent)
+    return _conv_vjp(cotangent, x, kernel, bias, geometry, xp=xp)
+
+
+def _conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, *,
+              xp: ModuleType) -> dict[str, Any]:
+    """:func:`conv_vjp` on validated arguments."""
+    nd = x.ndim - 2
+    kernel_spatial = tuple(kernel.shape[-nd:])
+    x_padded = _pad(x, geometry, xp=xp)
+    columns = _columns(x_padded, kernel_spatial, geometry, xp=xp)
+    weights = _weights_matrix(kernel, geometry.groups, nd, xp=xp)
+    grad_y = xp.reshape(cotangent, (x.shape[0], geometry.groups, -1, math.prod(geometry.out)))
+    grad_weights = grad_y @ xp.matrix_transpose(columns)
+    if kernel.ndim == nd + 2:
+        grad_weights = xp.sum(grad_weights, axis=0)
+    grad_columns = xp.matrix_transpose(weights) @ grad_y
+    grad_padded = _columns_vjp(grad_columns, tuple(x_padded.shape), kernel_spatial, geometry, xp=xp)
+    grads = {
+        "x": _pad_vjp(grad_padded, tuple(x.shape[2:]), geometry, xp=xp),
+        "kernel": xp.reshape(grad_weights, kernel.shape),
+    }
+    if bias is not None:
+        grad_bias = xp.sum(cotangent, axis=tuple(range(2, 2 + nd)))
+        grads["bias"] = grad_bias if bias.ndim == 2 else xp.sum(grad_bias, axis=0)
+    return grads
