@@ -50,7 +50,8 @@ def to_numpy(a: Any) -> np.ndarray:
     if array_api_compat.is_cupy_array(a):
         return a.get()
     if array_api_compat.is_torch_array(a):
-        return a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        return (a.float() if str(a.dtype) == "torch.bfloat16" else a).numpy()
     if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(a)):
         import array_api_strict
 
