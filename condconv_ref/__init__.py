@@ -17,22 +17,61 @@ from condconv_ref.condconv import (
     moe_condconv_vjp,
 )
 from condconv_ref.conv import conv, conv_vjp
-from condconv_ref.routing import route_sigmoid, route_sigmoid_vjp
+from condconv_ref.depthwise import (
+    depthwise_condconv,
+    depthwise_condconv_layer,
+    depthwise_condconv_layer_vjp,
+    depthwise_condconv_vjp,
+)
+from condconv_ref.dynamic import (
+    dynamic_conv_layer,
+    dynamic_conv_layer_vjp,
+    temperature_schedule,
+)
+from condconv_ref.linear import (
+    cond_linear,
+    cond_linear_layer,
+    cond_linear_layer_vjp,
+    cond_linear_vjp,
+    moe_cond_linear,
+    moe_cond_linear_vjp,
+)
+from condconv_ref.routing import (
+    route_sigmoid,
+    route_sigmoid_vjp,
+    route_softmax,
+    route_softmax_vjp,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "cond_linear",
+    "cond_linear_layer",
+    "cond_linear_layer_vjp",
+    "cond_linear_vjp",
     "condconv",
     "condconv_layer",
     "condconv_layer_vjp",
     "condconv_vjp",
     "conv",
     "conv_vjp",
+    "depthwise_condconv",
+    "depthwise_condconv_layer",
+    "depthwise_condconv_layer_vjp",
+    "depthwise_condconv_vjp",
+    "dynamic_conv_layer",
+    "dynamic_conv_layer_vjp",
     "mix_experts",
     "mix_experts_vjp",
+    "moe_cond_linear",
+    "moe_cond_linear_vjp",
     "moe_condconv",
     "moe_condconv_vjp",
     "route_sigmoid",
     "route_sigmoid_vjp",
+    "route_softmax",
+    "route_softmax_vjp",
+    "temperature_schedule",
 ]

@@ -241,6 +241,12 @@ def _condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any,
                   geometry: ConvGeometry, *, xp: ModuleType) -> dict[str, Any]:
     kernel, mixed_bias = _mixed(experts, routing, bias, xp=xp)
     conv_grads = _conv_vjp(cotangent, x, kernel, mixed_bias, geometry, xp=xp)
+    return _mixed_vjp(conv_grads, experts, routing, bias, xp=xp)
+
+
+def _mixed_vjp(conv_grads: dict[str, Any], experts: Any, routing: Any, bias: Any, *,
+               xp: ModuleType) -> dict[str, Any]:
+    """Chain a per-example conv's ``kernel``/``bias`` gradients back through :func:`_mixed`."""
     kernel_grads = _mix_vjp(conv_grads["kernel"], routing, experts, xp=xp)
     grads = {"x": conv_grads["x"], "experts": kernel_grads["experts"],
              "routing": kernel_grads["routing"]}
@@ -354,17 +360,19 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
 _LAYER_KEYS = {"experts": True, "bias": False, "route_weight": True, "route_bias": False}
 
 
-def _layer_params(fn: str, params: Any) -> dict[str, Any]:
+def _layer_params(fn: str, params: Any,
+                  keys: Mapping[str, bool] = _LAYER_KEYS) -> dict[str, Any]:
+    """Check ``params`` against ``keys`` (name -> required); absent optional keys map to None."""
     if not isinstance(params, Mapping):
         raise TypeError(f"{fn}: params must be a mapping of arrays, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(_LAYER_KEYS))
+    unknown = sorted(set(params) - set(keys))
     if unknown:
         raise ValueError(f"{fn}: params has unknown keys {unknown}, expected keys from "
-                         f"{sorted(_LAYER_KEYS)}")
-    missing = sorted(k for k, required in _LAYER_KEYS.items() if required and params.get(k) is None)
+                         f"{sorted(keys)}")
+    missing = sorted(k for k, required in keys.items() if required and params.get(k) is None)
     if missing:
         raise ValueError(f"{fn}: params is missing the required keys {missing}")
-    return {k: params.get(k) for k in _LAYER_KEYS}
+    return {k: params.get(k) for k in keys}
 
 
 def condconv_layer(x: Any, params: Mapping[str, Any], *, stride: Any = 1, padding: Any = 0,
@@ -454,6 +462,11 @@ def condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *, str
     xp, geometry = _condconv_prepare(fn, x, p["experts"], routing, p["bias"], options,
                                      cotangent=cotangent)
     grads = _condconv_vjp(cotangent, x, p["experts"], routing, p["bias"], geometry, xp=xp)
+    return _layer_vjp(grads, x, p)
+
+
+def _layer_vjp(grads: dict[str, Any], x: Any, p: dict[str, Any]) -> dict[str, Any]:
+    """Chain an op's gradients through the sigmoid routing into the layer's ``x`` and params."""
     route_grads = route_sigmoid_vjp(grads["routing"], x, p["route_weight"], p["route_bias"])
     result = {"x": grads["x"] + route_grads["x"], "experts": grads["experts"],
               "route_weight": route_grads["weight"]}

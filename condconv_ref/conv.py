@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -91,6 +92,10 @@ def _pad_vjp(
 
 # ---------------------------------------------------------------- columns
 
+# The columns of one window hold at most this many bytes, unless one output row
+# of one example alone is larger (a window never holds less).
+_WINDOW_BYTES = 16 * 2**20
+
 
 def _offset_slices(
     offset: tuple[int, ...], geometry: ConvGeometry
@@ -117,20 +122,73 @@ def _columns(x_padded: Any, kernel_spatial: tuple[int, ...], geometry: ConvGeome
     return xp.reshape(columns, (batch, groups, per_group, math.prod(geometry.out)))
 
 
-def _columns_vjp(grad_columns: Any, padded_shape: tuple[int, ...],
-                 kernel_spatial: tuple[int, ...], geometry: ConvGeometry, *,
-                 xp: ModuleType) -> Any:
-    """Adjoint of :func:`_columns` (col2im): scatter-add each offset's slice back."""
-    batch, channels = padded_shape[:2]
+@dataclass(frozen=True)
+class _Window:
+    """Examples ``batch`` and output rows ``rows`` (first spatial axis) of one convolution.
+
+    ``geometry`` is the convolution's geometry with ``out`` cut to the window, so
+    :func:`_columns` and :func:`_offset_slices` apply to :meth:`input_region`.
+    """
+
+    batch: slice
+    rows: slice
+    geometry: ConvGeometry
+
+    @property
+    def output_region(self) -> tuple[slice, ...]:
+        return (self.batch, slice(None), self.rows, ...)
+
+    def input_region(self, geometry: ConvGeometry, kernel_spatial: tuple[int, ...]) -> tuple[slice, ...]:
+        """The part of the padded input that the window's output rows read."""
+        stride, dilation = geometry.stride[0], geometry.dilation[0]
+        first = self.rows.start * stride
+        stop = (self.rows.stop - 1) * stride + dilation * (kernel_spatial[0] - 1) + 1
+        return (self.batch, slice(None), slice(first, stop), ...)
+
+
+def _windows(x_shape: tuple[int, ...], itemsize: int, kernel_spatial: tuple[int, ...],
+             geometry: ConvGeometry) -> list[_Window]:
+    """Split a convolution so that no window's columns exceed the byte budget.
+
+    Whole examples are grouped while they fit, in windows of equal size; an
+    example whose columns alone exceed the budget is split along its first
+    output axis.
+    """
+    batch, channels = x_shape[:2]
+    budget = _WINDOW_BYTES
+    rows = geometry.out[0]
+    row_bytes = channels * math.prod(kernel_spatial) * math.prod(geometry.out[1:]) * itemsize
+    if row_bytes * rows <= budget:
+        count = -(-batch // (budget // (row_bytes * rows)))
+        step = -(-batch // count)
+        return [_Window(slice(b, min(b + step, batch)), slice(0, rows), geometry)
+                for b in range(0, batch, step)]
+    step = max(1, budget // row_bytes)
+    return [
+        _Window(slice(b, b + 1), slice(r, min(r + step, rows)),
+                replace(geometry, out=(min(r + step, rows) - r,) + geometry.out[1:]))
+        for b in range(batch) for r in range(0, rows, step)
+    ]
+
+
+def _scatter_columns(grad_padded: Any, grad_columns: Any, region: tuple[slice, ...],
+                     kernel_spatial: tuple[int, ...], geometry: ConvGeometry, *,
+                     xp: ModuleType) -> Any:
+    """Adjoint of :func:`_columns` on ``grad_padded[region]`` (col2im): add each offset's slice.
+
+    ``grad_columns`` is (b, groups, C/groups * K, L) for the window's b examples;
+    ``geometry`` is the window's.  Returns the updated ``grad_padded``.
+    """
+    batch, channels = grad_columns.shape[0], grad_padded.shape[1]
     grad_columns = xp.reshape(
         grad_columns, (batch, channels, math.prod(kernel_spatial)) + geometry.out
     )
-    grad_padded = xp.zeros(padded_shape, dtype=grad_columns.dtype,
-                           device=array_api_compat.device(grad_columns))
+    first_row = region[2].start
     for k, offset in enumerate(_kernel_offsets(kernel_spatial)):
-        grad_padded = xpx.at(grad_padded)[_offset_slices(offset, geometry)].add(
-            grad_columns[:, :, k, ...], xp=xp
-        )
+        rows, *rest = _offset_slices(offset, geometry)[2:]
+        target = region[:2] + (slice(first_row + rows.start, first_row + rows.stop, rows.step),
+                               *rest)
+        grad_padded = xpx.at(grad_padded)[target].add(grad_columns[:, :, k, ...], xp=xp)
     return grad_padded
 
 
@@ -231,15 +289,44 @@ def conv(x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1, padding: Any
 
 
 def _conv(x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, *, xp: ModuleType) -> Any:
-    """:func:`conv` on validated arguments."""
+    """:func:`conv` on validated arguments, one window of columns at a time."""
     nd = x.ndim - 2
-    out_channels = kernel.shape[-nd - 2]
-    columns = _columns(_pad(x, geometry, xp=xp), tuple(kernel.shape[-nd:]), geometry, xp=xp)
+    kernel_spatial = tuple(kernel.shape[-nd:])
+    x_padded = _pad(x, geometry, xp=xp)
     weights = _weights_matrix(kernel, geometry.groups, nd, xp=xp)
-    y = xp.reshape(weights @ columns, (x.shape[0], out_channels) + geometry.out)
-    if bias is not None:
-        y = y + _bias_broadcast(bias, nd, xp=xp)
+    windows = _windows(tuple(x.shape), _itemsize(x, xp=xp), kernel_spatial, geometry)
+    if len(windows) == 1:
+        return _conv_window(x_padded, weights, bias, windows[0], kernel_spatial, geometry, xp=xp)
+    y = xp.empty((x.shape[0], kernel.shape[-nd - 2]) + geometry.out, dtype=x.dtype,
+                 device=array_api_compat.device(x))
+    for window in windows:
+        part = _conv_window(x_padded, weights, bias, window, kernel_spatial, geometry, xp=xp)
+        y = xpx.at(y)[window.output_region].set(part, xp=xp)
     return y
+
+
+def _conv_window(x_padded: Any, weights: Any, bias: Any, window: _Window,
+                 kernel_spatial: tuple[int, ...], geometry: ConvGeometry, *,
+                 xp: ModuleType) -> Any:
+    """The output of one window, (b, O, *window out): weights @ columns + bias."""
+    x_region = x_padded[window.input_region(geometry, kernel_spatial)]
+    # The columns are the largest temporary: built here, freed once the matmul is done.
+    y = (_per_window(weights, window, weights.ndim == 4)
+         @ _columns(x_region, kernel_spatial, window.geometry, xp=xp))
+    y = xp.reshape(y, (x_region.shape[0], -1) + window.geometry.out)
+    if bias is not None:
+        y = y + _bias_broadcast(_per_window(bias, window, bias.ndim == 2), len(kernel_spatial),
+                                xp=xp)
+    return y
+
+
+def _per_window(a: Any, window: _Window, per_example: bool) -> Any:
+    """The window's examples of ``a`` if it holds one entry per example, else ``a``."""
+    return a[window.batch, ...] if per_example else a
+
+
+def _itemsize(a: Any, *, xp: ModuleType) -> int:
+    return xp.finfo(a.dtype).bits // 8
 
 
 def _weights_matrix(kernel: Any, groups: int, nd: int, *, xp: ModuleType) -> Any:
@@ -303,18 +390,21 @@ def conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any = None, *, stride: A
 
 def _conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, *,
               xp: ModuleType) -> dict[str, Any]:
-    """:func:`conv_vjp` on validated arguments."""
+    """:func:`conv_vjp` on validated arguments, one window of columns at a time."""
     nd = x.ndim - 2
     kernel_spatial = tuple(kernel.shape[-nd:])
     x_padded = _pad(x, geometry, xp=xp)
-    columns = _columns(x_padded, kernel_spatial, geometry, xp=xp)
     weights = _weights_matrix(kernel, geometry.groups, nd, xp=xp)
-    grad_y = xp.reshape(cotangent, (x.shape[0], geometry.groups, -1, math.prod(geometry.out)))
-    grad_weights = grad_y @ xp.matrix_transpose(columns)
-    if kernel.ndim == nd + 2:
-        grad_weights = xp.sum(grad_weights, axis=0)
-    grad_columns = xp.matrix_transpose(weights) @ grad_y
-    grad_padded = _columns_vjp(grad_columns, tuple(x_padded.shape), kernel_spatial, geometry, xp=xp)
+    device = array_api_compat.device(x)
+    grad_padded = xp.zeros(x_padded.shape, dtype=x.dtype, device=device)
+    grad_weights = xp.zeros(weights.shape, dtype=x.dtype, device=device)
+    for window in _windows(tuple(x.shape), _itemsize(x, xp=xp), kernel_spatial, geometry):
+        window_grad_weights, grad_padded = _conv_vjp_window(
+            cotangent, x_padded, weights, grad_padded, window, kernel_spatial, geometry, xp=xp)
+        if weights.ndim == 4:  # one kernel per example
+            grad_weights = xpx.at(grad_weights)[window.batch, ...].add(window_grad_weights, xp=xp)
+        else:
+            grad_weights = grad_weights + xp.sum(window_grad_weights, axis=0)
     grads = {
         "x": _pad_vjp(grad_padded, tuple(x.shape[2:]), geometry, xp=xp),
         "kernel": xp.reshape(grad_weights, kernel.shape),
@@ -323,3 +413,20 @@ def _conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry: ConvGeom
         grad_bias = xp.sum(cotangent, axis=tuple(range(2, 2 + nd)))
         grads["bias"] = grad_bias if bias.ndim == 2 else xp.sum(grad_bias, axis=0)
     return grads
+
+
+def _conv_vjp_window(cotangent: Any, x_padded: Any, weights: Any, grad_padded: Any,
+                     window: _Window, kernel_spatial: tuple[int, ...], geometry: ConvGeometry,
+                     *, xp: ModuleType) -> tuple[Any, Any]:
+    """One window's kernel gradient (b, g, O/g, C/g·K), and ``grad_padded`` plus its x̄ share."""
+    region = window.input_region(geometry, kernel_spatial)
+    x_region = x_padded[region]
+    grad_y = xp.reshape(cotangent[window.output_region],
+                        (x_region.shape[0], geometry.groups, -1, math.prod(window.geometry.out)))
+    # Columns and their gradient are the largest temporaries; only one is alive at a time.
+    grad_weights = grad_y @ xp.matrix_transpose(
+        _columns(x_region, kernel_spatial, window.geometry, xp=xp))
+    grad_columns = xp.matrix_transpose(_per_window(weights, window, weights.ndim == 4)) @ grad_y
+    grad_padded = _scatter_columns(grad_padded, grad_columns, region, kernel_spatial,
+                                   window.geometry, xp=xp)
+    return grad_weights, grad_padded

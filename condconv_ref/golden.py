@@ -1,0 +1,985 @@
+r"""Golden vectors: versioned, checksummed test-vector files that any language can read.
+
+A golden directory holds one ``.npz`` file per case and a ``manifest.json``.
+Each ``.npz`` (a zip of ``.npy`` arrays, written uncompressed like
+``numpy.savez``) holds every input and parameter of one reference call under
+the reference's argument names, the fixed ``cotangent``, the reference
+``output`` and one ``grad_<name>`` per gradient.  The manifest records the
+format version, the library version, the seed and, per case, the variant, its
+options, the file name, size and sha256, and the dtype and shape of every
+array.  ``docs/golden-format.md`` specifies the format for readers in other
+languages.
+
+- :func:`write` draws cases from the variant registry
+  (:mod:`condconv_ref.variants`) and writes a directory; every file goes to a
+  temporary name first and is renamed into place, and the manifest is written
+  last, so an interrupted run never leaves a directory that looks valid.
+- :func:`load` and :func:`iter_cases` read a directory back, after checking it
+  (checksums, sizes, the manifest's schema and its own checksum, the dtypes
+  and shapes of every array, missing and extra files).  Files are never
+  unpickled: ``allow_pickle=False``, and object arrays are refused.
+- :func:`verify` recomputes every case, with the reference on any backend or
+  with a user's implementation, and compares.
+
+Every problem found in a directory is one line that names the file, collected
+in a :class:`GoldenError`.
+
+Tolerances
+----------
+A compared array passes when ``max|actual - expected| <= rtol * max|expected|``
+with ``rtol = 16 eps sqrt(L)`` (:func:`condconv_ref.testing.default_tolerances`):
+``eps`` of the coarser of the set's dtype and the compared result's dtype, and
+``L`` the longest sum in the forward (for ``output``) or the VJP (for the
+gradients) of the case, stored in the manifest as ``lengths``.
+
+Examples
+--------
+>>> import tempfile
+>>> from condconv_ref import golden
+>>> directory = tempfile.mkdtemp() + "/vectors"
+>>> _ = golden.write(directory, variants=["cond_linear_layer"], cases=2, seed=0)
+>>> [case.variant for case in golden.iter_cases(directory)]
+['cond_linear_layer', 'cond_linear_layer']
+>>> golden.verify(directory).passed
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from condconv_ref import __version__
+from condconv_ref._validate import check_positive_int
+from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.testing import Supports, default_tolerances
+from condconv_ref.testing.checker import Implementation, Mismatch, _compare, _raised
+from condconv_ref.variants import (
+    LAYER_VARIANTS,
+    VARIANTS,
+    Case,
+    reference_forward,
+    reference_vjp,
+)
+
+__all__ = [
+    "DEFAULT_VARIANTS",
+    "DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "SHIPPED",
+    "CaseResult",
+    "GoldenCase",
+    "GoldenError",
+    "GoldenSet",
+    "Report",
+    "compare_case",
+    "iter_cases",
+    "load",
+    "load_implementation",
+    "verify",
+    "write",
+]
+
+FORMAT = "condconv-ref golden vectors"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float64", "float32")
+DEFAULT_VARIANTS = LAYER_VARIANTS
+"""The variants :func:`write` writes when none are named: those users check."""
+
+SHIPPED = Path(__file__).resolve().parent / "golden_data"
+"""The golden set shipped in the package: 42 float64 cases of the user-facing variants and
+``conv``, written by ``scripts/write_golden_data.py``."""
+
+COTANGENT = "cotangent"
+OUTPUT = "output"
+GRADIENT_PREFIX = "grad_"
+_COTANGENT_STREAM = 3
+_FILE_NAME = re.compile(r"[0-9]{4,}-[a-z][a-z0-9_]*\.npz")
+_ARRAY_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TEMPORARY = re.compile(r"\..+\.tmp")
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+class GoldenError(ValueError):
+    """A golden directory failed its checks; ``problems`` holds one line per problem.
+
+    Every line starts with the file it is about (``manifest.json``, a case
+    file, or the directory).
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    """One case read back from a golden directory.
+
+    Attributes
+    ----------
+    index : int
+        Position in the manifest.
+    file : str
+        The ``.npz`` file name.
+    case : condconv_ref.variants.Case
+        The reference call: variant, input arrays (NumPy, in the set's dtype),
+        options and the longest sums ``lengths``.
+    cotangent, output : numpy.ndarray
+        The fixed cotangent and the reference output.
+    gradients : dict of str to numpy.ndarray
+        The reference gradients at ``cotangent``, by argument name.
+    """
+
+    index: int
+    file: str
+    case: Case
+    cotangent: np.ndarray
+    output: np.ndarray
+    gradients: dict[str, np.ndarray]
+
+    @property
+    def variant(self) -> str:
+        """The variant name."""
+        return self.case.variant
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """A checked golden directory: its manifest and every case."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    cases: tuple[GoldenCase, ...]
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of every array, ``"float64"`` or ``"float32"``."""
+        return self.manifest["dtype"]
+
+
+def load_implementation(spec: str) -> Implementation:
+    """The implementation that ``FACTORY()`` returns, for ``spec = "FILE.py:FACTORY"``.
+
+    ``FACTORY()`` takes no arguments and returns an object with a ``forward``
+    attribute and optionally ``vjp`` (e.g. a
+    :class:`condconv_ref.testing.checker.Implementation`), or a pair
+    ``(forward, vjp)`` whose ``vjp`` may be None.  The callables follow the
+    checker's protocol (:mod:`condconv_ref.testing.checker`).
+
+    Raises
+    ------
+    ValueError
+        For a malformed ``spec``, a module that fails to import, a missing or
+        failing factory, or one that returns something else; in one line.
+    FileNotFoundError
+        If ``FILE.py`` does not exist.
+    """
+    import importlib.util
+
+    path_text, colon, factory_name = spec.rpartition(":")
+    if not colon or not path_text.endswith(".py") or not factory_name.isidentifier():
+        raise ValueError(f"expected FILE.py:FACTORY, got {spec!r}")
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path} (from {spec!r})")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+    module_name = f"_condconv_ref_user_{digest[:12]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise ValueError(f"{path} has no callable {factory_name!r}")
+        made = factory()
+    except Exception as error:  # the user's code: report in one line, whatever it raised
+        raise ValueError(f"{spec}: {type(error).__name__}: {error}") from None
+    forward, vjp = (made if isinstance(made, tuple) and len(made) == 2
+                    else (getattr(made, "forward", None), getattr(made, "vjp", None)))
+    if not callable(forward) or not (vjp is None or callable(vjp)):
+        raise ValueError(f"{spec}: {factory_name}() must return an object with forward (and "
+                         f"optional vjp) callables or a (forward, vjp) pair, got "
+                         f"{type(made).__name__}")
+    return Implementation(forward, vjp, getattr(made, "supports", None))
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """The comparison of one case with its stored output and gradients.
+
+    ``worst_ratio`` is the largest :math:`|a - r|` over its tolerance, over
+    every compared element (below 1 when the case passes); ``rtol`` the largest
+    relative tolerance applied; ``mismatches`` everything that differs, in the
+    checker's terms (:class:`condconv_ref.testing.checker.Mismatch`),
+    including an exception the computation raised.
+    """
+
+    index: int
+    file: str
+    variant: str
+    worst_ratio: float = math.nan
+    rtol: float = math.nan
+    mismatches: tuple[Mismatch, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Nothing differs."""
+        return not self.mismatches
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`verify` found: one :class:`CaseResult` per case."""
+
+    directory: Path
+    dtype: str
+    compared: str
+    results: tuple[CaseResult, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Every case passed."""
+        return all(result.passed for result in self.results)
+
+    @property
+    def failures(self) -> tuple[CaseResult, ...]:
+        """The cases that failed, in order."""
+        return tuple(result for result in self.results if not result.passed)
+
+
+# ---------------------------------------------------------------- options as JSON
+
+
+def _to_json(value: Any) -> Any:
+    """Options as JSON values: tuples become lists, the rest is kept."""
+    if isinstance(value, (tuple, list)):
+        return [_to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _to_json(item) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"golden.write: option value {value!r} of type {type(value).__name__} "
+                    f"cannot be stored in JSON")
+
+
+def _from_json(value: Any) -> Any:
+    """The inverse of :func:`_to_json`: lists become tuples (padding pairs stay pairs)."""
+    if isinstance(value, list):
+        return tuple(_from_json(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _from_json(item) for key, item in value.items()}
+    return value
+
+
+def _canonical(manifest: Mapping[str, Any]) -> bytes:
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
+def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest without its ``checksum``, as canonical JSON."""
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(_canonical(body)).hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _variant_stream(variant: str) -> int:
+    """A stable number per variant name, so a variant's cases do not depend on the others."""
+    return zlib.crc32(variant.encode())
+
+
+def _draw(variants: Sequence[str], count: int, seed: int, supports: Supports) -> list[Case]:
+    """``count`` cases of each variant, from the checker's strategy
+    :func:`condconv_ref.testing.strategies.cases` within ``supports``."""
+    from condconv_ref.testing.sampling import case_seed, draw_examples
+    from condconv_ref.testing.strategies import cases
+
+    drawn = []
+    for variant in variants:
+        drawn += draw_examples(cases(variant, supports), count,
+                               seed=case_seed(seed, _variant_stream(variant)))
+    return drawn
+
+
+def _reference_arrays(case: Case, dtype: str) -> dict[str, np.ndarray]:
+    """Every array of one case file: inputs rounded to ``dtype``, a standard normal cotangent,
+    and the reference output and gradients computed in float64 from the rounded values."""
+    reserved = {COTANGENT, OUTPUT} & set(case.arrays)
+    reserved |= {name for name in case.arrays if name.startswith(GRADIENT_PREFIX)}
+    if reserved:
+        raise ValueError(f"golden.write: variant {case.variant!r} has arguments named "
+                         f"{sorted(reserved)}, which the format reserves")
+    rounded = {name: np.asarray(a, dtype=dtype) for name, a in case.arrays.items()}
+    exact = Case(case.variant, {name: a.astype(np.float64) for name, a in rounded.items()},
+                 case.options, case.lengths, case.config, case.seed)
+    output = to_numpy(reference_forward(exact))
+    rng = np.random.default_rng([case.seed, _COTANGENT_STREAM])
+    cotangent = rng.standard_normal(output.shape).astype(dtype)
+    gradients = reference_vjp(exact, cotangent.astype(np.float64))
+    arrays = dict(rounded)
+    arrays[COTANGENT] = cotangent
+    arrays[OUTPUT] = np.asarray(output, dtype=dtype)
+    for name, gradient in gradients.items():
+        arrays[GRADIENT_PREFIX + name] = np.asarray(to_numpy(gradient), dtype=dtype)
+    return arrays
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An uncompressed ``.npz`` (what ``numpy.savez`` writes) with fixed timestamps, so the
+    same arrays always give the same bytes and the same sha256."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, a in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(a), allow_pickle=False)
+            info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_TIME)
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it to ``path``.
+
+    If anything fails, the temporary file is removed and ``path`` is untouched.
+    """
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            os.fchmod(stream.fileno(), 0o644)
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _is_golden_file(path: Path) -> bool:
+    return path.is_file() and (path.name == MANIFEST or path.suffix == ".npz"
+                               or _TEMPORARY.fullmatch(path.name) is not None)
+
+
+def _prepare_directory(directory: Path, force: bool) -> None:
+    """Create ``directory``, or empty an existing golden directory when ``force``.
+
+    The manifest goes first, so a directory being replaced never looks valid.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"golden.write: {directory} exists and is not a directory")
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        return
+    entries = sorted(directory.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise FileExistsError(f"golden.write: {directory} already exists and is not empty; "
+                              f"pass force=True (--force) to replace it")
+    foreign = [entry.name for entry in entries if not _is_golden_file(entry)]
+    if foreign:
+        raise FileExistsError(f"golden.write: refusing to replace {directory}: it holds "
+                              f"entries that are not golden vectors: {', '.join(foreign[:5])}")
+    (directory / MANIFEST).unlink(missing_ok=True)
+    for entry in entries:
+        entry.unlink(missing_ok=True)
+    _fsync_directory(directory)
+
+
+def _array_records(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()}
+
+
+def _case_record(index: int, case: Case, arrays: Mapping[str, np.ndarray], file: str,
+                 data: bytes) -> dict[str, Any]:
+    gradients = [name[len(GRADIENT_PREFIX):] for name in arrays
+                 if name.startswith(GRADIENT_PREFIX)]
+    return {
+        "index": index,
+        "variant": case.variant,
+        "file": file,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "seed": case.seed,
+        "options": _to_json(case.options),
+        "lengths": list(case.lengths),
+        "inputs": list(case.arrays),
+        "gradients": gradients,
+        "arrays": _array_records(arrays),
+    }
+
+
+def _check_write_arguments(variants: Sequence[str] | None, dtype: str) -> list[str]:
+    chosen = list(DEFAULT_VARIANTS if variants is None else variants)
+    if isinstance(variants, str) or not chosen:
+        raise ValueError(f"golden.write: variants must be a non-empty list of names, "
+                         f"got {variants!r}")
+    unknown = [name for name in chosen if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"golden.write: unknown variant {unknown[0]!r}, expected one of "
+                         f"{', '.join(VARIANTS)}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"golden.write: variants must not repeat, got {chosen}")
+    if dtype not in DTYPES:
+        raise ValueError(f"golden.write: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return chosen
+
+
+def write(out: str | os.PathLike[str], *, variants: Sequence[str] | None = None,
+          cases: int = 1, seed: int = 0, dtype: str = "float64", force: bool = False,
+          supports: Supports | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a golden directory: ``cases`` cases of each variant, drawn from ``seed``.
+
+    Cases come from the checker's strategy
+    :func:`condconv_ref.testing.strategies.cases` (a configuration, a seed for
+    :func:`condconv_ref.variants.build_case`'s arrays, a temperature) through
+    :func:`condconv_ref.testing.sampling.draw_examples`.  Inputs are rounded to ``dtype``; the output and gradients are computed in
+    float64 from the rounded inputs and cotangent, then rounded to ``dtype``.
+
+    Parameters
+    ----------
+    out : path
+        The directory.  It may be missing or empty; an existing non-empty one is
+        refused unless ``force`` is set, and even then only when it holds
+        nothing but golden files (``manifest.json``, ``.npz``, temporary files).
+    variants : sequence of str, optional
+        Names from :data:`condconv_ref.variants.VARIANTS`; default
+        :data:`DEFAULT_VARIANTS`.
+    cases : int
+        Cases per variant, >= 1.
+    seed : int
+        Seed of the configurations, arrays and cotangents, >= 0.
+    dtype : {'float64', 'float32'}
+        The dtype every stored array has.
+    force : bool
+        Replace an existing golden directory.
+    supports : condconv_ref.testing.Supports, optional
+        Limits of the drawn cases (e.g. ``Supports(max_size=16)`` for larger
+        ones); default ``Supports()``, small shapes.  Recorded in the manifest.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after every case file.
+
+    Returns
+    -------
+    pathlib.Path
+        The directory.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out`` exists and may not be replaced.
+    ValueError
+        For an unknown variant or dtype, or a bad ``cases`` or ``seed``.
+    """
+    chosen = _check_write_arguments(variants, dtype)
+    count = check_positive_int("golden.write", "cases", cases)
+    seed = check_positive_int("golden.write", "seed", seed, minimum=0)
+    supports = Supports() if supports is None else supports
+    directory = Path(out)
+    _prepare_directory(directory, force)
+    drawn = _draw(chosen, count, seed, supports)
+    records = []
+    for index, case in enumerate(drawn):
+        arrays = _reference_arrays(case, dtype)
+        data = _npz_bytes(arrays)
+        file = f"{index:04d}-{case.variant}.npz"
+        _write_atomic(directory / file, data)
+        records.append(_case_record(index, case, arrays, file, data))
+        if progress is not None:
+            progress(index + 1, len(drawn))
+    _fsync_directory(directory)
+    manifest = _manifest(chosen, count, seed, dtype, supports, records)
+    _write_atomic(directory / MANIFEST, _manifest_text(manifest).encode())
+    _fsync_directory(directory)
+    return directory
+
+
+def _manifest(variants: list[str], cases: int, seed: int, dtype: str, supports: Supports,
+              records: list[dict[str, Any]]) -> dict[str, Any]:
+    import hypothesis
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "seed": seed,
+        "dtype": dtype,
+        "variants": variants,
+        "cases_per_variant": cases,
+        "generator": {"numpy": np.__version__, "hypothesis": hypothesis.__version__,
+                      "supports": _to_json(asdict(supports))},
+        "cases": records,
+    }
+    manifest["checksum"] = _manifest_checksum(manifest)
+    return manifest
+
+
+_FLAT_LIST = re.compile(r"\[(?:[^\[\]{}\"]|\"[^\"]*\"|\[[^\[\]{}\"]*\])*\]")
+_FLAT_OBJECT = re.compile(r"\{(?:[^\[\]{}\"]|\"[^\"]*\"|\[[^\[\]{}\"]*\])*\}")
+
+
+def _one_line(match: re.Match[str]) -> str:
+    compact = json.dumps(json.loads(match.group()))
+    return compact if len(compact) <= 100 else match.group()
+
+
+def _manifest_text(manifest: Mapping[str, Any]) -> str:
+    """Indented JSON with short lists and flat objects (array records, options) on one line."""
+    text = _FLAT_LIST.sub(_one_line, json.dumps(manifest, indent=1, allow_nan=False))
+    return _FLAT_OBJECT.sub(_one_line, text) + "\n"
+
+
+# ---------------------------------------------------------------- reading and checking
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    """The parsed manifest, checked against the schema and its checksum; raises GoldenError."""
+    if not directory.exists():
+        raise FileNotFoundError(f"golden: no directory {directory}")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"golden: {directory} is not a directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise GoldenError([f"{MANIFEST}: missing from {directory} (not a golden directory, or "
+                           f"its write was interrupted before the manifest)"])
+    try:
+        manifest = json.loads(path.read_bytes(), parse_constant=_refuse_constant)
+    except ValueError as error:  # invalid UTF-8 or JSON, NaN or Infinity
+        raise GoldenError([f"{MANIFEST}: not valid JSON ({error})"]) from None
+    problems = _schema_problems(manifest)
+    if problems:
+        raise GoldenError(problems)
+    if manifest["checksum"] != _manifest_checksum(manifest):
+        raise GoldenError([f"{MANIFEST}: checksum does not match its contents (edited or "
+                           f"corrupted after writing)"])
+    return manifest
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+_TOP_LEVEL = {"format": str, "format_version": int, "library_version": str, "seed": int,
+              "dtype": str, "variants": list, "cases_per_variant": int, "generator": dict,
+              "cases": list, "checksum": str}
+_CASE_FIELDS = {"index": int, "variant": str, "file": str, "size": int, "sha256": str,
+                "seed": int, "options": dict, "lengths": list, "inputs": list,
+                "gradients": list, "arrays": dict}
+
+
+def _field_problems(record: Any, fields: Mapping[str, type], where: str) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"{MANIFEST}: {where} is a {type(record).__name__}, expected an object"]
+    problems = []
+    for name, kind in fields.items():
+        if name not in record:
+            problems.append(f"{MANIFEST}: {where} has no {name!r}")
+        elif not isinstance(record[name], kind) or isinstance(record[name], bool) != (kind is bool):
+            problems.append(f"{MANIFEST}: {where} {name!r} is {record[name]!r}, expected a "
+                            f"{kind.__name__}")
+    problems += [f"{MANIFEST}: {where} has an unknown field {name!r}"
+                 for name in record if name not in fields]
+    return problems
+
+
+def _schema_problems(manifest: Any) -> list[str]:
+    problems = _field_problems(manifest, _TOP_LEVEL, "the top level")
+    if problems:
+        return problems
+    if manifest["format"] != FORMAT:
+        return [f"{MANIFEST}: format is {manifest['format']!r}, expected {FORMAT!r}"]
+    if manifest["format_version"] != FORMAT_VERSION:
+        return [f"{MANIFEST}: format_version {manifest['format_version']} cannot be read by "
+                f"condconv_ref {__version__}, which reads version {FORMAT_VERSION}"]
+    if manifest["dtype"] not in DTYPES:
+        return [f"{MANIFEST}: dtype is {manifest['dtype']!r}, expected one of {DTYPES}"]
+    files: set[str] = set()
+    for position, record in enumerate(manifest["cases"]):
+        problems += _case_problems(record, position, manifest["dtype"], files)
+    return problems
+
+
+def _case_problems(record: Any, position: int, dtype: str, files: set[str]) -> list[str]:
+    where = f"case {position}"
+    problems = _field_problems(record, _CASE_FIELDS, where)
+    if problems:
+        return problems
+    if record["index"] != position:
+        problems.append(f"{MANIFEST}: {where} has index {record['index']}")
+    if record["variant"] not in VARIANTS:
+        problems.append(f"{MANIFEST}: {where} has unknown variant {record['variant']!r}")
+    file = record["file"]
+    if not _FILE_NAME.fullmatch(file):
+        problems.append(f"{MANIFEST}: {where} names file {file!r}, expected "
+                        f"'NNNN-<variant>.npz' with no directory")
+    elif file in files:
+        problems.append(f"{MANIFEST}: {where} names file {file!r} a second time")
+    files.add(file)
+    if not _SHA256.fullmatch(record["sha256"]):
+        problems.append(f"{MANIFEST}: {where} sha256 {record['sha256']!r} is not 64 hex digits")
+    if not (len(record["lengths"]) == 2 and all(_is_count(n, 1) for n in record["lengths"])):
+        problems.append(f"{MANIFEST}: {where} lengths {record['lengths']!r}, expected two "
+                        f"positive integers")
+    return problems + _array_problems(record, where, dtype)
+
+
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _array_problems(record: dict[str, Any], where: str, dtype: str) -> list[str]:
+    inputs, gradients = record["inputs"], record["gradients"]
+    names = [*inputs, *gradients]
+    if not all(isinstance(name, str) and _ARRAY_NAME.fullmatch(name) for name in names):
+        return [f"{MANIFEST}: {where} inputs/gradients must be lowercase names, got {names}"]
+    expected = [*inputs, COTANGENT, OUTPUT, *(GRADIENT_PREFIX + name for name in gradients)]
+    arrays = record["arrays"]
+    if sorted(arrays) != sorted(expected):
+        return [f"{MANIFEST}: {where} lists arrays {sorted(arrays)}, expected {sorted(expected)} "
+                f"from its inputs and gradients"]
+    problems = []
+    for name, entry in arrays.items():
+        if not (isinstance(entry, dict) and sorted(entry) == ["dtype", "shape"]
+                and isinstance(entry["shape"], list)
+                and all(_is_count(n) for n in entry["shape"])):
+            problems.append(f"{MANIFEST}: {where} array {name!r} is {entry!r}, expected "
+                            f"{{'dtype': ..., 'shape': [non-negative ints]}}")
+        elif entry["dtype"] != dtype:
+            problems.append(f"{MANIFEST}: {where} array {name!r} has dtype {entry['dtype']!r}, "
+                            f"but the set's dtype is {dtype!r}")
+    return problems
+
+
+def _listing_problems(directory: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """Files the manifest lists that are missing, and entries it does not list."""
+    listed = {record["file"] for record in manifest["cases"]}
+    present = {entry.name: entry for entry in directory.iterdir()}
+    problems = [f"{file}: listed in {MANIFEST} but missing" for file in sorted(listed)
+                if file not in present]
+    for name, entry in sorted(present.items()):
+        if name in listed or name == MANIFEST:
+            continue
+        if _TEMPORARY.fullmatch(name):
+            problems.append(f"{name}: leftover temporary file of an interrupted write, not "
+                            f"listed in {MANIFEST}")
+        elif entry.is_dir():
+            problems.append(f"{name}: unexpected directory, not listed in {MANIFEST}")
+        else:
+            problems.append(f"{name}: extra file, not listed in {MANIFEST}")
+    return problems
+
+
+def _read_npz(data: bytes, file: str) -> dict[str, np.ndarray]:
+    """The arrays of one ``.npz``; raises GoldenError for anything but plain numeric arrays."""
+    if not data.startswith(b"PK\x03\x04"):  # np.load would take anything else for .npy/pickle
+        raise GoldenError([f"{file}: not a zip archive (an .npz is a zip of .npy files)"])
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {}
+            for name in archive.files:
+                value = archive[name]
+                if not isinstance(value, np.ndarray):
+                    raise GoldenError([f"{file}: member {name!r} is not a .npy array"])
+                arrays[name] = value
+            return arrays
+    except GoldenError:
+        raise
+    except ValueError as error:
+        if "Object arrays" in str(error):
+            raise GoldenError([f"{file}: holds an object array, which is refused (golden "
+                               f"files are never unpickled)"]) from None
+        raise GoldenError([f"{file}: cannot be read as .npz ({error})"]) from None
+    except Exception as error:  # malformed bytes raise many kinds (zip, zlib, EOF, struct)
+        raise GoldenError([f"{file}: cannot be read as .npz ({type(error).__name__}: "
+                           f"{error})"]) from None
+
+
+def _content_problems(arrays: Mapping[str, np.ndarray], record: Mapping[str, Any],
+                      file: str) -> list[str]:
+    expected = record["arrays"]
+    if sorted(arrays) != sorted(expected):
+        return [f"{file}: holds arrays {sorted(arrays)}, {MANIFEST} lists {sorted(expected)}"]
+    problems = []
+    for name, a in arrays.items():
+        want = expected[name]
+        if a.dtype != np.dtype(want["dtype"]).newbyteorder("<"):
+            problems.append(f"{file}: array {name!r} has dtype {a.dtype.str} ({a.dtype}), "
+                            f"{MANIFEST} says little-endian {want['dtype']}")
+        elif list(a.shape) != want["shape"]:
+            problems.append(f"{file}: array {name!r} has shape {list(a.shape)}, {MANIFEST} says "
+                            f"{want['shape']}")
+        elif a.ndim > 1 and not a.flags.c_contiguous:
+            problems.append(f"{file}: array {name!r} is stored in Fortran order, the format "
+                            f"requires C order")
+        elif not np.all(np.isfinite(a)):
+            problems.append(f"{file}: array {name!r} holds NaN or infinity")
+    return problems
+
+
+def _read_case(directory: Path, record: Mapping[str, Any]) -> GoldenCase:
+    """One case file, checked against its manifest record; raises GoldenError."""
+    file = record["file"]
+    try:
+        data = (directory / file).read_bytes()
+    except OSError as error:
+        raise GoldenError([f"{file}: cannot be read ({error.strerror or error})"]) from None
+    if len(data) < record["size"]:
+        raise GoldenError([f"{file}: truncated: {len(data)} bytes, {MANIFEST} lists "
+                           f"{record['size']}"])
+    if len(data) > record["size"]:
+        raise GoldenError([f"{file}: {len(data)} bytes, {MANIFEST} lists {record['size']} "
+                           f"(appended to or replaced)"])
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise GoldenError([f"{file}: sha256 does not match {MANIFEST} (contents changed after "
+                           f"writing: corrupted or edited)"])
+    arrays = _read_npz(data, file)
+    problems = _content_problems(arrays, record, file)
+    if problems:
+        raise GoldenError(problems)
+    inputs = {name: arrays[name] for name in record["inputs"]}
+    case = Case(record["variant"], inputs, _from_json(record["options"]),
+                tuple(record["lengths"]), None, record["seed"])
+    gradients = {name: arrays[GRADIENT_PREFIX + name] for name in record["gradients"]}
+    return GoldenCase(record["index"], file, case, arrays[COTANGENT], arrays[OUTPUT], gradients)
+
+
+def iter_cases(directory: str | os.PathLike[str]) -> Iterator[GoldenCase]:
+    """Yield the cases of a golden directory one at a time, each checked as it is read.
+
+    The manifest (schema, checksum) and the directory listing are checked
+    before the first case; every case file is checked (size, sha256, arrays,
+    dtypes, shapes) before it is yielded.
+
+    Raises
+    ------
+    GoldenError
+        At the first problem, naming the file.
+    """
+    path = Path(directory)
+    manifest = _read_manifest(path)
+    problems = _listing_problems(path, manifest)
+    if problems:
+        raise GoldenError(problems)
+    for record in manifest["cases"]:
+        yield _read_case(path, record)
+
+
+def load(directory: str | os.PathLike[str]) -> GoldenSet:
+    """Read and check a whole golden directory.
+
+    Every file is checked before anything is returned, and every problem is
+    reported: ``GoldenError.problems`` has one line per problem, each naming
+    its file.
+
+    Raises
+    ------
+    GoldenError
+        If the manifest, the listing or any case file has a problem.
+    """
+    path = Path(directory)
+    manifest = _read_manifest(path)
+    problems = _listing_problems(path, manifest)
+    cases = []
+    for record in manifest["cases"]:
+        if not (path / record["file"]).exists():
+            continue  # already reported by the listing
+        try:
+            cases.append(_read_case(path, record))
+        except GoldenError as error:
+            problems += error.problems
+    if problems:
+        raise GoldenError(problems)
+    return GoldenSet(path, manifest, tuple(cases))
+
+
+# ---------------------------------------------------------------- comparing
+
+
+def _coarser(a: str, b: str) -> str:
+    return a if np.finfo(a).eps >= np.finfo(b).eps else b
+
+
+def _dtype_of(value: Any) -> np.dtype:
+    return np.asarray(to_numpy(value) if array_api_compat.is_array_api_obj(value)
+                      else value).dtype
+
+
+def _compare_one(what: str, actual: Any, expected: np.ndarray, length: int,
+                 require_dtype: bool, ratios: list[float]) -> tuple[Mismatch | None, float]:
+    """The checker's elementwise comparison of one array; also the rtol it used."""
+    set_dtype = expected.dtype.name
+    try:
+        dtype = _dtype_of(actual)
+    except Exception as error:  # not an array NumPy can read
+        return _raised(what, error), math.nan
+    if not np.issubdtype(dtype, np.floating) or (require_dtype and dtype != expected.dtype):
+        return Mismatch(what, f"has dtype {dtype}, expected {expected.dtype}"), math.nan
+    rtol = default_tolerances(_coarser(set_dtype, dtype.name), reduction_length=length)[0]
+    mismatch = _compare(what, actual, expected.astype(np.float64), rtol, ratios)
+    if mismatch is not None and mismatch.index is not None:
+        ratios.append(abs(mismatch.actual - mismatch.reference) / mismatch.tolerance
+                      if mismatch.tolerance > 0 else math.inf)
+    return mismatch, rtol
+
+
+def compare_case(golden: GoldenCase, output: Any, gradients: Mapping[str, Any] | None, *,
+                 require_dtype: bool = True) -> CaseResult:
+    """Compare a computed ``output`` (and ``gradients``, unless None) with a golden case.
+
+    Every element must satisfy :math:`|a - r| \\le \\mathrm{rtol}\\,(|r| + \\max|r|)`,
+    the rule of :func:`condconv_ref.testing.check_implementation`, with
+    ``rtol = 16 eps sqrt(L)`` for the coarser of the stored dtype and the
+    computed one, and ``L`` the case's longest sum in the forward (output) or
+    the VJP (gradients).  With ``require_dtype`` a computed array must have the
+    stored dtype.
+    """
+    pairs = [("output", output, golden.output, golden.case.lengths[0])]
+    mismatches: list[Mismatch] = []
+    if gradients is not None:
+        if sorted(gradients) != sorted(golden.gradients):
+            mismatches.append(Mismatch("vjp", f"returned gradients for {sorted(gradients)}, "
+                                              f"expected {sorted(golden.gradients)}"))
+        pairs += [(f"gradient {name!r}", gradients[name], expected, golden.case.lengths[1])
+                  for name, expected in golden.gradients.items() if name in gradients]
+    ratios: list[float] = []
+    rtols = []
+    for what, actual, expected, length in pairs:
+        mismatch, rtol = _compare_one(what, actual, expected, length, require_dtype, ratios)
+        rtols.append(rtol)
+        if mismatch is not None:
+            mismatches.append(mismatch)
+    return CaseResult(golden.index, golden.file, golden.variant, max(ratios, default=0.0),
+                      max(rtols), tuple(mismatches))
+
+
+def _reference_result(golden: GoldenCase, backend: Backend, dtype: str) -> CaseResult:
+    output = reference_forward(golden.case, backend, dtype)
+    gradients = reference_vjp(golden.case, golden.cotangent, backend, dtype)
+    return compare_case(golden, output, gradients)
+
+
+def _implementation_result(golden: GoldenCase, implementation: Implementation) -> CaseResult:
+    try:
+        output = implementation.forward(golden.case)
+    except Exception as error:  # the implementation's failure is the case's failure
+        return CaseResult(golden.index, golden.file, golden.variant,
+                          mismatches=(_raised("forward", error),))
+    gradients = None
+    if implementation.vjp is not None:
+        try:
+            gradients = implementation.vjp(golden.case, golden.cotangent)
+        except Exception as error:
+            return CaseResult(golden.index, golden.file, golden.variant,
+                              mismatches=(_raised("vjp", error),))
+        if not isinstance(gradients, Mapping):
+            return CaseResult(golden.index, golden.file, golden.variant, mismatches=(
+                Mismatch("vjp", f"returned a {type(gradients).__name__}, expected a mapping "
+                                f"of argument name to gradient"),))
+    return compare_case(golden, output, gradients, require_dtype=False)
+
+
+def verify(directory: str | os.PathLike[str], *, against: Implementation | None = None,
+           backend: str | Backend = "numpy", variants: Sequence[str] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> Report:
+    """Check a golden directory, then recompute every case and compare.
+
+    Parameters
+    ----------
+    directory : path
+    against : Implementation, optional
+        A user's implementation to check instead of the reference: its
+        ``forward(case)`` (and ``vjp(case, cotangent)`` when given) receive
+        each stored case with NumPy arrays in the set's dtype.
+    backend : str or Backend
+        Where the reference recomputes the cases (``numpy``, ``torch``,
+        ``cupy``, ...), in the set's dtype; ignored with ``against``.
+    variants : sequence of str, optional
+        Recompute only the cases of these variants (every file is still
+        checked); default all.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after every case.
+
+    Returns
+    -------
+    Report
+        One :class:`CaseResult` per case.  A computation that raises fails its
+        case, with the exception in ``CaseResult.error``.
+
+    Raises
+    ------
+    GoldenError
+        If the directory fails its checks (see :func:`load`); nothing is
+        recomputed then.
+    condconv_ref.backends.BackendUnavailable, ValueError
+        If ``backend`` cannot be used.
+    """
+    chosen = None
+    if against is None:
+        chosen = get_backend(backend) if isinstance(backend, str) else backend
+    golden = load(directory)
+    selected = [case for case in golden.cases if variants is None or case.variant in variants]
+    results = []
+    for done, case in enumerate(selected, start=1):
+        if against is not None:
+            results.append(_implementation_result(case, against))
+        else:
+            try:
+                results.append(_reference_result(case, chosen, golden.dtype))
+            except Exception as error:  # the reference raising on a stored case fails it
+                results.append(CaseResult(case.index, case.file, case.variant,
+                                          mismatches=(_raised("reference", error),)))
+        if progress is not None:
+            progress(done, len(selected))
+    if against is None:
+        compared = f"reference on {chosen.name}"
+    else:
+        compared = "implementation, forward" + (" and VJP" if against.vjp is not None else "")
+    return Report(golden.directory, golden.dtype, compared, tuple(results))
+
+
+if __name__ == "__main__":
+    from condconv_ref.cli import main
+
+    sys.exit(main(["golden", *sys.argv[1:]]))

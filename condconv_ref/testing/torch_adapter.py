@@ -1,0 +1,183 @@
+"""Turn a PyTorch ``nn.Module`` into the ``forward`` / ``vjp`` callables the checker calls.
+
+:func:`torch_implementation` builds the module for each case, loads the case's
+arrays into it by name with :func:`torch.func.functional_call` (so nothing is
+copied into the module and autograd sees through the layout conversion), and
+gets the VJP from autograd.  torch is imported only when a callable runs.
+
+Examples
+--------
+A ``condconv_layer`` written the usual PyTorch way, with experts stored
+flattened as in timm (E, O·C·k) and ``nn.Linear`` routing:
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> from condconv_ref import layouts
+>>> from condconv_ref.testing import Supports, check_implementation
+>>> class CondConv1d(torch.nn.Module):
+...     def __init__(self, channels, out_channels, kernel_size, experts, padding):
+...         super().__init__()
+...         self.shape, self.padding = (out_channels, channels, kernel_size), padding
+...         self.weight = torch.nn.Parameter(torch.zeros(experts, out_channels * channels
+...                                                      * kernel_size))
+...         self.routing = torch.nn.Linear(channels, experts, bias=False)
+...     def forward(self, x):
+...         alpha = torch.sigmoid(self.routing(x.mean(dim=2)))
+...         kernels = (alpha @ self.weight).reshape(-1, *self.shape[1:])
+...         y = F.conv1d(x.reshape(1, -1, x.shape[2]), kernels, padding=self.padding,
+...                      groups=x.shape[0])
+...         return y.reshape(x.shape[0], self.shape[0], -1)
+>>> def build(case):
+...     E, O, C, k = case.arrays["experts"].shape
+...     return CondConv1d(C, O, k, E, case.options["padding"])
+>>> layer = torch_implementation(
+...     build, {"experts": ("weight", lambda e, case: layouts.to_torch_flat_experts(e)),
+...             "route_weight": "routing.weight"},
+...     supports=Supports(spatial_dims=(1,), padding_forms=("int",), padding_modes=("zeros",),
+...                       max_groups=1, max_stride=1, max_dilation=1, bias=(False,)))
+>>> check_implementation(layer, variant="condconv_layer", max_examples=20).passed
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from condconv_ref.testing.checker import Implementation
+from condconv_ref.testing.strategies import Supports
+from condconv_ref.variants import Case
+
+__all__ = ["torch_implementation"]
+
+Converter = Callable[[Any, Case], Any]
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block (unchanged for None)."""
+    import torch
+
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _mapping(parameters: Mapping[str, Any]) -> dict[str, tuple[str, Converter | None]]:
+    mapping: dict[str, tuple[str, Converter | None]] = {}
+    for name, target in parameters.items():
+        if isinstance(target, str):
+            mapping[name] = (target, None)
+        elif (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
+              and callable(target[1])):
+            mapping[name] = target
+        else:
+            raise TypeError(f"torch_implementation: parameters[{name!r}] must be a module "
+                            f"parameter name or a (name, converter) pair, got {target!r}")
+    return mapping
+
+
+def torch_implementation(
+    build: Callable[[Case], Any],
+    parameters: Mapping[str, str | tuple[str, Converter]],
+    *,
+    inputs: Sequence[str] = ("x",),
+    supports: Supports | None = None,
+    device: Any = "cpu",
+    threads: int | None = 1,
+) -> Implementation:
+    """An :class:`~condconv_ref.testing.Implementation` of a PyTorch module.
+
+    Parameters
+    ----------
+    build : callable
+        ``build(case) -> nn.Module``: the module configured for the case's sizes
+        and options (``case.arrays[...].shape``, ``case.options``).  Its
+        parameter values do not matter; the case's replace them.
+    parameters : mapping
+        Reference array name -> the module's parameter (or buffer) name, dotted
+        for submodules (``"routing.weight"``), or a pair ``(name, converter)``
+        with ``converter(tensor, case)`` turning the reference's layout into
+        the module's, e.g. ``lambda e, case: layouts.to_torch_flat_experts(e)``.
+        Converters must be differentiable torch code (the converters of
+        :mod:`condconv_ref.layouts` are).  Every array of a case must be mapped
+        here or named in ``inputs``; a case array that is not is reported as a
+        failure of the implementation.
+    inputs : sequence of str
+        Case arrays passed positionally to the module: ``("x",)``, or
+        ``("x", "routing")`` for the external-routing ``condconv`` variant.
+    supports : Supports, optional
+        Carried into the :class:`Implementation` for the checker.
+    device : torch device, optional
+        Where the module runs (default CPU).
+    threads : int or None, optional
+        torch's intra-op threads while the module runs, restored afterwards.
+        The checker's cases are tiny, so one thread (the default) is the
+        fastest, and it avoids OpenMP stalls on a busy machine; None leaves
+        torch's setting alone.
+
+    Returns
+    -------
+    Implementation
+        ``forward(case)`` returns the module's output tensor; ``vjp(case,
+        cotangent)`` returns autograd's gradient for every case array, in the
+        reference's layout (zeros for an array the output does not depend on).
+    """
+    mapping = _mapping(parameters)
+    inputs = tuple(inputs)
+
+    def run(case: Case, requires_grad: bool) -> tuple[Any, dict[str, Any]]:
+        import torch
+        from torch.func import functional_call
+
+        unmapped = sorted(set(case.arrays) - set(mapping) - set(inputs))
+        if unmapped:
+            raise ValueError(f"torch_implementation: case arrays {unmapped} are neither mapped "
+                             f"to module parameters nor inputs (mapped: {sorted(mapping)}, "
+                             f"inputs: {list(inputs)})")
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                   .requires_grad_(requires_grad) for name, a in case.arrays.items()}
+        dtype = tensors["x"].dtype
+        module = build(case).to(device=device, dtype=dtype)
+        known = dict(module.named_parameters()) | dict(module.named_buffers())
+        replaced = {}
+        for name, (target, converter) in mapping.items():
+            if name not in tensors:
+                continue
+            if target not in known:
+                raise ValueError(f"torch_implementation: module has no parameter or buffer "
+                                 f"{target!r} (for {name!r}); it has {sorted(known)}")
+            tensor = tensors[name]
+            replaced[target] = tensor if converter is None else converter(tensor, case)
+        output = functional_call(module, replaced, tuple(tensors[name] for name in inputs))
+        return output, tensors
+
+    def forward(case: Case) -> Any:
+        import torch
+
+        with torch.no_grad(), _threads(threads):
+            return run(case, requires_grad=False)[0]
+
+    def vjp(case: Case, cotangent: Any) -> dict[str, Any]:
+        import torch
+
+        with _threads(threads):
+            output, tensors = run(case, requires_grad=True)
+            names = list(tensors)
+            grads = torch.autograd.grad(output, [tensors[name] for name in names],
+                                        grad_outputs=torch.as_tensor(
+                                            cotangent, device=output.device, dtype=output.dtype),
+                                        allow_unused=True)
+        return {name: (torch.zeros_like(tensors[name]) if grad is None else grad).detach()
+                for name, grad in zip(names, grads)}
+
+    return Implementation(forward, vjp, supports)

@@ -1,0 +1,491 @@
+r"""The registry of variants: what "one case of variant V" is, how to build one, and its reference.
+
+A :class:`Case` is everything one call of a reference op needs, as plain data:
+float64 NumPy arrays under the op's own argument names (``x``, ``experts``,
+``routing``, ``bias``, ``route_weight``, ``fc1_weight``, ...; absent optional
+ones left out), the keyword options (conv options, ``depth_multiplier``,
+``temperature``), and the longest sums of the forward and backward passes (for
+rounding tolerances).  :data:`VARIANTS` maps each variant name to a
+:class:`Variant`: its reference op and VJP, and the builder that makes a case
+from a :class:`~condconv_ref.testing.ConvConfig` and a seed.  The same seed
+and configuration give the same case everywhere: in ``condconv-ref verify``,
+in golden vectors, and in :func:`condconv_ref.testing.check_implementation`.
+
+Variants
+--------
+``condconv``, ``condconv_layer``, ``depthwise_condconv_layer``,
+``cond_linear_layer``, ``dynamic_conv_layer`` are the layers users check; the
+raw ops ``conv``, ``mix_experts``, ``route_sigmoid``, ``route_softmax``,
+``moe_condconv``, ``depthwise_condconv``, ``cond_linear`` and
+``moe_cond_linear`` are there for the library's own checks.
+
+A *layer* variant is called as ``op(x, params, **options)`` with every array
+but ``x`` in ``params``; the others as ``op(**arrays, **options)``.  The
+linear variants read a configuration as B, F_in = C, F_out = O and E (its
+spatial fields are ignored); the depthwise ones need ``groups == C``.
+
+This module does not import hypothesis; building a case does (through
+:func:`condconv_ref.testing.arrays_for`).
+
+Examples
+--------
+>>> from condconv_ref.testing import ConvConfig
+>>> from condconv_ref.variants import build_case, reference_forward, reference_vjp
+>>> config = ConvConfig(batch=2, in_channels=3, out_channels=4, groups=1, spatial=(6,),
+...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+...                     padding_mode="zeros", n_experts=2, bias=True)
+>>> case = build_case("condconv_layer", config, seed=0)
+>>> sorted(case.arrays), case.options["padding"]
+(['bias', 'experts', 'route_bias', 'route_weight', 'x'], 1)
+>>> y = reference_forward(case)
+>>> y.shape, y.dtype
+((2, 4, 6), dtype('float64'))
+>>> sorted(reference_vjp(case, y))
+['bias', 'experts', 'route_bias', 'route_weight', 'x']
+>>> case.geometry.padding, case.geometry.out
+(((1, 1),), (6,))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from condconv_ref._validate import ConvGeometry, conv_geometry
+from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.condconv import (
+    condconv,
+    condconv_layer,
+    condconv_layer_vjp,
+    condconv_vjp,
+    mix_experts,
+    mix_experts_vjp,
+    moe_condconv,
+    moe_condconv_vjp,
+)
+from condconv_ref.conv import conv, conv_vjp
+from condconv_ref.depthwise import (
+    depthwise_condconv,
+    depthwise_condconv_layer,
+    depthwise_condconv_layer_vjp,
+    depthwise_condconv_vjp,
+)
+from condconv_ref.dynamic import dynamic_conv_layer, dynamic_conv_layer_vjp
+from condconv_ref.linear import (
+    cond_linear,
+    cond_linear_layer,
+    cond_linear_layer_vjp,
+    cond_linear_vjp,
+    moe_cond_linear,
+    moe_cond_linear_vjp,
+)
+from condconv_ref.routing import (
+    route_sigmoid,
+    route_sigmoid_vjp,
+    route_softmax,
+    route_softmax_vjp,
+)
+
+if TYPE_CHECKING:
+    from condconv_ref.testing.strategies import ConvConfig
+
+__all__ = [
+    "LAYER_VARIANTS",
+    "TEMPERATURE_RANGE",
+    "VARIANTS",
+    "Case",
+    "Variant",
+    "bind",
+    "build_case",
+    "reference_forward",
+    "reference_vjp",
+]
+
+TEMPERATURE_RANGE = (0.5, 4.0)
+"""The softmax temperatures a seed draws from (log-uniformly) when none is given."""
+
+_KINK_MARGIN = 0.05
+_CONV_OPTIONS = ("stride", "padding", "dilation", "groups", "padding_mode")
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of a variant's reference op, as plain data.
+
+    Attributes
+    ----------
+    variant : str
+        A key of :data:`VARIANTS`.
+    arrays : dict of str to array
+        The op's array arguments by name, absent optional ones left out;
+        float64 NumPy arrays as built (:meth:`to` converts them).
+    options : dict
+        The keyword options, e.g. ``stride``, ``padding``, ``dilation``,
+        ``groups``, ``padding_mode``, ``depth_multiplier``, ``temperature``.
+    lengths : tuple of int
+        The longest sums in the forward and in the VJP, for rounding tolerances.
+    config : ConvConfig or None
+        The configuration it was built from.
+    seed : int
+        The seed of its arrays.
+    """
+
+    variant: str
+    arrays: dict[str, Any]
+    options: dict[str, Any]
+    lengths: tuple[int, int]
+    config: Any = None
+    seed: int = 0
+    layer: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", VARIANTS[self.variant].layer)
+
+    @property
+    def x(self) -> Any:
+        """The input ``x``."""
+        return self.arrays["x"]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Every array but ``x``: a layer's ``params`` mapping."""
+        return {name: a for name, a in self.arrays.items() if name != "x"}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every array, by name."""
+        return {name: tuple(a.shape) for name, a in self.arrays.items()}
+
+    @property
+    def geometry(self) -> ConvGeometry | None:
+        """The conv options resolved per spatial dim (padding as ``(before, after)`` pairs,
+        output size), or None for a variant without a kernel (linear, mixing, routing)."""
+        kernel = self.arrays.get("experts", self.arrays.get("kernel"))
+        if kernel is None or VARIANTS[self.variant].linear:
+            return None
+        nd = self.x.ndim - 2
+        options = {name: self.options[name] for name in _CONV_OPTIONS if name in self.options}
+        options.setdefault("groups", 1)
+        return conv_geometry(self.variant, tuple(self.x.shape[2:]), tuple(kernel.shape[-nd:]),
+                             **options)
+
+    def to(self, xp: Any, *, dtype: Any = "float64", device: Any = None) -> Case:
+        """This case with its arrays in namespace ``xp`` as ``dtype`` on ``device``."""
+        xp_dtype = getattr(xp, dtype) if isinstance(dtype, str) else dtype
+        arrays = {name: xp.asarray(np.asarray(to_numpy(a), dtype=np.float64), dtype=xp_dtype,
+                                   device=device)
+                  for name, a in self.arrays.items()}
+        return replace(self, arrays=arrays)
+
+    def arrays_on(self, backend: str | Backend | None = None,
+                  dtype: str = "float64") -> dict[str, Any]:
+        """The arrays copied onto ``backend`` (default NumPy) and rounded to ``dtype``."""
+        chosen = _backend(backend)
+        return {name: chosen.asarray(to_numpy(a), dtype=dtype) for name, a in self.arrays.items()}
+
+    def describe(self) -> str:
+        """One line: the variant, every array's shape and the options."""
+        shapes = ", ".join(f"{name} {shape}" for name, shape in self.shapes.items())
+        options = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        return f"{self.variant}: {shapes}" + (f"; {options}" if options else "")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One registry entry: the reference op of a variant, its VJP and its case builder.
+
+    ``build(config, seed, temperature)`` returns the :class:`Case`'s arrays,
+    options and lengths; ``layer`` says the op takes ``(x, params)``;
+    ``depthwise`` that its configurations need ``groups == C``; ``linear``
+    that it reads only B, C, O, E and ``bias`` of a configuration;
+    ``temperature`` that it has a softmax temperature option.
+    """
+
+    name: str
+    forward: Callable[..., Any]
+    vjp: Callable[..., Any]
+    build: Callable[..., tuple[dict[str, Any], dict[str, Any], tuple[int, int]]]
+    layer: bool = False
+    depthwise: bool = False
+    linear: bool = False
+    temperature: bool = False
+
+
+def bind(op: Callable[..., Any], case: Case, *, vjp: bool = False) -> Callable[..., Any]:
+    """``op`` as a function of ``case``'s arrays by keyword (after the cotangent for a VJP).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import mix_experts
+    >>> case = Case("mix_experts", {"routing": np.ones((1, 2)), "experts": np.ones((2, 3))},
+    ...             {}, (2, 2))
+    >>> bind(mix_experts, case)(**case.arrays)
+    array([[2., 2., 2.]])
+    """
+    options = case.options
+    if case.layer:
+        if vjp:
+            return lambda cotangent, x, **params: op(cotangent, x, params, **options)
+        return lambda x, **params: op(x, params, **options)
+    if vjp:
+        return lambda cotangent, **arrays: op(cotangent, **arrays, **options)
+    return lambda **arrays: op(**arrays, **options)
+
+
+def _backend(backend: str | Backend | None) -> Backend:
+    if backend is None:
+        return get_backend("numpy")
+    return get_backend(backend) if isinstance(backend, str) else backend
+
+
+def reference_forward(case: Case, backend: str | Backend | None = None,
+                      dtype: str = "float64") -> Any:
+    """The reference output of ``case``, computed on ``backend`` (default NumPy) in ``dtype``."""
+    reference = VARIANTS[case.variant]
+    return bind(reference.forward, case)(**case.arrays_on(backend, dtype))
+
+
+def reference_vjp(case: Case, cotangent: Any, backend: str | Backend | None = None,
+                  dtype: str = "float64") -> dict[str, Any]:
+    """The reference gradients of ``case`` at ``cotangent`` (any array, copied to ``backend``)."""
+    chosen = _backend(backend)
+    reference = VARIANTS[case.variant]
+    cotangent = chosen.asarray(to_numpy(cotangent), dtype=dtype)
+    return bind(reference.vjp, case, vjp=True)(cotangent, **case.arrays_on(chosen, dtype))
+
+
+def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
+               temperature: float | None = None) -> Case:
+    """The case of ``variant`` for ``config``, its arrays drawn from ``seed``.
+
+    Parameters
+    ----------
+    variant : str
+        A key of :data:`VARIANTS`.
+    config : ConvConfig
+        Sizes and options; depthwise variants need ``config.groups ==
+        config.in_channels``.
+    seed : int
+        Seed of every array (and of the hidden width and, unless given, the
+        temperature of softmax routing).
+    temperature : float, optional
+        The softmax temperature of ``route_softmax`` / ``dynamic_conv_layer``;
+        drawn log-uniformly from :data:`TEMPERATURE_RANGE` when None.
+
+    Raises
+    ------
+    ValueError
+        For an unknown variant, or a depthwise variant on a non-depthwise config.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"build_case: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    entry = VARIANTS[variant]
+    if entry.depthwise and not config.is_depthwise:
+        raise ValueError(f"build_case: variant {variant!r} needs a depthwise config "
+                         f"(groups == in_channels), got groups={config.groups}, "
+                         f"in_channels={config.in_channels}")
+    arrays, options, lengths = entry.build(config, seed, temperature)
+    return Case(variant, arrays, options, lengths, config, seed)
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _present(**arrays: Any) -> dict[str, Any]:
+    return {name: a for name, a in arrays.items() if a is not None}
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    """A generator for one independent stream of a case's random draws."""
+    return np.random.default_rng([seed, stream])
+
+
+def _conv_arrays(config: ConvConfig, seed: int) -> Any:
+    from condconv_ref.testing.strategies import arrays_for
+
+    return arrays_for(config, xp=np, seed=seed)
+
+
+def _conv_lengths(config: ConvConfig) -> tuple[int, int]:
+    """Longest sums: expert mixing x taps, pooling; backward adds col2im, batch x positions,
+    and the routing gradient's O x C/g x taps x positions."""
+    taps, per_group = math.prod(config.kernel), config.in_channels // config.groups
+    positions = math.prod(config.output_shape[2:])
+    forward = max(config.n_experts * per_group * taps,
+                  config.in_channels * math.prod(config.spatial))
+    backward = max(forward, config.n_experts * config.depth_multiplier * taps,
+                   config.batch * positions, config.out_channels * per_group * taps * positions)
+    return forward, backward
+
+
+def _depthwise_options(config: ConvConfig) -> dict[str, Any]:
+    return dict(depth_multiplier=config.depth_multiplier, stride=config.stride,
+                padding=config.padding, dilation=config.dilation,
+                padding_mode=config.padding_mode)
+
+
+def _build_conv(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    """``conv``: expert 0 of the configuration as the kernel."""
+    a = _conv_arrays(config, seed)
+    bias = None if a.bias is None else a.bias[0]
+    return (_present(x=a.x, kernel=a.experts[0], bias=bias), config.options(),
+            _conv_lengths(config))
+
+
+def _build_mix(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    a = _conv_arrays(config, seed)
+    size = math.prod(a.experts.shape[1:])
+    lengths = (config.n_experts, max(config.n_experts, config.batch, size))
+    return {"routing": a.routing, "experts": a.experts}, {}, lengths
+
+
+def _build_route_sigmoid(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    a = _conv_arrays(config, seed)
+    return (_present(x=a.x, weight=a.route_weight, bias=a.route_bias), {},
+            _conv_lengths(config))
+
+
+def _build_condconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    """``condconv`` and ``moe_condconv``: external routing weights in (0, 1)."""
+    a = _conv_arrays(config, seed)
+    return (_present(x=a.x, experts=a.experts, routing=a.routing, bias=a.bias),
+            config.options(), _conv_lengths(config))
+
+
+def _layer_arrays(config: ConvConfig, seed: int) -> dict[str, Any]:
+    a = _conv_arrays(config, seed)
+    return _present(x=a.x, experts=a.experts, bias=a.bias, route_weight=a.route_weight,
+                    route_bias=a.route_bias)
+
+
+def _build_condconv_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    """``condconv_layer``: sigmoid routing parameters instead of routing weights."""
+    return _layer_arrays(config, seed), config.options(), _conv_lengths(config)
+
+
+def _build_depthwise(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    arrays, _, lengths = _build_condconv(config, seed, temperature)
+    return arrays, _depthwise_options(config), lengths
+
+
+def _build_depthwise_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    return _layer_arrays(config, seed), _depthwise_options(config), _conv_lengths(config)
+
+
+def _linear_arrays(config: ConvConfig, seed: int, *, layer: bool) -> Any:
+    """(B, F_in) inputs sized by the configuration: B, F_in = C, F_out = O, E."""
+    batch, in_features, out_features = config.batch, config.in_channels, config.out_channels
+    n_experts = config.n_experts
+    rng = _rng(seed, 1)
+    x = rng.standard_normal((batch, in_features))
+    experts = rng.standard_normal((n_experts, out_features, in_features)) / math.sqrt(in_features)
+    routing = rng.uniform(size=(batch, n_experts))
+    route_weight = rng.standard_normal((n_experts, in_features))
+    bias = rng.standard_normal((n_experts, out_features)) if config.bias else None
+    route_bias = rng.standard_normal(n_experts) if config.bias else None
+    lengths = (n_experts * in_features,
+               max(n_experts * in_features, n_experts * out_features, batch,
+                   out_features * in_features))
+    if layer:
+        arrays = _present(x=x, experts=experts, bias=bias, route_weight=route_weight,
+                          route_bias=route_bias)
+    else:
+        arrays = _present(x=x, experts=experts, routing=routing, bias=bias)
+    return arrays, {}, lengths
+
+
+def _build_linear(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    """``cond_linear`` and ``moe_cond_linear``."""
+    return _linear_arrays(config, seed, layer=False)
+
+
+def _build_linear_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    return _linear_arrays(config, seed, layer=True)
+
+
+def _softmax_routing(x: np.ndarray, n_experts: int, bias: bool, seed: int,
+                     temperature: float | None) -> tuple[dict[str, Any], float]:
+    """Routing MLP parameters whose ReLU inputs keep clear of the kink, and the temperature.
+
+    Every pre-activation :math:`h_{bj} = \\bar x_b \\cdot w_j + b_j` satisfies
+    :math:`|h_{bj}| \\ge 0.05\\,(\\|\\bar x_b\\|\\|w_j\\| + |b_j|)` (rows redrawn
+    until it does), so finite differences never straddle it.
+    """
+    rng = _rng(seed, 2)
+    pooled = x.mean(axis=tuple(range(2, x.ndim)))
+    hidden = int(rng.integers(1, 5))
+    fc1_weight = np.empty((hidden, x.shape[1]))
+    fc1_bias = np.zeros(hidden)
+    for j in range(hidden):
+        while True:
+            fc1_weight[j] = rng.standard_normal(x.shape[1])
+            fc1_bias[j] = rng.standard_normal() if bias else 0.0
+            size = (np.linalg.norm(pooled, axis=1) * np.linalg.norm(fc1_weight[j])
+                    + abs(fc1_bias[j]))
+            if np.all(np.abs(pooled @ fc1_weight[j] + fc1_bias[j]) >= _KINK_MARGIN * size):
+                break
+    fc2_weight = rng.standard_normal((n_experts, hidden))
+    fc2_bias = rng.standard_normal(n_experts) if bias else None
+    low, high = TEMPERATURE_RANGE
+    drawn = float(np.exp(rng.uniform(math.log(low), math.log(high))))
+    arrays = _present(fc1_weight=fc1_weight, fc2_weight=fc2_weight,
+                      fc1_bias=fc1_bias if bias else None, fc2_bias=fc2_bias)
+    return arrays, drawn if temperature is None else float(temperature)
+
+
+def _build_route_softmax(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    """``route_softmax`` of the configuration's input, away from ReLU kinks."""
+    a = _conv_arrays(config, seed)
+    routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
+    return {"x": a.x, **routing}, {"temperature": temperature}, _conv_lengths(config)
+
+
+def _build_dynamic(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    """``dynamic_conv_layer``: the experts, softmax routing parameters, temperature."""
+    a = _conv_arrays(config, seed)
+    routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
+    arrays = _present(x=a.x, experts=a.experts, bias=a.bias, **routing)
+    return arrays, {**config.options(), "temperature": temperature}, _conv_lengths(config)
+
+
+# ---------------------------------------------------------------- the registry
+
+VARIANTS: Mapping[str, Variant] = {
+    entry.name: entry for entry in [
+        Variant("conv", conv, conv_vjp, _build_conv),
+        Variant("mix_experts", mix_experts, mix_experts_vjp, _build_mix),
+        Variant("route_sigmoid", route_sigmoid, route_sigmoid_vjp, _build_route_sigmoid),
+        Variant("route_softmax", route_softmax, route_softmax_vjp, _build_route_softmax,
+                temperature=True),
+        Variant("condconv", condconv, condconv_vjp, _build_condconv),
+        Variant("moe_condconv", moe_condconv, moe_condconv_vjp, _build_condconv),
+        Variant("condconv_layer", condconv_layer, condconv_layer_vjp, _build_condconv_layer,
+                layer=True),
+        Variant("depthwise_condconv", depthwise_condconv, depthwise_condconv_vjp,
+                _build_depthwise, depthwise=True),
+        Variant("depthwise_condconv_layer", depthwise_condconv_layer,
+                depthwise_condconv_layer_vjp, _build_depthwise_layer, layer=True,
+                depthwise=True),
+        Variant("cond_linear", cond_linear, cond_linear_vjp, _build_linear, linear=True),
+        Variant("moe_cond_linear", moe_cond_linear, moe_cond_linear_vjp, _build_linear,
+                linear=True),
+        Variant("cond_linear_layer", cond_linear_layer, cond_linear_layer_vjp,
+                _build_linear_layer, layer=True, linear=True),
+        Variant("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
+                _build_dynamic, layer=True, temperature=True),
+    ]
+}
+"""Every variant by name.  A new op adds one :class:`Variant` here."""
+
+LAYER_VARIANTS = ("condconv", "condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
+                  "dynamic_conv_layer")
+"""The variants users check their implementations against
+(:func:`condconv_ref.testing.check_implementation`)."""

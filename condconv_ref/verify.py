@@ -1,0 +1,595 @@
+r"""The library checks itself: every op over random cases, by independent routes.
+
+:func:`run` is ``condconv-ref verify`` without the terminal.  It draws ``cases``
+random configurations with the test suite's strategies
+(:func:`condconv_ref.testing.conv_configs`, through
+:func:`condconv_ref.testing.sampling.draw_examples`) and runs every
+:class:`Check` of the registry :data:`CHECKS` on each, on one backend and dtype.
+One :class:`Row` per check comes back.
+
+The kinds of check
+------------------
+``MoE equivalence`` (and ``, VJP``)
+    CondConv equals the mixture of experts it replaces:
+    :math:`\mathrm{conv}(x_b, \sum_e \alpha_{be} W_e)
+    = \sum_e \alpha_{be}\,\mathrm{conv}(x_b, W_e)`,
+    forward and gradients; the layers against ``moe_condconv`` fed their own routing.
+``equals condconv groups=C`` (and ``, VJP``)
+    The depthwise fast path against the generic grouped convolution.
+``VJP vs finite diff.``
+    The dot-product identity :math:`\langle \mathrm{vjp}(c), t\rangle = \langle c, J t\rangle`
+    with :func:`condconv_ref.testing.check_vjp`; :math:`J t` by central
+    differences always in float64 (see *dtypes* below).
+``SciPy oracle``
+    ``scipy.signal.correlate`` per example and channel
+    (:func:`condconv_ref.testing.oracles.scipy_conv`), in float64; skipped, with
+    a reason, when SciPy is not installed.
+
+Errors and tolerances
+---------------------
+For compared arrays (over every gradient of a VJP) ``abs err`` is
+:math:`\max|a - e|` and ``rel err`` is :math:`\max|a - e| / \max|e|`, relative
+to the largest expected element.  For the finite-difference check they are
+:math:`|\langle\mathrm{vjp}(c), t\rangle - \langle c, Jt\rangle|` and that over
+the sum of the absolute products (``VJPCheck.error / VJPCheck.scale``).  A case
+passes when ``rel err <= tol``:
+
+- comparisons: ``tol = rtol`` of :func:`~condconv_ref.testing.default_tolerances`
+  for the dtype and the longest sum the compared results contain;
+- finite differences: ``tol = 64 eps_64^(2/3)`` (2.4e-9, ``check_vjp``'s float64
+  default), plus the comparison ``rtol`` of the dtype for the VJP's own
+  rounding when it runs in float32.
+
+dtypes
+------
+Arrays are drawn in float64 and rounded to the chosen dtype; every op runs in
+that dtype.  The finite differences need float64 to mean anything, so the
+gradient check evaluates the forward in float64 at the rounded point, and the
+VJP in the chosen dtype: in float32 mode it measures the float32 VJP against
+float64 finite differences.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import array_api_compat
+import numpy as np
+
+from condconv_ref import (
+    cond_linear,
+    cond_linear_layer,
+    cond_linear_layer_vjp,
+    cond_linear_vjp,
+    condconv,
+    condconv_layer,
+    condconv_layer_vjp,
+    condconv_vjp,
+    conv,
+    conv_vjp,
+    depthwise_condconv,
+    depthwise_condconv_layer,
+    depthwise_condconv_layer_vjp,
+    depthwise_condconv_vjp,
+    dynamic_conv_layer,
+    dynamic_conv_layer_vjp,
+    mix_experts,
+    mix_experts_vjp,
+    moe_cond_linear,
+    moe_cond_linear_vjp,
+    moe_condconv,
+    moe_condconv_vjp,
+    route_sigmoid,
+    route_sigmoid_vjp,
+    route_softmax,
+    route_softmax_vjp,
+)
+from condconv_ref._validate import check_positive_int
+from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.testing import ConvConfig, check_vjp, conv_configs, default_tolerances
+from condconv_ref.testing.sampling import case_seed, draw_examples
+from condconv_ref.variants import Case as VariantCase
+from condconv_ref.variants import bind, build_case
+
+__all__ = [
+    "CHECKS",
+    "DEFAULT_CASES",
+    "DTYPES",
+    "FINITE_DIFFERENCES",
+    "GROUPED",
+    "GROUPED_VJP",
+    "MOE",
+    "MOE_VJP",
+    "ORACLE",
+    "Case",
+    "Check",
+    "CheckSkipped",
+    "Measurement",
+    "Row",
+    "bind",
+    "condconv_inputs",
+    "condconv_layer_inputs",
+    "conv_inputs",
+    "depthwise_inputs",
+    "depthwise_layer_inputs",
+    "draw_cases",
+    "dynamic_inputs",
+    "equivalence_check",
+    "gradient_check",
+    "linear_inputs",
+    "linear_layer_inputs",
+    "mix_inputs",
+    "oracle_check",
+    "route_sigmoid_inputs",
+    "route_softmax_inputs",
+    "run",
+    "vjp_equivalence_check",
+]
+
+DTYPES = ("float32", "float64")
+DEFAULT_CASES = 20
+FD_RTOL = 64.0 * (2.0**-52) ** (2.0 / 3.0)
+"""Tolerance of the float64 finite-difference check: :func:`check_vjp`'s float64 default."""
+
+MOE = "MoE equivalence"
+MOE_VJP = "MoE equivalence, VJP"
+GROUPED = "equals condconv groups=C"
+GROUPED_VJP = "equals condconv groups=C, VJP"
+FINITE_DIFFERENCES = "VJP vs finite diff."
+ORACLE = "SciPy oracle"
+
+
+# ---------------------------------------------------------------- records
+
+
+class Measurement(NamedTuple):
+    """What one check measured on one case; a case passes when ``rel_err <= tol``."""
+
+    abs_err: float
+    rel_err: float
+    tol: float
+    detail: str = ""
+
+
+class CheckSkipped(Exception):
+    """Raised by a check that cannot run here (e.g. SciPy missing); the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One random case: its configurations, the seed of its arrays, and where it runs.
+
+    ``config`` sizes the convolution ops (and, read as B, F_in = C, F_out = O,
+    E, the linear ones); ``depthwise_config`` has ``groups == C``.
+    """
+
+    index: int
+    seed: int
+    config: ConvConfig
+    depthwise_config: ConvConfig
+    backend: Backend
+    dtype: str
+
+    def put(self, values: np.ndarray) -> Any:
+        """``values`` on the case's backend, rounded to its dtype."""
+        return self.backend.asarray(values, dtype=self.dtype)
+
+    def rng(self, stream: int) -> np.random.Generator:
+        """A generator for one independent stream of this case's random draws."""
+        return np.random.default_rng([self.seed, stream])
+
+
+@dataclass(frozen=True)
+class Check:
+    """One registry entry: ``run(case)`` returns ``(abs_err, rel_err, tol)`` or a
+    :class:`Measurement`."""
+
+    op: str
+    kind: str
+    run: Callable[[Case], tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """The result of one check over all cases.
+
+    ``failed`` counts cases beyond tolerance or raising; ``tol_range`` is the
+    smallest and largest tolerance applied; ``detail`` describes the first
+    failing case, ``skipped`` the reason a check could not run.
+    """
+
+    op: str
+    kind: str
+    cases: int
+    failed: int = 0
+    max_abs_err: float = math.nan
+    max_rel_err: float = math.nan
+    tol_range: tuple[float, float] = (math.nan, math.nan)
+    detail: str = ""
+    skipped: str = ""
+
+    @property
+    def status(self) -> str:
+        """``"PASS"``, ``"FAIL"`` or ``"SKIP"``."""
+        if self.skipped:
+            return "SKIP"
+        return "FAIL" if self.failed else "PASS"
+
+
+# ---------------------------------------------------------------- inputs of each op
+
+
+def _inputs(variant: str, *, depthwise: bool = False) -> Callable[[Case], VariantCase]:
+    """The builder of ``variant``'s case from a random :class:`Case` (its depthwise config
+    when ``depthwise``)."""
+
+    def inputs(case: Case) -> VariantCase:
+        return build_case(variant, case.depthwise_config if depthwise else case.config, case.seed)
+
+    inputs.__name__ = f"{variant}_inputs"
+    inputs.__doc__ = f"The ``{variant}`` case of :data:`condconv_ref.variants.VARIANTS`."
+    return inputs
+
+
+conv_inputs = _inputs("conv")
+mix_inputs = _inputs("mix_experts")
+route_sigmoid_inputs = _inputs("route_sigmoid")
+condconv_inputs = _inputs("condconv")
+condconv_layer_inputs = _inputs("condconv_layer")
+depthwise_inputs = _inputs("depthwise_condconv", depthwise=True)
+depthwise_layer_inputs = _inputs("depthwise_condconv_layer", depthwise=True)
+linear_inputs = _inputs("cond_linear")
+linear_layer_inputs = _inputs("cond_linear_layer")
+route_softmax_inputs = _inputs("route_softmax")
+dynamic_inputs = _inputs("dynamic_conv_layer")
+
+
+# ---------------------------------------------------------------- the other side of a comparison
+
+
+def _moe_sigmoid_layer(x: Any, params: Mapping[str, Any], **options: Any) -> Any:
+    """``condconv_layer`` as a mixture of experts: ``moe_condconv`` fed ``route_sigmoid``."""
+    routing = route_sigmoid(x, params["route_weight"], params.get("route_bias"))
+    return moe_condconv(x, params["experts"], routing, params.get("bias"), **options)
+
+
+def _moe_softmax_layer(x: Any, params: Mapping[str, Any], *, temperature: float,
+                       **options: Any) -> Any:
+    """``dynamic_conv_layer`` as a mixture of experts: ``moe_condconv`` fed ``route_softmax``."""
+    routing = route_softmax(x, params["fc1_weight"], params["fc2_weight"], params.get("fc1_bias"),
+                            params.get("fc2_bias"), temperature=temperature)
+    return moe_condconv(x, params["experts"], routing, params.get("bias"), **options)
+
+
+def _grouped_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *,
+                      depth_multiplier: int, **options: Any) -> Any:
+    """``depthwise_condconv`` as ``condconv`` with ``groups=C``; the multiplier is in the shapes."""
+    return condconv(x, experts, routing, bias, groups=x.shape[1], **options)
+
+
+def _grouped_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any = None,
+                          *, depth_multiplier: int, **options: Any) -> dict[str, Any]:
+    """``depthwise_condconv_vjp`` as ``condconv_vjp`` with ``groups=C``."""
+    return condconv_vjp(cotangent, x, experts, routing, bias, groups=x.shape[1], **options)
+
+
+def _condconv_oracle(arrays: Mapping[str, np.ndarray], config: ConvConfig) -> np.ndarray:
+    """SciPy CondConv: the per-example kernels and biases mixed here, in float64."""
+    from condconv_ref.testing.oracles import scipy_conv
+
+    routing = arrays["routing"]
+    kernels = np.tensordot(routing, arrays["experts"], axes=1)
+    bias = routing @ arrays["bias"] if "bias" in arrays else None
+    return scipy_conv(arrays["x"], kernels, bias, config)
+
+
+def _conv_oracle(arrays: Mapping[str, np.ndarray], config: ConvConfig) -> np.ndarray:
+    from condconv_ref.testing.oracles import scipy_conv
+
+    return scipy_conv(arrays["x"], arrays["kernel"], arrays.get("bias"), config)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _check_kept(result: Any, like: Any, what: str) -> None:
+    """``result`` is in ``like``'s namespace, dtype and device, or raise ``AssertionError``."""
+    if array_api_compat.array_namespace(result) is not array_api_compat.array_namespace(like):
+        raise AssertionError(f"{what} is a {type(result).__name__}, not in the inputs' namespace")
+    if result.dtype != like.dtype:
+        raise AssertionError(f"{what} has dtype {result.dtype}, expected the inputs' {like.dtype}")
+    if array_api_compat.device(result) != array_api_compat.device(like):
+        raise AssertionError(f"{what} is on device {array_api_compat.device(result)}, expected "
+                             f"the inputs' {array_api_compat.device(like)}")
+
+
+def _errors(actual: Any, expected: Any, what: str) -> tuple[float, float]:
+    """``max|a - e|`` and that over ``max|e|``, in float64."""
+    a = np.asarray(to_numpy(actual), dtype=np.float64)
+    e = np.asarray(to_numpy(expected), dtype=np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{what} has shape {a.shape}, expected {e.shape}")
+    if a.size == 0:
+        return 0.0, 0.0
+    abs_err, scale = float(np.max(np.abs(a - e))), float(np.max(np.abs(e)))
+    if scale > 0:
+        return abs_err, abs_err / scale
+    return abs_err, (0.0 if abs_err == 0 else math.inf)
+
+
+def _compare(actual: Any, expected: Any, like: Any, tol: float, described: str) -> Measurement:
+    """Errors of ``actual`` (an array or a dict of gradients) against ``expected``."""
+    if isinstance(expected, Mapping):
+        if sorted(actual) != sorted(expected):
+            raise AssertionError(f"gradients for {sorted(actual)}, expected {sorted(expected)}")
+        pairs = [(actual[name], expected[name], f"gradient {name!r}") for name in expected]
+    else:
+        pairs = [(actual, expected, "the result")]
+    errors = []
+    for a, e, what in pairs:
+        _check_kept(a, like, what)
+        errors.append(_errors(a, e, what))
+    return Measurement(max(err[0] for err in errors), max(err[1] for err in errors), tol,
+                       described)
+
+
+def _rounding_tol(dtype: str, length: int) -> float:
+    return default_tolerances(dtype, reduction_length=length)[0]
+
+
+def _cotangent(case: Case, output: Any) -> Any:
+    """A standard normal cotangent shaped like ``output``, on the case's backend and dtype."""
+    return case.put(case.rng(3).standard_normal(tuple(output.shape)))
+
+
+# ---------------------------------------------------------------- kinds of check
+
+
+def equivalence_check(op: str, kind: str, f: Callable[..., Any], g: Callable[..., Any],
+                      inputs: Callable[[Case], VariantCase]) -> Check:
+    """A check that ``f`` and ``g`` give the same result on ``inputs(case)``."""
+
+    def run(case: Case) -> Measurement:
+        given = inputs(case)
+        args = given.arrays_on(case.backend, case.dtype)
+        expected = bind(g, given)(**args)
+        actual = bind(f, given)(**args)
+        tol = _rounding_tol(case.dtype, given.lengths[0])
+        return _compare(actual, expected, args["x"], tol, given.describe())
+
+    return Check(op, kind, run)
+
+
+def vjp_equivalence_check(op: str, kind: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
+                          g_vjp: Callable[..., Any], inputs: Callable[[Case], VariantCase]) -> Check:
+    """A check that the VJPs ``f_vjp`` and ``g_vjp`` of ``f`` agree at a random cotangent."""
+
+    def run(case: Case) -> Measurement:
+        given = inputs(case)
+        args = given.arrays_on(case.backend, case.dtype)
+        cotangent = _cotangent(case, bind(f, given)(**args))
+        expected = bind(g_vjp, given, vjp=True)(cotangent, **args)
+        actual = bind(f_vjp, given, vjp=True)(cotangent, **args)
+        tol = _rounding_tol(case.dtype, given.lengths[1])
+        return _compare(actual, expected, args["x"], tol, given.describe())
+
+    return Check(op, kind, run)
+
+
+def _in_dtype(f_vjp: Callable[..., Any], case: Case) -> Callable[..., Any]:
+    """``f_vjp`` taking and returning float64 arrays, evaluated in the case's dtype."""
+    xp = case.backend.xp
+    low, wide = case.backend.dtype(case.dtype), xp.float64
+
+    def vjp(cotangent: Any, **args: Any) -> dict[str, Any]:
+        narrowed = {name: xp.astype(a, low) for name, a in args.items()}
+        grads = f_vjp(xp.astype(cotangent, low), **narrowed)
+        for name, gradient in grads.items():
+            if name in narrowed:
+                _check_kept(gradient, narrowed[name], f"gradient {name!r}")
+        return {name: xp.astype(gradient, wide) for name, gradient in grads.items()}
+
+    return vjp
+
+
+def gradient_check(op: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
+                   inputs: Callable[[Case], VariantCase]) -> Check:
+    """A check of ``f_vjp`` against float64 finite differences of ``f`` (dot-product identity)."""
+
+    def run(case: Case) -> Measurement:
+        given = inputs(case)
+        xp = case.backend.xp
+        point = {name: xp.astype(a, xp.float64) for name, a in given.arrays_on(case.backend, case.dtype).items()}
+        forward, backward = bind(f, given), _in_dtype(bind(f_vjp, given, vjp=True), case)
+        cotangent = xp.astype(_cotangent(case, forward(**point)), xp.float64)
+        tol = FD_RTOL
+        if case.dtype != "float64":
+            tol += _rounding_tol(case.dtype, given.lengths[1])
+        settings = dict(cotangent=cotangent, seed=case_seed(case.seed, 4), name=op)
+        result = check_vjp(forward, backward, point, rtol=0.0, atol=math.inf, **settings)
+        if result.scale:
+            relative = result.error / result.scale
+        else:  # every gradient and derivative is zero
+            relative = 0.0 if result.error == 0 else math.inf
+        detail = given.describe()
+        if not relative <= tol:
+            try:
+                check_vjp(forward, backward, point, rtol=tol, **settings)
+            except AssertionError as failure:
+                detail += f"\n{failure}"
+        return Measurement(result.error, relative, tol, detail)
+
+    return Check(op, FINITE_DIFFERENCES, run)
+
+
+def oracle_check(op: str, f: Callable[..., Any], inputs: Callable[[Case], VariantCase],
+                 oracle: Callable[[Mapping[str, np.ndarray], Any], np.ndarray]) -> Check:
+    """A check of ``f`` against ``oracle(arrays, config)``, a float64 NumPy/SciPy computation
+    on the same (rounded) input values; skipped when SciPy is not installed."""
+
+    def run(case: Case) -> Measurement:
+        if importlib.util.find_spec("scipy") is None:
+            raise CheckSkipped("scipy is not installed (pip install scipy)")
+        given = inputs(case)
+        args = given.arrays_on(case.backend, case.dtype)
+        expected = oracle({name: to_numpy(a) for name, a in args.items()}, given.config)
+        tol = _rounding_tol(case.dtype, given.lengths[0])
+        return _compare(bind(f, given)(**args), expected, args["x"], tol, given.describe())
+
+    return Check(op, ORACLE, run)
+
+
+# ---------------------------------------------------------------- the registry
+
+CHECKS: list[Check] = [
+    gradient_check("conv", conv, conv_vjp, conv_inputs),
+    oracle_check("conv", conv, conv_inputs, _conv_oracle),
+    gradient_check("mix_experts", mix_experts, mix_experts_vjp, mix_inputs),
+    gradient_check("route_sigmoid", route_sigmoid, route_sigmoid_vjp, route_sigmoid_inputs),
+    equivalence_check("condconv", MOE, condconv, moe_condconv, condconv_inputs),
+    vjp_equivalence_check("condconv", MOE_VJP, condconv, condconv_vjp, moe_condconv_vjp,
+                          condconv_inputs),
+    gradient_check("condconv", condconv, condconv_vjp, condconv_inputs),
+    oracle_check("condconv", condconv, condconv_inputs, _condconv_oracle),
+    gradient_check("moe_condconv", moe_condconv, moe_condconv_vjp, condconv_inputs),
+    equivalence_check("condconv_layer", MOE, condconv_layer, _moe_sigmoid_layer,
+                      condconv_layer_inputs),
+    gradient_check("condconv_layer", condconv_layer, condconv_layer_vjp, condconv_layer_inputs),
+    equivalence_check("depthwise_condconv", GROUPED, depthwise_condconv, _grouped_condconv,
+                      depthwise_inputs),
+    vjp_equivalence_check("depthwise_condconv", GROUPED_VJP, depthwise_condconv,
+                          depthwise_condconv_vjp, _grouped_condconv_vjp, depthwise_inputs),
+    gradient_check("depthwise_condconv", depthwise_condconv, depthwise_condconv_vjp,
+                   depthwise_inputs),
+    oracle_check("depthwise_condconv", depthwise_condconv, depthwise_inputs, _condconv_oracle),
+    gradient_check("depthwise_condconv_layer", depthwise_condconv_layer,
+                   depthwise_condconv_layer_vjp, depthwise_layer_inputs),
+    equivalence_check("cond_linear", MOE, cond_linear, moe_cond_linear, linear_inputs),
+    vjp_equivalence_check("cond_linear", MOE_VJP, cond_linear, cond_linear_vjp,
+                          moe_cond_linear_vjp, linear_inputs),
+    gradient_check("cond_linear", cond_linear, cond_linear_vjp, linear_inputs),
+    gradient_check("moe_cond_linear", moe_cond_linear, moe_cond_linear_vjp, linear_inputs),
+    gradient_check("cond_linear_layer", cond_linear_layer, cond_linear_layer_vjp,
+                   linear_layer_inputs),
+    gradient_check("route_softmax", route_softmax, route_softmax_vjp, route_softmax_inputs),
+    equivalence_check("dynamic_conv_layer", MOE, dynamic_conv_layer, _moe_softmax_layer,
+                      dynamic_inputs),
+    gradient_check("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
+                   dynamic_inputs),
+]
+"""Every check ``run`` performs, in table order.  A new op adds its rows here."""
+
+
+# ---------------------------------------------------------------- running
+
+
+def draw_cases(backend: Backend, dtype: str, count: int, seed: int) -> list[Case]:
+    """``count`` cases: configurations from the test strategies, array seeds from ``seed``."""
+    configs = draw_examples(conv_configs(), count, seed=seed)
+    depthwise = draw_examples(conv_configs(depthwise=True), count, seed=seed)
+    return [Case(i, case_seed(seed, i), config, depthwise_config, backend, dtype)
+            for i, (config, depthwise_config) in enumerate(zip(configs, depthwise))]
+
+
+def _largest(values: list[float]) -> float:
+    """The maximum, NaN if any value is NaN, NaN for no values."""
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values)
+
+
+def _run_check(check: Check, cases: list[Case], advance: Callable[[int], None]) -> Row:
+    measurements: list[Measurement] = []
+    failed, detail = 0, ""
+    for done, case in enumerate(cases):
+        try:
+            measurement = Measurement(*check.run(case))
+        except CheckSkipped as reason:
+            advance(len(cases) - done)
+            return Row(check.op, check.kind, cases=0, skipped=str(reason))
+        except Exception as error:  # an op or a check that raises fails this case
+            failed += 1
+            detail = detail or f"case {case.index}: {type(error).__name__}: {error}"
+        else:
+            measurements.append(measurement)
+            if not measurement.rel_err <= measurement.tol:
+                failed += 1
+                detail = detail or (
+                    f"case {case.index}: rel err {measurement.rel_err:.3g} > tol "
+                    f"{measurement.tol:.3g}; {measurement.detail}"
+                ).rstrip("; ")
+        advance(1)
+    tols = [m.tol for m in measurements]
+    return Row(check.op, check.kind, cases=len(cases), failed=failed,
+               max_abs_err=_largest([m.abs_err for m in measurements]),
+               max_rel_err=_largest([m.rel_err for m in measurements]),
+               tol_range=(min(tols), max(tols)) if tols else (math.nan, math.nan),
+               detail=detail)
+
+
+def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int = 0,
+        dtype: str = "float64",
+        progress: Callable[[Check, int, int], None] | None = None) -> list[Row]:
+    """Run every check of :data:`CHECKS` over ``cases`` random cases; one :class:`Row` per check.
+
+    Parameters
+    ----------
+    backend : str or Backend
+        A name for :func:`condconv_ref.backends.get_backend` (``numpy``,
+        ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``cupy``)
+        or a :class:`~condconv_ref.backends.Backend`.
+    cases : int
+        Number of random cases, >= 1.
+    seed : int
+        Seed of the configurations and arrays, >= 0; the same seed reruns the
+        same cases.
+    dtype : {'float64', 'float32'}
+        The dtype every op runs in (finite differences always run in float64).
+    progress : callable, optional
+        Called as ``progress(check, done, total)`` after every case.
+
+    Returns
+    -------
+    list of Row
+        In the order of :data:`CHECKS`.  A case that raises counts as failed,
+        with the exception in ``Row.detail``.
+
+    Raises
+    ------
+    condconv_ref.backends.BackendUnavailable
+        If the backend cannot be used here.
+    ValueError, TypeError
+        For a bad ``backend`` name, ``cases``, ``seed`` or ``dtype``.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> rows = verify.run(cases=1)
+    >>> {row.status for row in rows}
+    {'PASS'}
+    >>> next(row.kind for row in rows if row.op == "condconv")
+    'MoE equivalence'
+    """
+    count = check_positive_int("verify", "cases", cases)
+    seed = check_positive_int("verify", "seed", seed, minimum=0)
+    if dtype not in DTYPES:
+        raise ValueError(f"verify: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    chosen = get_backend(backend) if isinstance(backend, str) else backend
+    drawn = draw_cases(chosen, dtype, count, seed)
+    checks = list(CHECKS)
+    total, done = len(checks) * count, 0
+    rows = []
+    for check in checks:
+
+        def advance(steps: int, check: Check = check) -> None:
+            nonlocal done
+            done += steps
+            if progress is not None:
+                progress(check, done, total)
+
+        rows.append(_run_check(check, drawn, advance))
+    return rows

@@ -1,0 +1,157 @@
+"""``condconv-ref verify``: rows, exit status, one-line errors; and the library's ``verify.run``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from condconv_ref import conv, conv_vjp, verify
+from condconv_ref.cli import main
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _text(captured: str) -> str:
+    return ANSI.sub("", captured)
+
+
+def _row_line(output: str, op: str, kind: str) -> str:
+    """The table line of one check (cells are delimited by the table's vertical bars)."""
+    lines = [line for line in output.splitlines()
+             if f"│ {op} " in line and f"│ {kind} " in line]
+    assert len(lines) == 1, f"expected one row for {op} / {kind} in:\n{output}"
+    return lines[0]
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in _text(err).splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected a one-line error, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _broken_conv_vjp(cotangent, x, kernel, bias=None, **options):
+    grads = conv_vjp(cotangent, x, kernel, bias, **options)
+    return {**grads, "x": 2 * grads["x"]}
+
+
+def test_verify_passes_every_check_on_every_backend(backend):
+    calls = []
+
+    def progress(check, done, total):
+        calls.append((done, total))
+
+    rows = verify.run(backend=backend, cases=2, progress=progress)
+    assert [(row.op, row.kind) for row in rows] == [(c.op, c.kind) for c in verify.CHECKS]
+    failures = [f"{row.op} / {row.kind}: {row.detail}" for row in rows if row.status != "PASS"]
+    assert not failures, "\n".join(failures)
+    for row in rows:
+        assert row.cases == 2 and row.failed == 0
+        assert row.max_rel_err <= row.tol_range[1]
+    assert calls[-1] == (2 * len(verify.CHECKS), 2 * len(verify.CHECKS))
+
+
+def test_verify_command_prints_every_row_and_exits_0(capsys):
+    assert main(["verify", "--cases", "2"]) == 0
+    out = _text(capsys.readouterr().out)
+    for check in verify.CHECKS:
+        line = _row_line(out, check.op, check.kind)
+        assert re.search(r"│\s+2 │", line) and "PASS" in line
+    assert f"all {len(verify.CHECKS)} checks passed" in out
+
+
+def test_same_seed_reruns_the_same_cases_and_another_seed_does_not():
+    def errors(seed):
+        return [(row.max_abs_err, row.max_rel_err) for row in verify.run(cases=1, seed=seed)]
+
+    first = errors(3)
+    assert errors(3) == first
+    assert errors(4) != first
+
+
+def test_failing_check_gives_fail_row_and_exit_1(monkeypatch, capsys):
+    broken = verify.gradient_check("conv", conv, _broken_conv_vjp, verify.conv_inputs)
+    healthy = verify.gradient_check("conv", conv, conv_vjp, verify.conv_inputs)
+    healthy = verify.Check("conv", "healthy VJP", healthy.run)
+    monkeypatch.setattr(verify, "CHECKS", [broken, healthy])
+    assert main(["verify", "--cases", "2"]) == 1
+    out = _text(capsys.readouterr().out)
+    assert "FAIL" in _row_line(out, "conv", verify.FINITE_DIFFERENCES)
+    assert "PASS" in _row_line(out, "conv", "healthy VJP")
+    assert "FAIL conv / VJP vs finite diff.: 2 of 2 cases failed" in out
+    assert "argument 'x'" in out  # check_vjp's elementwise report names the wrong gradient
+    assert "1 of 2 checks failed" in out
+
+
+def test_check_that_raises_fails_its_row_without_a_traceback(monkeypatch, capsys):
+    def raising(case):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(verify, "CHECKS", [verify.Check("conv", "raises", raising)])
+    assert main(["verify", "--cases", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in _row_line(_text(captured.out), "conv", "raises")
+    assert "case 0: ZeroDivisionError: boom" in _text(captured.out)
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_oracle_rows_are_skipped_without_scipy(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "scipy", None)  # importing scipy now fails
+    oracles = [c for c in verify.CHECKS if c.kind == verify.ORACLE]
+    monkeypatch.setattr(verify, "CHECKS", oracles)
+    assert main(["verify", "--cases", "1"]) == 0
+    out = _text(capsys.readouterr().out)
+    for check in oracles:
+        assert "SKIP" in _row_line(out, check.op, check.kind)
+        assert f"{check.op} / {verify.ORACLE} skipped: scipy is not installed" in out
+
+
+def test_unavailable_backend_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as on a machine without CuPy
+    assert main(["verify", "--backend", "cupy"]) == 2
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err)
+    assert line.startswith("condconv-ref verify: error: backend 'cupy' is not available")
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["verify", "--cases", "0"], "--cases"),
+    (["verify", "--cases", "many"], "--cases"),
+    (["verify", "--seed", "-1"], "--seed"),
+    (["verify", "--dtype", "int8"], "--dtype"),
+    (["verify", "--backend", "jax"], "--backend"),
+    (["verify", "--no-such-option"], "--no-such-option"),
+    ([], "COMMAND"),
+])
+def test_bad_option_is_one_line_and_exit_2(argv, names, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err)
+    assert "error:" in line and names in line
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("arguments, name", [
+    (dict(cases=0), "cases"), (dict(seed=-1), "seed"), (dict(dtype="int8"), "dtype"),
+    (dict(backend="jax"), "backend"),
+])
+def test_run_rejects_bad_arguments_naming_them(arguments, name):
+    with pytest.raises(ValueError, match=name):
+        verify.run(**arguments)
+
+
+def test_console_script_runs_verify():
+    script = shutil.which("condconv-ref")
+    if script is None:
+        pytest.skip("the condconv-ref console script is not installed (pip install -e .)")
+    result = subprocess.run([script, "verify", "--cases", "1"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = _text(result.stdout)
+    for check in verify.CHECKS:
+        assert "PASS" in _row_line(out, check.op, check.kind)

@@ -1,0 +1,136 @@
+"""conv and conv_vjp against independent oracles (SciPy, torch) and finite differences."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from functools import partial
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from condconv_ref import conv, conv_vjp
+from condconv_ref.testing import assert_close, check_vjp
+from condconv_ref.testing.oracles import explicit_pairs, scipy_conv, torch_conv
+from condconv_ref.testing.strategies import conv_configs, seeds
+
+BIAS_KINDS = (None, "shared", "per_example")
+# The module, not the function that condconv_ref re-exports under the same name.
+conv_module = importlib.import_module("condconv_ref.conv")
+
+
+def conv_arrays(config, seed, per_example_kernel, bias_kind, dtype):
+    """NumPy x, kernel and bias (or None) for ``config``, rounded to ``dtype``."""
+    rng = np.random.default_rng(seed)
+    batch = (config.batch,) if per_example_kernel else ()
+    x = rng.standard_normal(config.x_shape)
+    kernel = rng.standard_normal(batch + config.kernel_shape)
+    bias = None
+    if bias_kind is not None:
+        lead = (config.batch,) if bias_kind == "per_example" else ()
+        bias = rng.standard_normal(lead + (config.out_channels,)).astype(dtype)
+    return x.astype(dtype), kernel.astype(dtype), bias
+
+
+def on_backend(backend, *arrays):
+    return [None if a is None else backend.asarray(a) for a in arrays]
+
+
+def reduction_length(config) -> int:
+    return config.in_channels // config.groups * math.prod(config.kernel)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@given(config=conv_configs(max_size=6), seed=seeds(), per_example_kernel=st.booleans(),
+       bias_kind=st.sampled_from(BIAS_KINDS))
+def test_conv_matches_scipy_correlate(backend, dtype, config, seed, per_example_kernel,
+                                      bias_kind):
+    x, kernel, bias = conv_arrays(config, seed, per_example_kernel, bias_kind, dtype)
+    y = conv(*on_backend(backend, x, kernel, bias), **config.options())
+    expected = backend.asarray(scipy_conv(x, kernel, bias, config), dtype=dtype)
+    assert_close(y, expected, reduction_length=reduction_length(config), name="conv")
+
+
+@given(config=conv_configs(max_size=6), seed=seeds(), per_example_kernel=st.booleans(),
+       bias_kind=st.sampled_from(BIAS_KINDS))
+def test_conv_and_vjp_match_torch_autograd(backend, config, seed, per_example_kernel, bias_kind):
+    torch = pytest.importorskip("torch")
+    x, kernel, bias = conv_arrays(config, seed, per_example_kernel, bias_kind, "float64")
+    cotangent = np.random.default_rng(seed + 1).standard_normal(config.output_shape)
+    leaves = {name: torch.tensor(a, requires_grad=True)
+              for name, a in (("x", x), ("kernel", kernel), ("bias", bias)) if a is not None}
+    y_torch = torch_conv(torch, leaves["x"], leaves["kernel"], leaves.get("bias"), config)
+    y_torch.backward(torch.tensor(cotangent))
+    args = on_backend(backend, x, kernel, bias)
+    length = reduction_length(config)
+    assert_close(conv(*args, **config.options()), backend.asarray(y_torch.detach().numpy()),
+                 reduction_length=length, name="conv")
+    grads = conv_vjp(backend.asarray(cotangent), *args, **config.options())
+    assert sorted(grads) == sorted(leaves)
+    for name, leaf in leaves.items():
+        assert_close(grads[name], backend.asarray(leaf.grad.numpy()),
+                     reduction_length=math.prod(config.output_shape), name=f"conv_vjp[{name}]")
+
+
+@given(config=conv_configs(padding_forms=("same",), max_size=9, max_stride=3), seed=seeds())
+def test_same_padding_output_size_is_ceil_of_size_over_stride(backend, config, seed):
+    x, kernel, _ = conv_arrays(config, seed, False, None, "float64")
+    y = conv(*on_backend(backend, x, kernel), **config.options())
+    assert tuple(y.shape[2:]) == tuple(-(-n // s) for n, s in zip(config.spatial, config.stride))
+
+
+@pytest.mark.parametrize(
+    ("padding_mode", "expected"),
+    [  # x = [0, 1, 2, 3], k = [1, 1]: total padding 1, all of it after x
+        ("zeros", [1.0, 3.0, 5.0, 3.0]),  # 0 1 2 3 | 0
+        ("reflect", [1.0, 3.0, 5.0, 5.0]),  # 0 1 2 3 | 2
+        ("replicate", [1.0, 3.0, 5.0, 6.0]),  # 0 1 2 3 | 3
+        ("circular", [1.0, 3.0, 5.0, 3.0]),  # 0 1 2 3 | 0
+    ],
+)
+def test_same_padding_puts_the_odd_element_at_the_end(backend, padding_mode, expected):
+    x = backend.asarray(np.arange(4.0).reshape(1, 1, 4))
+    y = conv(x, backend.asarray(np.ones((1, 1, 2))), padding="same", padding_mode=padding_mode)
+    assert_close(y, backend.asarray(np.array(expected).reshape(1, 1, 4)), name="conv")
+
+
+@given(config=conv_configs(), seed=seeds())
+def test_every_padding_form_equals_its_explicit_pairs(backend, config, seed):
+    x, kernel, bias = on_backend(backend, *conv_arrays(config, seed, False, "shared", "float64"))
+    y = conv(x, kernel, bias, **config.options())
+    explicit = conv(x, kernel, bias, **{**config.options(), "padding": explicit_pairs(config)})
+    assert_close(y, explicit, rtol=0.0, atol=0.0, name=f"conv(padding={config.padding!r})")
+
+
+@given(config=conv_configs(max_size=5, max_batch=2), seed=seeds(),
+       per_example_kernel=st.booleans(), bias_kind=st.sampled_from(BIAS_KINDS))
+def test_conv_vjp_matches_finite_differences(backend, config, seed, per_example_kernel,
+                                             bias_kind):
+    x, kernel, bias = on_backend(
+        backend, *conv_arrays(config, seed, per_example_kernel, bias_kind, "float64"))
+    args = {"x": x, "kernel": kernel} | ({} if bias is None else {"bias": bias})
+    check_vjp(partial(conv, **config.options()), partial(conv_vjp, **config.options()), args,
+              seed=seed)
+
+
+@given(config=conv_configs(max_size=6), seed=seeds(), per_example_kernel=st.booleans(),
+       window_bytes=st.sampled_from([1, 256, 4096]))
+def test_conv_in_windows_equals_conv_in_one_piece(backend, config, seed, per_example_kernel,
+                                                  window_bytes):
+    # Large convolutions are computed in windows of examples and output rows;
+    # a tiny byte budget forces small inputs through that path.
+    x, kernel, bias = on_backend(
+        backend, *conv_arrays(config, seed, per_example_kernel, "shared", "float64"))
+    cotangent = backend.asarray(np.random.default_rng(seed + 1).standard_normal(config.output_shape))
+    whole = conv(x, kernel, bias, **config.options())
+    whole_grads = conv_vjp(cotangent, x, kernel, bias, **config.options())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv_module, "_WINDOW_BYTES", window_bytes)
+        windowed = conv(x, kernel, bias, **config.options())
+        windowed_grads = conv_vjp(cotangent, x, kernel, bias, **config.options())
+    assert_close(windowed, whole, reduction_length=reduction_length(config), name="conv")
+    for name, gradient in whole_grads.items():
+        assert_close(windowed_grads[name], gradient,
+                     reduction_length=math.prod(config.output_shape), name=f"conv_vjp[{name}]")
