@@ -39,7 +39,7 @@ from condconv_ref import (
 from condconv_ref.backends import to_numpy
 from condconv_ref.testing import check_vjp
 from condconv_ref.testing.strategies import arrays_for, conv_configs, seeds
-from oracles import torch_conv
+from condconv_ref.testing.oracles import torch_conv
 
 EPS = {"float32": 2.0**-23, "float64": 2.0**-52}
 
