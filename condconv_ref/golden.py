@@ -19,18 +19,24 @@ languages.
   and shapes of every array, missing and extra files).  Files are never
   unpickled: ``allow_pickle=False``, and object arrays are refused.
 - :func:`verify` recomputes every case, with the reference on any backend or
-  with a user's implementation, and compares.
+  with a user's implementation (the ``forward(case)`` / ``vjp(case,
+  cotangent)`` protocol of :func:`condconv_ref.testing.check_implementation`),
+  and compares.
 
 Every problem found in a directory is one line that names the file, collected
-in a :class:`GoldenError`.
+in a :class:`GoldenError`.  :data:`SHIPPED` is the small set the package ships
+and the test suite recomputes on every run.
 
 Tolerances
 ----------
-A compared array passes when ``max|actual - expected| <= rtol * max|expected|``
-with ``rtol = 16 eps sqrt(L)`` (:func:`condconv_ref.testing.default_tolerances`):
-``eps`` of the coarser of the set's dtype and the compared result's dtype, and
-``L`` the longest sum in the forward (for ``output``) or the VJP (for the
-gradients) of the case, stored in the manifest as ``lengths``.
+The checker's rule: every element must satisfy
+:math:`|a - r| \le \mathrm{rtol}\,(|r| + \max|r|)` with :math:`r` the stored
+value and ``rtol = 16 eps sqrt(L)``
+(:func:`condconv_ref.testing.default_tolerances`): ``eps`` of the coarser of
+the set's dtype and the computed result's dtype, ``L`` the longest sum of the
+case's forward (for ``output``) or VJP (for the gradients), stored in the
+manifest as ``lengths``.  For float64 that is below 1e-12 for every case of
+:data:`SHIPPED`.
 
 Examples
 --------
@@ -69,7 +75,9 @@ from condconv_ref import __version__
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.testing import Supports, default_tolerances
-from condconv_ref.testing.checker import Implementation, Mismatch, _compare, _raised
+from condconv_ref.testing.checker import Implementation, Mismatch
+from condconv_ref.testing.sampling import case_seed, draw_examples
+from condconv_ref.testing.strategies import cases as case_strategy
 from condconv_ref.variants import (
     LAYER_VARIANTS,
     VARIANTS,
@@ -84,6 +92,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
+    "ROUNDING_SAFETY",
     "SHIPPED",
     "CaseResult",
     "GoldenCase",
@@ -93,7 +102,6 @@ __all__ = [
     "compare_case",
     "iter_cases",
     "load",
-    "load_implementation",
     "verify",
     "write",
 ]
@@ -104,6 +112,8 @@ MANIFEST = "manifest.json"
 DTYPES = ("float64", "float32")
 DEFAULT_VARIANTS = LAYER_VARIANTS
 """The variants :func:`write` writes when none are named: those users check."""
+ROUNDING_SAFETY = 64.0
+"""The factor on the measured float32 deviation in the absolute tolerance (:func:`compare_case`)."""
 
 SHIPPED = Path(__file__).resolve().parent / "golden_data"
 """The golden set shipped in the package: 42 float64 cases of the user-facing variants and
@@ -152,6 +162,11 @@ class GoldenCase:
         The fixed cotangent and the reference output.
     gradients : dict of str to numpy.ndarray
         The reference gradients at ``cotangent``, by argument name.
+    deviations : dict of str to float
+        ``float32_deviation`` of ``"output"`` and of each ``"grad_<name>"``:
+        :math:`\\max|r_{32} - r_{64}|`, the reference run in float32 against
+        float64 on the stored inputs; a measured rounding scale (see
+        :func:`compare_case`).
     """
 
     index: int
@@ -160,6 +175,7 @@ class GoldenCase:
     cotangent: np.ndarray
     output: np.ndarray
     gradients: dict[str, np.ndarray]
+    deviations: dict[str, float]
 
     @property
     def variant(self) -> str:
@@ -179,53 +195,6 @@ class GoldenSet:
     def dtype(self) -> str:
         """The dtype of every array, ``"float64"`` or ``"float32"``."""
         return self.manifest["dtype"]
-
-
-def load_implementation(spec: str) -> Implementation:
-    """The implementation that ``FACTORY()`` returns, for ``spec = "FILE.py:FACTORY"``.
-
-    ``FACTORY()`` takes no arguments and returns an object with a ``forward``
-    attribute and optionally ``vjp`` (e.g. a
-    :class:`condconv_ref.testing.checker.Implementation`), or a pair
-    ``(forward, vjp)`` whose ``vjp`` may be None.  The callables follow the
-    checker's protocol (:mod:`condconv_ref.testing.checker`).
-
-    Raises
-    ------
-    ValueError
-        For a malformed ``spec``, a module that fails to import, a missing or
-        failing factory, or one that returns something else; in one line.
-    FileNotFoundError
-        If ``FILE.py`` does not exist.
-    """
-    import importlib.util
-
-    path_text, colon, factory_name = spec.rpartition(":")
-    if not colon or not path_text.endswith(".py") or not factory_name.isidentifier():
-        raise ValueError(f"expected FILE.py:FACTORY, got {spec!r}")
-    path = Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file {path} (from {spec!r})")
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
-    module_name = f"_condconv_ref_user_{digest[:12]}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-        factory = getattr(module, factory_name, None)
-        if not callable(factory):
-            raise ValueError(f"{path} has no callable {factory_name!r}")
-        made = factory()
-    except Exception as error:  # the user's code: report in one line, whatever it raised
-        raise ValueError(f"{spec}: {type(error).__name__}: {error}") from None
-    forward, vjp = (made if isinstance(made, tuple) and len(made) == 2
-                    else (getattr(made, "forward", None), getattr(made, "vjp", None)))
-    if not callable(forward) or not (vjp is None or callable(vjp)):
-        raise ValueError(f"{spec}: {factory_name}() must return an object with forward (and "
-                         f"optional vjp) callables or a (forward, vjp) pair, got "
-                         f"{type(made).__name__}")
-    return Implementation(forward, vjp, getattr(made, "supports", None))
 
 
 @dataclass(frozen=True)
@@ -320,19 +289,26 @@ def _variant_stream(variant: str) -> int:
 def _draw(variants: Sequence[str], count: int, seed: int, supports: Supports) -> list[Case]:
     """``count`` cases of each variant, from the checker's strategy
     :func:`condconv_ref.testing.strategies.cases` within ``supports``."""
-    from condconv_ref.testing.sampling import case_seed, draw_examples
-    from condconv_ref.testing.strategies import cases
-
     drawn = []
     for variant in variants:
-        drawn += draw_examples(cases(variant, supports), count,
+        drawn += draw_examples(case_strategy(variant, supports), count,
                                seed=case_seed(seed, _variant_stream(variant)))
     return drawn
 
 
-def _reference_arrays(case: Case, dtype: str) -> dict[str, np.ndarray]:
-    """Every array of one case file: inputs rounded to ``dtype``, a standard normal cotangent,
-    and the reference output and gradients computed in float64 from the rounded values."""
+def _deviation(float64: Any, float32: Any) -> float:
+    """``max|r32 - r64|``: how far the reference run in float32 lands from float64."""
+    difference = np.abs(to_numpy(float32).astype(np.float64) - to_numpy(float64))
+    return float(np.max(difference)) if difference.size else 0.0
+
+
+def _reference_arrays(case: Case, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every array of one case file, and the float32 deviation of each result.
+
+    Inputs are rounded to ``dtype``, the cotangent is standard normal, and the
+    output and gradients are computed in float64 from the rounded values; the
+    deviations compare them with the reference run in float32 (see
+    :func:`compare_case`)."""
     reserved = {COTANGENT, OUTPUT} & set(case.arrays)
     reserved |= {name for name in case.arrays if name.startswith(GRADIENT_PREFIX)}
     if reserved:
@@ -345,12 +321,15 @@ def _reference_arrays(case: Case, dtype: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([case.seed, _COTANGENT_STREAM])
     cotangent = rng.standard_normal(output.shape).astype(dtype)
     gradients = reference_vjp(exact, cotangent.astype(np.float64))
+    gradients32 = reference_vjp(exact, cotangent, dtype="float32")
     arrays = dict(rounded)
     arrays[COTANGENT] = cotangent
     arrays[OUTPUT] = np.asarray(output, dtype=dtype)
+    deviations = {OUTPUT: _deviation(output, reference_forward(exact, dtype="float32"))}
     for name, gradient in gradients.items():
         arrays[GRADIENT_PREFIX + name] = np.asarray(to_numpy(gradient), dtype=dtype)
-    return arrays
+        deviations[GRADIENT_PREFIX + name] = _deviation(gradient, gradients32[name])
+    return arrays, deviations
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -422,17 +401,24 @@ def _prepare_directory(directory: Path, force: bool) -> None:
         raise FileExistsError(f"golden.write: refusing to replace {directory}: it holds "
                               f"entries that are not golden vectors: {', '.join(foreign[:5])}")
     (directory / MANIFEST).unlink(missing_ok=True)
+    _fsync_directory(directory)
     for entry in entries:
         entry.unlink(missing_ok=True)
     _fsync_directory(directory)
 
 
-def _array_records(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    return {name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()}
+def _array_records(arrays: Mapping[str, np.ndarray],
+                   deviations: Mapping[str, float]) -> dict[str, Any]:
+    records = {}
+    for name, a in arrays.items():
+        records[name] = {"dtype": a.dtype.name, "shape": list(a.shape)}
+        if name in deviations:
+            records[name]["float32_deviation"] = deviations[name]
+    return records
 
 
-def _case_record(index: int, case: Case, arrays: Mapping[str, np.ndarray], file: str,
-                 data: bytes) -> dict[str, Any]:
+def _case_record(index: int, case: Case, arrays: Mapping[str, np.ndarray],
+                 deviations: Mapping[str, float], file: str, data: bytes) -> dict[str, Any]:
     gradients = [name[len(GRADIENT_PREFIX):] for name in arrays
                  if name.startswith(GRADIENT_PREFIX)]
     return {
@@ -446,7 +432,7 @@ def _case_record(index: int, case: Case, arrays: Mapping[str, np.ndarray], file:
         "lengths": list(case.lengths),
         "inputs": list(case.arrays),
         "gradients": gradients,
-        "arrays": _array_records(arrays),
+        "arrays": _array_records(arrays, deviations),
     }
 
 
@@ -475,8 +461,11 @@ def write(out: str | os.PathLike[str], *, variants: Sequence[str] | None = None,
     Cases come from the checker's strategy
     :func:`condconv_ref.testing.strategies.cases` (a configuration, a seed for
     :func:`condconv_ref.variants.build_case`'s arrays, a temperature) through
-    :func:`condconv_ref.testing.sampling.draw_examples`.  Inputs are rounded to ``dtype``; the output and gradients are computed in
-    float64 from the rounded inputs and cotangent, then rounded to ``dtype``.
+    :func:`condconv_ref.testing.sampling.draw_examples`.  Inputs are rounded to
+    ``dtype``; the output and gradients are computed in float64 from the
+    rounded inputs and cotangent, then rounded to ``dtype``.  Each result's
+    ``float32_deviation`` (the reference run in float32 against float64) goes
+    to the manifest for the tolerances of :func:`compare_case`.
 
     Parameters
     ----------
@@ -522,11 +511,11 @@ def write(out: str | os.PathLike[str], *, variants: Sequence[str] | None = None,
     drawn = _draw(chosen, count, seed, supports)
     records = []
     for index, case in enumerate(drawn):
-        arrays = _reference_arrays(case, dtype)
+        arrays, deviations = _reference_arrays(case, dtype)
         data = _npz_bytes(arrays)
         file = f"{index:04d}-{case.variant}.npz"
         _write_atomic(directory / file, data)
-        records.append(_case_record(index, case, arrays, file, data))
+        records.append(_case_record(index, case, arrays, deviations, file, data))
         if progress is not None:
             progress(index + 1, len(drawn))
     _fsync_directory(directory)
@@ -681,15 +670,24 @@ def _array_problems(record: dict[str, Any], where: str, dtype: str) -> list[str]
                 f"from its inputs and gradients"]
     problems = []
     for name, entry in arrays.items():
-        if not (isinstance(entry, dict) and sorted(entry) == ["dtype", "shape"]
+        result = name == OUTPUT or name.startswith(GRADIENT_PREFIX)
+        fields = ["dtype", "float32_deviation", "shape"] if result else ["dtype", "shape"]
+        if not (isinstance(entry, dict) and sorted(entry) == fields
                 and isinstance(entry["shape"], list)
-                and all(_is_count(n) for n in entry["shape"])):
+                and all(_is_count(n) for n in entry["shape"])
+                and (not result or _is_deviation(entry["float32_deviation"]))):
             problems.append(f"{MANIFEST}: {where} array {name!r} is {entry!r}, expected "
-                            f"{{'dtype': ..., 'shape': [non-negative ints]}}")
+                            f"{{'dtype': ..., 'shape': [non-negative ints]"
+                            f"{', float32_deviation: number >= 0' if result else ''}}}")
         elif entry["dtype"] != dtype:
             problems.append(f"{MANIFEST}: {where} array {name!r} has dtype {entry['dtype']!r}, "
                             f"but the set's dtype is {dtype!r}")
     return problems
+
+
+def _is_deviation(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
 
 
 def _listing_problems(directory: Path, manifest: Mapping[str, Any]) -> list[str]:
@@ -782,7 +780,10 @@ def _read_case(directory: Path, record: Mapping[str, Any]) -> GoldenCase:
     case = Case(record["variant"], inputs, _from_json(record["options"]),
                 tuple(record["lengths"]), None, record["seed"])
     gradients = {name: arrays[GRADIENT_PREFIX + name] for name in record["gradients"]}
-    return GoldenCase(record["index"], file, case, arrays[COTANGENT], arrays[OUTPUT], gradients)
+    deviations = {name: float(entry["float32_deviation"])
+                  for name, entry in record["arrays"].items() if "float32_deviation" in entry}
+    return GoldenCase(record["index"], file, case, arrays[COTANGENT], arrays[OUTPUT], gradients,
+                      deviations)
 
 
 def iter_cases(directory: str | os.PathLike[str]) -> Iterator[GoldenCase]:
@@ -841,57 +842,96 @@ def _coarser(a: str, b: str) -> str:
     return a if np.finfo(a).eps >= np.finfo(b).eps else b
 
 
-def _dtype_of(value: Any) -> np.dtype:
-    return np.asarray(to_numpy(value) if array_api_compat.is_array_api_obj(value)
-                      else value).dtype
+def _raised(what: str, error: BaseException) -> Mismatch:
+    return Mismatch(what, " ".join(f"raised {type(error).__name__}: {error}".split()))
 
 
-def _compare_one(what: str, actual: Any, expected: np.ndarray, length: int,
-                 require_dtype: bool, ratios: list[float]) -> tuple[Mismatch | None, float]:
-    """The checker's elementwise comparison of one array; also the rtol it used."""
-    set_dtype = expected.dtype.name
+def _as_numpy(value: Any) -> np.ndarray:
+    return np.asarray(to_numpy(value) if array_api_compat.is_array_api_obj(value) else value)
+
+
+def _compare_one(what: str, actual: Any, stored: np.ndarray, length: int, deviation: float,
+                 require_dtype: bool) -> tuple[Mismatch | None, float, float]:
+    """``(mismatch or None, rtol, worst ratio)`` of one computed array against a stored one,
+    by the rule of :func:`compare_case`."""
     try:
-        dtype = _dtype_of(actual)
+        actual = _as_numpy(actual)
     except Exception as error:  # not an array NumPy can read
-        return _raised(what, error), math.nan
-    if not np.issubdtype(dtype, np.floating) or (require_dtype and dtype != expected.dtype):
-        return Mismatch(what, f"has dtype {dtype}, expected {expected.dtype}"), math.nan
-    rtol = default_tolerances(_coarser(set_dtype, dtype.name), reduction_length=length)[0]
-    mismatch = _compare(what, actual, expected.astype(np.float64), rtol, ratios)
-    if mismatch is not None and mismatch.index is not None:
-        ratios.append(abs(mismatch.actual - mismatch.reference) / mismatch.tolerance
-                      if mismatch.tolerance > 0 else math.inf)
-    return mismatch, rtol
+        return _raised(what, error), math.nan, math.nan
+    if not np.issubdtype(actual.dtype, np.floating) or (require_dtype
+                                                        and actual.dtype != stored.dtype):
+        return Mismatch(what, f"has dtype {actual.dtype}, expected {stored.dtype}"), math.nan, \
+            math.nan
+    if actual.shape != stored.shape:
+        return Mismatch(what, f"has shape {actual.shape}, expected {stored.shape}"), math.nan, \
+            math.nan
+    dtype = _coarser(stored.dtype.name, actual.dtype.name)
+    rtol = default_tolerances(dtype, reduction_length=length)[0]
+    if stored.size == 0:
+        return None, rtol, 0.0
+    reference = stored.astype(np.float64)
+    measured = ROUNDING_SAFETY * np.finfo(dtype).eps / np.finfo(np.float32).eps * deviation
+    atol = max(rtol * float(np.max(np.abs(reference))), measured)
+    bound = atol + rtol * np.abs(reference)
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.abs(actual.astype(np.float64) - reference)
+    error = np.where(np.isnan(error), np.inf, error)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(error == 0, 0.0, error / bound)
+    worst = np.unravel_index(int(np.argmax(ratios)), ratios.shape)
+    ratio = float(ratios[worst])
+    if ratio <= 1:
+        return None, rtol, ratio
+    index = tuple(int(i) for i in worst)
+    bad = int(np.count_nonzero(ratios > 1))
+    return (Mismatch(what, "values differ", index, float(actual[worst]), float(reference[worst]),
+                     float(bound[worst]), bad, int(stored.size), rtol, atol), rtol, ratio)
 
 
 def compare_case(golden: GoldenCase, output: Any, gradients: Mapping[str, Any] | None, *,
                  require_dtype: bool = True) -> CaseResult:
     """Compare a computed ``output`` (and ``gradients``, unless None) with a golden case.
 
-    Every element must satisfy :math:`|a - r| \\le \\mathrm{rtol}\\,(|r| + \\max|r|)`,
-    the rule of :func:`condconv_ref.testing.check_implementation`, with
-    ``rtol = 16 eps sqrt(L)`` for the coarser of the stored dtype and the
-    computed one, and ``L`` the case's longest sum in the forward (output) or
-    the VJP (gradients).  With ``require_dtype`` a computed array must have the
-    stored dtype.
+    Every element must satisfy :math:`|a - r| \\le \\mathrm{atol} + \\mathrm{rtol}\\,|r|`
+    with :math:`r` the stored value,
+
+    - ``rtol = 16 eps sqrt(L)``, ``eps`` of the coarser of the stored dtype and
+      the computed one, ``L`` the case's longest sum in the forward (output)
+      or the VJP (gradients);
+    - ``atol = max(rtol max|r|, 64 (eps / eps_32) d)``, ``d`` the array's
+      stored ``float32_deviation``: the rounding error a computation in
+      ``eps``'s precision may carry where the result cancels (a gradient
+      summed from terms much larger than itself), measured on the reference
+      itself; the same rule as :func:`condconv_ref.testing.check_implementation`.
+
+    With ``require_dtype`` a computed array must have the stored dtype.
     """
-    pairs = [("output", output, golden.output, golden.case.lengths[0])]
+    pairs = [("output", output, golden.output, golden.case.lengths[0],
+              golden.deviations[OUTPUT])]
     mismatches: list[Mismatch] = []
     if gradients is not None:
         if sorted(gradients) != sorted(golden.gradients):
             mismatches.append(Mismatch("vjp", f"returned gradients for {sorted(gradients)}, "
                                               f"expected {sorted(golden.gradients)}"))
-        pairs += [(f"gradient {name!r}", gradients[name], expected, golden.case.lengths[1])
+        pairs += [(f"gradient {name!r}", gradients[name], expected, golden.case.lengths[1],
+                   golden.deviations[GRADIENT_PREFIX + name])
                   for name, expected in golden.gradients.items() if name in gradients]
-    ratios: list[float] = []
-    rtols = []
-    for what, actual, expected, length in pairs:
-        mismatch, rtol = _compare_one(what, actual, expected, length, require_dtype, ratios)
+    ratios, rtols = [], []
+    for what, actual, expected, length, deviation in pairs:
+        mismatch, rtol, ratio = _compare_one(what, actual, expected, length, deviation,
+                                             require_dtype)
         rtols.append(rtol)
+        ratios.append(ratio)
         if mismatch is not None:
             mismatches.append(mismatch)
-    return CaseResult(golden.index, golden.file, golden.variant, max(ratios, default=0.0),
-                      max(rtols), tuple(mismatches))
+    return CaseResult(golden.index, golden.file, golden.variant, _largest(ratios),
+                      _largest(rtols), tuple(mismatches))
+
+
+def _largest(values: list[float]) -> float:
+    """The largest value that is not NaN; NaN when there is none."""
+    known = [value for value in values if not math.isnan(value)]
+    return max(known) if known else math.nan
 
 
 def _reference_result(golden: GoldenCase, backend: Backend, dtype: str) -> CaseResult:

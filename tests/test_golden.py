@@ -16,6 +16,7 @@ import pytest
 
 from condconv_ref import golden
 from condconv_ref.cli import main
+from condconv_ref.testing.checker import load_implementation
 from condconv_ref.variants import VARIANTS, reference_forward, reference_vjp
 
 SMALL_VARIANTS = ["condconv", "cond_linear_layer"]
@@ -581,17 +582,19 @@ class Layer:
 
 
 def correct():
-    return Layer(torch.sigmoid)
+    layer = Layer(torch.sigmoid)
+    return layer.forward, layer.vjp
 
 
 def softmax_routing():
-    return Layer(lambda logits: torch.softmax(logits, dim=1))
+    layer = Layer(lambda logits: torch.softmax(logits, dim=1))
+    return layer.forward, layer.vjp
 
 
 def raising():
     def forward(case):
         raise RuntimeError("not implemented yet")
-    return forward, None
+    return forward
 '''
 
 
@@ -605,7 +608,7 @@ def implementation_file(tmp_path):
 
 def test_against_passes_an_independent_torch_implementation(written, implementation_file,
                                                               capsys):
-    against = golden.load_implementation(f"{implementation_file}:correct")
+    against = load_implementation(f"{implementation_file}:correct")
     report = golden.verify(written, against=against, variants=["cond_linear_layer"])
     assert report.passed and len(report.results) == 2
     assert report.compared == "implementation, forward and VJP"
@@ -618,7 +621,7 @@ def test_against_fails_a_broken_implementation_naming_file_and_array(written,
                                                                       implementation_file,
                                                                       capsys):
     spec = f"{implementation_file}:softmax_routing"
-    report = golden.verify(written, against=golden.load_implementation(spec),
+    report = golden.verify(written, against=load_implementation(spec),
                            variants=["cond_linear_layer"])
     assert len(report.failures) == 2
     assert report.failures[0].mismatches[0].what == "output"
@@ -632,15 +635,15 @@ def test_against_fails_a_broken_implementation_naming_file_and_array(written,
 
 def test_against_an_implementation_that_raises_fails_its_cases(written, implementation_file):
     spec = f"{implementation_file}:raising"
-    report = golden.verify(written, against=golden.load_implementation(spec))
+    report = golden.verify(written, against=load_implementation(spec))
     assert len(report.failures) == 4
     assert all("raised RuntimeError: not implemented yet" in str(r.mismatches[0])
                for r in report.failures)
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("missing.py:correct", "no file missing.py"),
-    ("{file}", "expected FILE.py:FACTORY"),
+    ("missing.py:correct", "no such file 'missing.py'"),
+    ("{file}", "expected path/to/file.py:factory"),
     ("{file}:absent", "has no callable 'absent'"),
 ])
 def test_against_bad_spec_is_one_line_exit_2(written, implementation_file, spec, message,
