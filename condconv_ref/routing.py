@@ -9,10 +9,19 @@ experts at a temperature.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from condconv_ref._validate import check_finite_positive, check_ndim, check_shape, namespace
+from condconv_ref._validate import (
+    check_finite_positive,
+    check_ndim,
+    check_nonempty,
+    check_shape,
+    namespace,
+    public_op,
+)
+from condconv_ref.memory import check_memory
 
 __all__ = [
     "global_average_pool",
@@ -69,7 +78,18 @@ def _prepare(fn: str, x: Any, weight: Any, bias: Any, cotangent: Any = None) -> 
         check_shape(fn, "bias", bias, (experts,), "(E,)")
     if cotangent is not None:
         check_shape(fn, "cotangent", cotangent, (x.shape[0], experts), "(B, E), the output shape")
+    check_nonempty(fn, x=x, weight=weight, bias=bias)
+    check_memory(fn, x, _working_memory(x, experts, vjp=cotangent is not None))
     return xp
+
+
+def _working_memory(x: Any, experts: int, *, vjp: bool) -> dict[str, int]:
+    """Elements of the largest arrays a routing function allocates: x's gradient is x-sized."""
+    batch, channels = x.shape[:2]
+    parts = {"pooled input": batch * channels, "routing": batch * experts}
+    if vjp:
+        parts["x gradient"] = math.prod(x.shape)
+    return parts
 
 
 def _logits(x: Any, weight: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any]:
@@ -80,6 +100,7 @@ def _logits(x: Any, weight: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any
     return pooled, logits
 
 
+@public_op
 def route_sigmoid(x: Any, weight: Any, bias: Any = None) -> Any:
     r"""CondConv routing weights :math:`\alpha = \sigma(\bar x R^\top + r)`.
 
@@ -126,6 +147,7 @@ def route_sigmoid(x: Any, weight: Any, bias: Any = None) -> Any:
     return stable_sigmoid(logits, xp=xp)[0]
 
 
+@public_op
 def route_sigmoid_vjp(cotangent: Any, x: Any, weight: Any, bias: Any = None) -> dict[str, Any]:
     r"""Vector-Jacobian product of :func:`route_sigmoid`.
 
@@ -238,7 +260,12 @@ def _softmax_prepare(fn: str, x: Any, fc1_weight: Any, fc2_weight: Any, fc1_bias
         check_shape(fn, "fc2_bias", fc2_bias, (experts,), "(E,)")
     if cotangent is not None:
         check_shape(fn, "cotangent", cotangent, (x.shape[0], experts), "(B, E), the output shape")
-    return xp, check_finite_positive(fn, "temperature", temperature)
+    temperature = check_finite_positive(fn, "temperature", temperature)
+    check_nonempty(fn, x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, fc1_bias=fc1_bias,
+                   fc2_bias=fc2_bias)
+    check_memory(fn, x, {**_working_memory(x, experts, vjp=cotangent is not None),
+                         "hidden layer": x.shape[0] * hidden})
+    return xp, temperature
 
 
 def _route_softmax(x: Any, fc1_weight: Any, fc2_weight: Any, fc1_bias: Any, fc2_bias: Any,
@@ -269,6 +296,7 @@ def _route_softmax_vjp(cotangent: Any, x_shape: tuple[int, ...], fc1_weight: Any
     return grads
 
 
+@public_op
 def route_softmax(x: Any, fc1_weight: Any, fc2_weight: Any, fc1_bias: Any = None,
                   fc2_bias: Any = None, *, temperature: float = 1.0) -> Any:
     r"""Dynamic Convolution routing: a softmax over the experts at temperature :math:`T`.
@@ -350,6 +378,7 @@ def route_softmax(x: Any, fc1_weight: Any, fc2_weight: Any, fc1_bias: Any = None
                           xp=xp).routing
 
 
+@public_op
 def route_softmax_vjp(cotangent: Any, x: Any, fc1_weight: Any, fc2_weight: Any,
                       fc1_bias: Any = None, fc2_bias: Any = None, *,
                       temperature: float = 1.0) -> dict[str, Any]:

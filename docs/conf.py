@@ -1,7 +1,12 @@
 """Sphinx configuration of the condconv_ref documentation.
 
-Build:   sphinx-build -W -b html    -d docs/_build/doctrees docs docs/_build/html
-Doctest: sphinx-build -W -b doctest -d docs/_build/doctrees docs docs/_build/doctest
+Build:     sphinx-build -W -b html docs docs/_build/html
+Examples:  python -m pytest tests/test_docs.py   (the pages' >>> examples, scripts, figures)
+
+The ``>>>`` examples of the pages under docs/ run in the ordinary test suite
+(``tests/test_docs.py``), and those of the docstrings under
+``pytest --doctest-modules``; the docstring examples rely on their module's
+globals, which Sphinx's doctest builder does not provide, so it is not used.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
-    "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "numpydoc",
@@ -61,12 +65,9 @@ myst_heading_anchors = 3
 # choice of theirs, not a broken build.
 suppress_warnings = ["myst.header"]
 
-# -- doctest ------------------------------------------------------------------
-doctest_global_setup = "import numpy as np"
-doctest_test_doctest_blocks = "default"
-
 # -- figures ------------------------------------------------------------------
 plot_basedir = str(HERE / "_scripts")
+plot_working_directory = str(HERE / "_scripts")
 plot_include_source = False
 plot_html_show_source_link = True
 plot_html_show_formats = False

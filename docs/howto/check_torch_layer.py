@@ -8,8 +8,9 @@ script checks three versions of it: ``bug="padding"`` as written,
 ``bug="detached"`` with the padding fixed but the routing detached from the
 autograd graph (a right forward pass, a wrong gradient), and ``bug=None``.
 
-    python docs/howto/check_torch_layer.py            # print both reports
+    python docs/howto/check_torch_layer.py            # print the three reports
     python docs/howto/check_torch_layer.py --write    # refresh check_torch_layer.out.txt
+    condconv-ref check docs/howto/check_torch_layer.py:seed_layer --variant condconv_layer
 
 The committed ``check_torch_layer.out.txt`` is this script's output;
 ``tests/test_docs.py`` reruns the script (when torch is installed) and checks
@@ -88,6 +89,16 @@ def implementation(bug):
         # What the layer supports: 2-D, one int of padding, every mode, and always
         # both biases (the layer has no switch to turn them off).
         supports=Supports(spatial_dims=(2,), padding_forms=("int",), bias=(True,)))
+
+
+def seed_layer():
+    """The layer as published, for ``condconv-ref check FILE.py:seed_layer``."""
+    return implementation("padding")
+
+
+def fixed_layer():
+    """The layer with its padding fixed, for ``condconv-ref check FILE.py:fixed_layer``."""
+    return implementation(None)
 
 
 def reports() -> str:
