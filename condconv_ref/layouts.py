@@ -3,9 +3,9 @@ r"""Converters between the reference's layouts and the storage public implementa
 The reference stores experts as (E, O, C/groups, \*k) and takes inputs
 channels-first, (B, C, \*spatial).  Public code stores them differently:
 
-=============================  ==========================  =====================================
+============================== ==========================  =====================================
 storage                        shape                       converters
-=============================  ==========================  =====================================
+============================== ==========================  =====================================
 PyTorch flattened OIHW         (E, O·C/g·\*k)              :func:`to_torch_flat_experts`,
 (timm ``CondConv2d``, the                                  :func:`from_torch_flat_experts`
 grouped-conv batch trick)
@@ -15,7 +15,7 @@ TensorFlow flattened depthwise (E, \*k·C·m)                :func:`to_tf_flat_d
 (``DepthwiseCondConv2D``)                                  :func:`from_tf_flat_depthwise_experts`
 channels-last inputs/outputs   (B, \*spatial, C)           :func:`to_channels_last`,
                                                            :func:`to_channels_first`
-=============================  ==========================  =====================================
+============================== ==========================  =====================================
 
 Each ``from_*`` is the inverse of its ``to_*``.  Flattened storage loses the
 kernel's shape, so the ``from_*`` converters take ``kernel_shape``, the shape of
@@ -59,16 +59,16 @@ __all__ = [
 ]
 
 
-def _experts(fn: str, experts: Any, layout: str) -> Any:
+def _experts(fn: str, experts: Any, layout: str, ndims: tuple[int, ...] = (4, 5, 6)) -> Any:
     xp = namespace(fn, experts=experts)
-    check_ndim(fn, "experts", experts, (4, 5, 6), layout)
+    check_ndim(fn, "experts", experts, ndims, layout)
     return xp
 
 
-def _kernel_shape(fn: str, kernel_shape: Sequence[int]) -> tuple[int, ...]:
+def _kernel_shape(fn: str, kernel_shape: Sequence[int], least: int = 3) -> tuple[int, ...]:
     shape = tuple(kernel_shape)
-    if not 3 <= len(shape) <= 5:
-        raise ValueError(f"{fn}: kernel_shape must have 3 to 5 entries (O, C/groups, *k), "
+    if not least <= len(shape) <= 5:
+        raise ValueError(f"{fn}: kernel_shape must have {least} to 5 entries (O, C/groups, *k), "
                          f"got {shape!r}")
     return tuple(check_positive_int(fn, "kernel_shape", n) for n in shape)
 
@@ -89,7 +89,8 @@ def to_torch_flat_experts(experts: Any) -> Any:
     Row ``e`` is expert ``e``'s kernel in C order, so
     ``flat[e].reshape(O, C/g, *k)`` is that kernel: the layout of timm's
     ``CondConv2d`` and of the grouped-conv batch trick, where
-    ``routing @ flat`` is viewed as (B·O, C/g, \*k).
+    ``routing @ flat`` is viewed as (B·O, C/g, \*k).  Linear experts
+    (E, F_out, F_in) flatten the same way, to (E, F_out·F_in).
 
     Examples
     --------
@@ -99,7 +100,7 @@ def to_torch_flat_experts(experts: Any) -> Any:
     array([12., 13., 14., 15., 16.])
     """
     fn = "to_torch_flat_experts"
-    xp = _experts(fn, experts, "(E, O, C/groups, *k)")
+    xp = _experts(fn, experts, "(E, O, C/groups, *k) or (E, F_out, F_in)", (3, 4, 5, 6))
     return xp.reshape(experts, (experts.shape[0], math.prod(experts.shape[1:])))
 
 
@@ -110,7 +111,8 @@ def from_torch_flat_experts(flat: Any, kernel_shape: Sequence[int]) -> Any:
     ----------
     flat : array, shape (E, O·C/g·\*k)
     kernel_shape : sequence of int
-        One expert's shape in the reference's layout, (O, C/g, \*k).
+        One expert's shape in the reference's layout, (O, C/g, \*k), or
+        (F_out, F_in) for linear experts.
 
     Examples
     --------
@@ -120,7 +122,7 @@ def from_torch_flat_experts(flat: Any, kernel_shape: Sequence[int]) -> Any:
     True
     """
     fn = "from_torch_flat_experts"
-    shape = _kernel_shape(fn, kernel_shape)
+    shape = _kernel_shape(fn, kernel_shape, least=2)
     xp = _flat(fn, flat, math.prod(shape), f"(E, O·C/g·*k) for kernel_shape {shape}")
     return xp.reshape(flat, (flat.shape[0],) + shape)
 

@@ -365,7 +365,8 @@ def equivalence_check(op: str, kind: str, f: Callable[..., Any], g: Callable[...
 
 
 def vjp_equivalence_check(op: str, kind: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
-                          g_vjp: Callable[..., Any], inputs: Callable[[Case], VariantCase]) -> Check:
+                          g_vjp: Callable[..., Any],
+                          inputs: Callable[[Case], VariantCase]) -> Check:
     """A check that the VJPs ``f_vjp`` and ``g_vjp`` of ``f`` agree at a random cotangent."""
 
     def run(case: Case) -> Measurement:
@@ -403,7 +404,8 @@ def gradient_check(op: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
     def run(case: Case) -> Measurement:
         given = inputs(case)
         xp = case.backend.xp
-        point = {name: xp.astype(a, xp.float64) for name, a in given.arrays_on(case.backend, case.dtype).items()}
+        point = {name: xp.astype(a, xp.float64)
+                 for name, a in given.arrays_on(case.backend, case.dtype).items()}
         forward, backward = bind(f, given), _in_dtype(bind(f_vjp, given, vjp=True), case)
         cotangent = xp.astype(_cotangent(case, forward(**point)), xp.float64)
         tol = FD_RTOL

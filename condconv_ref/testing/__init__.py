@@ -1,4 +1,9 @@
-"""Test helpers for CondConv-style ops: closeness assertions, VJP checks, hypothesis strategies."""
+"""Test helpers for CondConv-style ops: closeness assertions, VJP checks, hypothesis strategies,
+and :func:`check_implementation`, which checks anyone's implementation against the reference.
+
+``condconv_ref.testing.torch_adapter`` (not imported here: it needs torch) turns a PyTorch
+module into the callables the checker takes.
+"""
 
 from condconv_ref.testing._numerics import (
     VJPCheck,

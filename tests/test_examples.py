@@ -1,0 +1,111 @@
+"""The examples run, pass their own checks, and work through ``condconv-ref check``."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from condconv_ref.cli import main
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected a one-line error, got:\n{err}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("script, reports", [("condconv_torch.py", 2),
+                                             ("dynamic_conv_torch.py", 1)])
+def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypatch, capsys):
+    """Each script runs as ``python examples/<script> --examples 8`` would (in-process)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(sys, "argv", [script, "--examples", "8"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exited.value.code == 0, out
+    assert len(re.findall(r"\(forward and VJP, float64, seed 0\): PASSED after 8 examples",
+                          out)) == reports
+
+
+@pytest.mark.parametrize("target, variant", [
+    ("condconv_torch.py:factory", "condconv_layer"),
+    ("condconv_torch.py:loop_factory", "condconv_layer"),
+    ("dynamic_conv_torch.py:factory", "dynamic_conv_layer"),
+])
+def test_check_command_passes_the_examples(target, variant, capsys):
+    assert main(["check", str(EXAMPLES / target), "--variant", variant, "--examples", "8",
+                 "--dtype", "float32", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{variant} (forward and VJP, float32, seed 3): PASSED after 8 examples" in out
+
+
+BROKEN = textwrap.dedent('''
+    import torch.nn.functional as F
+    from condconv_torch import CondConv2d, build, PARAMETERS, SUPPORTS
+    from condconv_ref.testing.torch_adapter import torch_implementation
+
+    class SeedCondConv2d(CondConv2d):
+        def convolve(self, x, weight, bias, groups):  # seed 000: padding ignored for zeros
+            if self.padding_mode == "zeros":
+                return F.conv2d(x, weight, bias, stride=self.stride, padding="valid",
+                                dilation=self.dilation, groups=groups)
+            return super().convolve(x, weight, bias, groups)
+
+    def factory():
+        return torch_implementation(build(SeedCondConv2d), PARAMETERS, supports=SUPPORTS)
+
+    def pair():
+        implementation = factory()
+        return implementation.forward, implementation.vjp
+''')
+
+
+def test_check_command_reports_a_minimal_case_and_exits_1(tmp_path, capsys):
+    path = tmp_path / "seed_layer.py"
+    path.write_text(BROKEN)
+    sys.path.insert(0, str(EXAMPLES))  # where the broken layer imports its parent from
+    try:
+        status = main(["check", f"{path}:factory", "--variant", "condconv_layer",
+                       "--examples", "30"])
+        forward_only = main(["check", f"{path}:pair", "--variant", "condconv_layer",
+                             "--examples", "30", "--forward-only"])
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    out = capsys.readouterr().out
+    assert status == 1 and forward_only == 1
+    assert "condconv_layer (forward and VJP, float64, seed 0): FAILED" in out
+    assert "condconv_layer (forward, float64, seed 0): FAILED" in out
+    assert "minimal failing case:" in out
+    assert "padding_mode='zeros'" in out
+    assert re.search(r"output: has shape \(1, \d+, \d+, \d+\), expected", out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "examples/condconv_torch.py", "--variant", "condconv"],
+     "expected path/to/file.py:factory"),
+    (["check", "no/such/file.py:factory", "--variant", "condconv"], "no such file"),
+    (["check", f"{EXAMPLES / 'condconv_torch.py'}:nothing", "--variant", "condconv"],
+     "has no callable 'nothing'"),
+    (["check", f"{EXAMPLES / 'condconv_torch.py'}:build", "--variant", "condconv"],
+     "build() raised TypeError"),
+    (["check", "x.py:f", "--variant", "condconv2d"], "--variant"),
+    (["check", "x.py:f", "--variant", "condconv", "--examples", "0"], "--examples"),
+    (["check", "x.py:f"], "--variant"),
+])
+def test_check_command_usage_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err)
+    assert "error:" in line and message in line
+    assert captured.out == ""
