@@ -388,7 +388,7 @@ def _linear_arrays(config: ConvConfig, seed: int, *, layer: bool) -> Any:
     x = rng.standard_normal((batch, in_features))
     experts = rng.standard_normal((n_experts, out_features, in_features)) / math.sqrt(in_features)
     routing = rng.uniform(size=(batch, n_experts))
-    route_weight = rng.standard_normal((n_experts, in_features))
+    route_weight = rng.standard_normal((n_experts, in_features)) / math.sqrt(in_features)
     bias = rng.standard_normal((n_experts, out_features)) if config.bias else None
     route_bias = rng.standard_normal(n_experts) if config.bias else None
     lengths = (n_experts * in_features,

@@ -229,7 +229,10 @@ def arrays_for(config: ConvConfig, *, xp: Any, device: Any = None, dtype: Any = 
     x = put(rng.standard_normal(config.x_shape))
     experts = put(rng.standard_normal(config.experts_shape) / math.sqrt(fan_in))
     routing = put(rng.uniform(size=(config.batch, config.n_experts)))
-    route_weight = put(rng.standard_normal((config.n_experts, config.in_channels)))
+    # Scaled like a fan-in initialisation, so routing logits stay O(1) and the
+    # sigmoid does not saturate as the channel count grows.
+    route_weight = put(rng.standard_normal((config.n_experts, config.in_channels))
+                       / math.sqrt(config.in_channels))
     bias = route_bias = None
     if config.bias:
         bias = put(rng.standard_normal((config.n_experts, config.out_channels)))
