@@ -19,11 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from condconv_ref import __version__, golden, verify
+from condconv_ref import __version__, golden, gpu, verify
 from condconv_ref.backends import BACKEND_NAMES, BackendUnavailable, get_backend
+from condconv_ref.testing import checker
 from condconv_ref.variants import VARIANTS
 
-__all__ = ["SUBCOMMANDS", "USER_ERRORS", "add_golden", "add_verify", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "USER_ERRORS", "add_check", "add_golden", "add_gpu_check", "add_verify",
+           "build_parser", "main"]
 
 USER_ERRORS = (BackendUnavailable, OSError, TypeError, ValueError)
 """Exceptions a handler may raise for bad input: reported in one line, exit status 2."""
@@ -86,9 +88,7 @@ def _verify(args: argparse.Namespace) -> int:
 
         rows = verify.run(backend=backend, cases=args.cases, seed=args.seed, dtype=args.dtype,
                           progress=advance)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 140))
+    console = _wide_console()
     console.print(_table(rows, args))
     _print_notes(console, rows)
     return 1 if any(row.status == "FAIL" for row in rows) else 0
@@ -178,7 +178,7 @@ def add_golden(subcommands: argparse._SubParsersAction) -> None:
                        help="a golden directory (default: the set shipped in the package)")
     check.add_argument("--against", metavar="FILE.py:FACTORY",
                        help="check an implementation instead of the reference: FACTORY() in "
-                            "FILE.py returns its forward (and vjp) callables")
+                            "FILE.py returns it, as for condconv-ref check")
     check.add_argument("--variant", action="append", dest="variants", metavar="V",
                        choices=list(VARIANTS),
                        help="recompute only this variant's cases; repeat for several "
@@ -187,6 +187,12 @@ def add_golden(subcommands: argparse._SubParsersAction) -> None:
                        help="where the reference recomputes the cases: "
                             f"{', '.join(BACKEND_NAMES)} (default: %(default)s)")
     check.set_defaults(handler=_golden_verify)
+
+
+def _wide_console() -> Console:
+    """A stdout console; at least 140 columns wide when not a terminal, so tables do not wrap."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 140))
 
 
 def _progress_bar() -> Progress:
@@ -208,7 +214,7 @@ def _golden_write(args: argparse.Namespace) -> int:
 
 
 def _golden_verify(args: argparse.Namespace) -> int:
-    against = golden.load_implementation(args.against) if args.against else None
+    against = checker.load_implementation(args.against) if args.against else None
     try:
         with _progress_bar() as bar:
             task = bar.add_task("recomputing cases", total=None)
@@ -223,9 +229,7 @@ def _golden_verify(args: argparse.Namespace) -> int:
               f"({count} problem{'s' if count > 1 else ''}); nothing was recomputed",
               file=sys.stderr)
         return 1
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 140))
+    console = _wide_console()
     console.print(_golden_table(report))
     for result in report.failures:
         for mismatch in result.mismatches:
@@ -243,8 +247,10 @@ def _golden_table(report: golden.Report) -> Table:
     table = Table(
         title=f"condconv-ref golden verify: {report.directory}, {report.dtype}, "
               f"{report.compared}",
-        caption="Every element must satisfy |actual - stored| <= rtol (|stored| + max|stored|), "
-                "rtol = 16 eps sqrt(longest sum); error/tol is the largest ratio (< 1 passes).")
+        caption="Every element must satisfy |actual - stored| <= atol + rtol |stored|, rtol = "
+                "16 eps sqrt(longest sum), atol = max(rtol max|stored|, 64 eps/eps32 "
+                "float32_deviation) (docs/golden-format.md); error/tol is the largest ratio "
+                "(< 1 passes).")
     for header, justify in (("variant", "left"), ("cases", "right"), ("failed", "right"),
                             ("worst error/tol", "right"), ("rtol", "right"),
                             ("result", "center")):
@@ -263,9 +269,164 @@ def _golden_table(report: golden.Report) -> Table:
     return table
 
 
+# ---------------------------------------------------------------- check
+
+
+def add_check(subcommands: argparse._SubParsersAction) -> None:
+    """``condconv-ref check``: a user's implementation against the reference
+    (:func:`condconv_ref.testing.check_implementation`)."""
+    parser = subcommands.add_parser(
+        "check", help="check your implementation of a variant against the reference",
+        description="Import FILE, call FACTORY() and check what it returns against the "
+                    "reference on random cases, shrinking a failure to a minimal case. FACTORY "
+                    "takes no arguments and returns a condconv_ref.testing.Implementation "
+                    "(forward, optional vjp and supports), a forward(case) -> y callable, or a "
+                    "(forward, vjp) pair; see condconv_ref.testing.checker. Exit status 0 if it "
+                    "passes, 1 if it fails.")
+    parser.add_argument("target", metavar="FILE.py:FACTORY",
+                        help="the file defining the factory, and the factory's name")
+    parser.add_argument("--variant", required=True, choices=sorted(VARIANTS), metavar="VARIANT",
+                        help="the variant implemented: condconv, condconv_layer, "
+                             "depthwise_condconv_layer, cond_linear_layer, dynamic_conv_layer "
+                             "(or a raw op of condconv_ref.variants)")
+    parser.add_argument("--examples", type=_int_at_least(1), default=100, metavar="N",
+                        help="random cases before declaring a pass (default: %(default)s)")
+    parser.add_argument("--dtype", choices=checker.DTYPES, default="float64",
+                        help="dtype of the arrays given to the implementation; the reference is "
+                             "float64 (default: %(default)s)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+                        help="seed of the cases (default: %(default)s)")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="do not check the factory's vjp")
+    parser.set_defaults(handler=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    implementation = checker.load_implementation(args.target)
+    if args.forward_only:
+        implementation = checker.Implementation(implementation.forward,
+                                                supports=implementation.supports)
+    report = checker.check_implementation(implementation, variant=args.variant, dtype=args.dtype,
+                                          max_examples=args.examples, seed=args.seed,
+                                          raise_on_failure=False)
+    print(report)
+    return 0 if report.passed else 1
+
+
+# ---------------------------------------------------------------- gpu-check
+
+
+def add_gpu_check(subcommands: argparse._SubParsersAction) -> None:
+    """``condconv-ref gpu-check``: the reference on a GPU against float64 NumPy
+    (:func:`condconv_ref.gpu.check`)."""
+    parser = subcommands.add_parser(
+        "gpu-check", help="run the reference on CuPy and report how far GPU arithmetic drifts",
+        description="For every op and its VJP over N random cases, run the reference on CuPy in "
+                    "each dtype and compare with the float64 NumPy reference; check that two "
+                    "identical GPU runs match bit for bit, measure the error TF32 adds (in a "
+                    "CUPY_TF32=1 subprocess) and, with torch and CUDA, torch's float32 conv2d. "
+                    "See docs/gpu.md. Exit status 1 if any check fails, 2 without CuPy or a GPU.")
+    parser.add_argument("--cases", type=_int_at_least(1), default=gpu.DEFAULT_CASES,
+                        metavar="N", help="random cases per op (default: %(default)s)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+                        help="seed of the cases; the same seed reruns them (default: %(default)s)")
+    parser.add_argument("--dtype", action="append", dest="dtypes", choices=gpu.DTYPES,
+                        help="a dtype to run in; repeat for several (default: all)")
+    parser.add_argument("--variant", action="append", dest="variants", metavar="V",
+                        choices=list(VARIANTS),
+                        help="an op to check; repeat for several (default: every variant)")
+    parser.add_argument("--no-tf32", dest="tf32", action="store_false",
+                        help="skip the CUPY_TF32=1 subprocess")
+    parser.add_argument("--no-determinism", dest="determinism", action="store_false",
+                        help="run each computation once, without the bitwise repeat check")
+    parser.add_argument("--no-torch", dest="torch", action="store_false",
+                        help="skip the comparison of torch's conv2d")
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="cupy",
+                        help="where the reference runs; a CPU backend runs the same checks on "
+                             "the CPU, to test the check itself (default: %(default)s)")
+    parser.set_defaults(handler=_gpu_check)
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    with _progress_bar() as bar:
+        task = bar.add_task("starting", total=None)
+        report = gpu.check(cases=args.cases, seed=args.seed, dtypes=args.dtypes or gpu.DTYPES,
+                           tf32=args.tf32, determinism=args.determinism, torch=args.torch,
+                           backend=args.backend, variants=args.variants,
+                           progress=lambda description, done, total: bar.update(
+                               task, description=description, completed=done, total=total))
+    console = _wide_console()
+    console.print(_gpu_table(report))
+    for name, value in report.environment.items():
+        console.print(f"{name}: {value}", markup=False, highlight=False)
+    if report.tf32_extra():
+        console.print(_tf32_table(report))
+    _print_gpu_notes(console, report)
+    return 0 if report.passed else 1
+
+
+def _gpu_table(report: gpu.GPUReport) -> Table:
+    device = report.environment.get("device")
+    where = f"{report.backend} on {device}" if device else report.backend
+    table = Table(
+        title=f"condconv-ref gpu-check: {where}, {report.cases} cases, seed {report.seed}",
+        caption="Against the float64 NumPy reference at the same (rounded) inputs. eps units = "
+                "max (|a - r| - rho |a|)+ / (eps sqrt(L) (|r| + max|r|)), eps of the precision "
+                "computed in, L the longest sum, rho = 2^-11 for float16's final rounding (else "
+                f"0); a row passes at <= {gpu.TOLERANCE_UNITS:g} units. repeat: a second "
+                "identical run matched bit for bit (docs/gpu.md).")
+    for header, justify in (("op", "left"), ("direction", "left"), ("dtype", "left"),
+                            ("computed in", "left"), ("cases", "right"),
+                            ("max abs err", "right"), ("max rel err", "right"),
+                            ("eps units", "right"), ("repeat", "center"), ("result", "center")):
+        table.add_column(header, justify=justify, no_wrap=header in ("op", "result"))
+    repeat = {None: "-", True: "same", False: "[bold red]DIFFERS[/]"}
+    for row in report.rows:
+        status = row.status
+        table.add_row(row.op, row.direction, row.dtype, row.precision, str(row.cases),
+                      _number(row.max_abs_err), _number(row.max_rel_err), _number(row.eps_units),
+                      repeat[row.repeat_identical], f"[{_STATUS_STYLE[status]}]{status}[/]")
+    return table
+
+
+def _tf32_table(report: gpu.GPUReport) -> Table:
+    table = Table(title="extra error of TF32, in float32 eps units",
+                  caption="factor = TF32 error / float32 error on the same cases")
+    for header in ("op", "direction", "float32", "TF32", "factor"):
+        table.add_column(header, justify="left" if header in ("op", "direction") else "right")
+    for op, direction, plain, tf32 in report.tf32_extra():
+        factor = tf32 / plain if plain else math.inf if tf32 else 1.0
+        table.add_row(op, direction, _number(plain), _number(tf32), _number(factor))
+    return table
+
+
+def _print_gpu_notes(console: Console, report: gpu.GPUReport) -> None:
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    for row in report.rows:
+        if row.status == "SKIP":
+            console.print(f"{row.op} / {row.direction} / {row.dtype} skipped: {row.skipped}",
+                          markup=False, highlight=False)
+        elif row.status == "FAIL":
+            console.print(f"FAIL {row.op} / {row.direction} / {row.dtype} (computed in "
+                          f"{row.precision}): {row.eps_units:.3g} eps units; {row.detail}",
+                          markup=False, highlight=False)
+    if report.nondeterministic:
+        console.print(f"not bitwise repeatable: {', '.join(report.nondeterministic)}",
+                      markup=False, highlight=False)
+    for problem in report.problems:
+        console.print(f"[bold red]problem:[/] {problem}", highlight=False)
+    if report.passed:
+        console.print(f"[green]all {len(report.rows)} rows passed[/]")
+    else:
+        console.print(f"[bold red]{len(report.failures)} of {len(report.rows)} rows failed, "
+                      f"{len(report.problems)} problems[/]")
+
+
 # ---------------------------------------------------------------- the command
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_verify, add_golden]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_verify, add_golden,
+                                                                   add_check, add_gpu_check]
 """One ``add_<name>(subcommands)`` per subcommand, in ``--help`` order."""
 
 
