@@ -153,7 +153,6 @@ SIZES = {"max_batch": 4, "max_groups": 3, "max_channels_per_group": 8, "max_out_
 than the test suite's, so the sums are long enough for GPU rounding to show."""
 
 TORCH_OP = "torch conv2d"
-_COTANGENT_STREAM = 3
 _TF32_CHILD = "--tf32-child"
 
 
@@ -400,11 +399,6 @@ def _round(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a, dtype=dtype).astype(np.float64)
 
 
-def _cotangent(case: Case, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    rng = np.random.default_rng([case.seed, _COTANGENT_STREAM])
-    return _round(rng.standard_normal(shape), dtype)
-
-
 # ---------------------------------------------------------------- measuring one case
 
 Runner = Callable[[Case, np.ndarray], tuple[Any, dict[str, Any]]]
@@ -446,7 +440,7 @@ def _measure_case(case: Case, dtype: str, runner: Runner,
     """Forward and VJP of ``runner`` on ``case`` rounded to ``dtype``, against float64 NumPy."""
     rounded = _rounded(case, dtype)
     output = reference_forward(rounded)
-    cotangent = _cotangent(case, tuple(output.shape), dtype)
+    cotangent = case.cotangent(tuple(output.shape), dtype).astype(np.float64)
     gradients = reference_vjp(rounded, cotangent)
     first = runner(rounded, cotangent)
     second = runner(rounded, cotangent) if repeat else (None, None)

@@ -190,6 +190,12 @@ class Case:
         chosen = _backend(backend)
         return {name: chosen.asarray(to_numpy(a), dtype=dtype) for name, a in self.arrays.items()}
 
+    def cotangent(self, shape: tuple[int, ...], dtype: str = "float64") -> np.ndarray:
+        """The case's fixed cotangent for an output of ``shape``: standard normal draws from
+        the case's own stream, rounded to ``dtype``.  The checker, the golden-vector writer
+        and the GPU check all use it, so one case gets one cotangent everywhere."""
+        return _rng(self.seed, _COTANGENT_STREAM).standard_normal(shape).astype(dtype)
+
     def describe(self) -> str:
         """One line: the variant, every array's shape and the options."""
         shapes = ", ".join(f"{name} {shape}" for name, shape in self.shapes.items())
@@ -301,6 +307,9 @@ def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
 
 def _present(**arrays: Any) -> dict[str, Any]:
     return {name: a for name, a in arrays.items() if a is not None}
+
+
+_COTANGENT_STREAM = 3
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:

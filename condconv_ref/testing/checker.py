@@ -87,7 +87,6 @@ __all__ = [
 
 DTYPES = ("float16", "float32", "float64")
 _ROUNDING_SAFETY = 64.0
-_COTANGENT_STREAM = 3
 
 
 @dataclass(frozen=True)
@@ -271,11 +270,6 @@ def _compare(what: str, actual: Any, reference: np.ndarray, rtol: float, spread:
                     float(bound[index]), int(bad.sum()), int(reference.size), rtol, atol)
 
 
-def _cotangent(case: Case, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    rng = np.random.default_rng([case.seed, _COTANGENT_STREAM])
-    return rng.standard_normal(shape).astype(dtype)
-
-
 @dataclass
 class _Search:
     """One run: its settings, and what it saw (calls, the last failure, passing error ratios)."""
@@ -314,7 +308,7 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
 def _check_vjp(case: Case, vjp: Callable[[Case, Any], Any], shape: tuple[int, ...],
                scale: float, search: _Search) -> list[Mismatch]:
     """Every mismatch of ``vjp`` on ``case`` at the case's cotangent."""
-    cotangent = _cotangent(case, shape, search.dtype)
+    cotangent = case.cotangent(shape, search.dtype)
     expected = {name: _as_float64(g)
                 for name, g in reference_vjp(case, cotangent, search.backend).items()}
     expected32 = reference_vjp(case, cotangent, search.backend, "float32")
