@@ -36,6 +36,12 @@ from condconv_ref.linear import (
     moe_cond_linear,
     moe_cond_linear_vjp,
 )
+from condconv_ref.memory import (
+    MemoryBudgetError,
+    get_memory_budget,
+    memory_budget,
+    set_memory_budget,
+)
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_vjp,
@@ -47,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "MemoryBudgetError",
     "cond_linear",
     "cond_linear_layer",
     "cond_linear_layer_vjp",
@@ -63,6 +70,8 @@ __all__ = [
     "depthwise_condconv_vjp",
     "dynamic_conv_layer",
     "dynamic_conv_layer_vjp",
+    "get_memory_budget",
+    "memory_budget",
     "mix_experts",
     "mix_experts_vjp",
     "moe_cond_linear",
@@ -73,5 +82,6 @@ __all__ = [
     "route_sigmoid_vjp",
     "route_softmax",
     "route_softmax_vjp",
+    "set_memory_budget",
     "temperature_schedule",
 ]

@@ -11,12 +11,14 @@ Nothing in this module imports from the rest of the package.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import array_api_compat
 
@@ -26,10 +28,12 @@ __all__ = [
     "check_finite_positive",
     "check_groups",
     "check_ndim",
+    "check_nonempty",
     "check_positive_int",
     "check_shape",
     "conv_geometry",
     "namespace",
+    "public_op",
     "spatial_tuple",
 ]
 
@@ -74,6 +78,19 @@ def namespace(fn: str, **arrays: Any) -> ModuleType:
                 f"{first_device}; all arrays must be on one device"
             )
     return xp
+
+
+def check_nonempty(fn: str, **arrays: Any) -> None:
+    """Raise ``ValueError`` if any of ``arrays`` (``None`` entries skipped) has a zero-size axis.
+
+    Ops call it after their specific checks (which give better messages for,
+    e.g., ``E = 0``): an empty array would make an empty output or a
+    meaningless one (the mean of no pixels), so it is rejected, never computed.
+    """
+    for name, a in arrays.items():
+        if a is not None and 0 in tuple(a.shape):
+            raise ValueError(f"{fn}: {name} has shape {tuple(a.shape)}, expected every axis to "
+                             "have size >= 1 (no empty arrays)")
 
 
 def check_ndim(fn: str, name: str, a: Any, expected: int | Sequence[int], layout: str) -> None:
@@ -232,7 +249,8 @@ def conv_geometry(
         if padded < span:
             raise ValueError(
                 f"{fn}: padded input size {padded} on spatial dim {axis} is smaller than the "
-                f"dilated kernel extent {span}; the output would be empty"
+                f"dilated kernel extent {span}; the output would be empty (x has size {size}, "
+                f"padding {(before, after)}, dilation {d}, kernel size {k})"
             )
         out.append((padded - span) // s + 1)
     return ConvGeometry(stride_t, dilation_t, pairs, padding_mode, groups_i, tuple(out))
@@ -242,3 +260,79 @@ def kernel_layout(nd: int, prefix: str) -> str:
     """Human-readable layout like ``(E, O, I/groups, kh, kw)`` for messages."""
     letters = ", ".join(SPATIAL_LETTERS.get(nd, tuple(f"k{i}" for i in range(nd))))
     return f"for {nd}-D input ({prefix}, {letters})"
+
+
+# ---------------------------------------------------------------- the public boundary
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _is_array(a: Any) -> bool:
+    return array_api_compat.is_array_api_obj(a) and not isinstance(a, (bool, int, float, complex))
+
+
+def _is_float16(a: Any) -> bool:
+    try:
+        xp = array_api_compat.array_namespace(a)
+    except TypeError:
+        return False
+    return hasattr(xp, "float16") and a.dtype == xp.float16
+
+
+def _astype(a: Any, name: str) -> Any:
+    xp = array_api_compat.array_namespace(a)
+    return xp.astype(a, getattr(xp, name))
+
+
+def _map_arrays(value: Any, convert: Callable[[Any], Any]) -> Any:
+    """``value`` with ``convert`` applied to it if it is an array, or to each array of a mapping."""
+    if _is_array(value):
+        return convert(value)
+    if isinstance(value, Mapping):
+        return {k: convert(v) if _is_array(v) else v for k, v in value.items()}
+    return value
+
+
+def public_op(function: F) -> F:
+    """Decorate a public op or VJP: the checks and the precision policy of the public boundary.
+
+    * Arguments are bound to the signature first; a bad call raises
+      ``TypeError`` naming the function, and a required argument given as
+      ``None`` raises ``TypeError`` (``None`` means "absent" only for optional
+      arrays such as ``bias``).
+    * **float16 is computed in float32.**  When every array argument (those in
+      a ``params`` mapping included) is float16, they are converted to float32,
+      the op runs, and its result (or each gradient of a VJP) is rounded back
+      to float16 once.  Sums thus accumulate in float32, and the result has
+      the inputs' dtype.  A call mixing float16 with another dtype is left to
+      :func:`namespace`, which rejects it.
+
+    The op itself validates everything else, with :func:`namespace` first.
+    """
+    fn = function.__name__
+    signature = inspect.signature(function)
+    required = [name for name, p in signature.parameters.items()
+                if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY, p.KEYWORD_ONLY)]
+
+    @functools.wraps(function)
+    def boundary(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{fn}: {exc}") from None
+        for name in required:
+            if name in bound.arguments and bound.arguments[name] is None:
+                raise TypeError(f"{fn}: {name} is required, got None")
+        arrays = [a for value in bound.arguments.values()
+                  for a in (value.values() if isinstance(value, Mapping) else (value,))
+                  if _is_array(a)]
+        if not arrays or not all(_is_float16(a) for a in arrays):
+            return function(*args, **kwargs)
+        def widen(a: Any) -> Any:
+            return _map_arrays(a, lambda a: _astype(a, "float32"))
+
+        result = function(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+        return _map_arrays(result, lambda a: _astype(a, "float16"))
+
+    return boundary  # type: ignore[return-value]

@@ -6,21 +6,27 @@ Shapes: ``x`` (B, C, \*spatial), ``experts`` (E, O, C/groups, \*k),
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
+
+import array_api_compat
 
 from condconv_ref._validate import (
     ConvGeometry,
     check_groups,
     check_ndim,
+    check_nonempty,
     check_shape,
     conv_geometry,
     kernel_layout,
     namespace,
+    public_op,
 )
-from condconv_ref.conv import _conv, _conv_vjp
-from condconv_ref.routing import route_sigmoid, route_sigmoid_vjp
+from condconv_ref.conv import _conv, _conv_vjp, _itemsize, _working_memory
+from condconv_ref.memory import check_memory
+from condconv_ref.routing import _route_sigmoid, _route_sigmoid_vjp
 
 __all__ = [
     "condconv",
@@ -47,6 +53,12 @@ def _mix_prepare(fn: str, routing: Any, experts: Any, cotangent: Any = None) -> 
     if cotangent is not None:
         check_shape(fn, "cotangent", cotangent, (routing.shape[0],) + tuple(experts.shape[1:]),
                     "(B, *s), the output shape")
+    check_nonempty(fn, routing=routing, experts=experts)
+    mixed = routing.shape[0] * math.prod(experts.shape[1:])
+    parts = {"mixed experts (B, *s)": mixed}
+    if cotangent is not None:
+        parts["experts gradient"] = math.prod(experts.shape)
+    check_memory(fn, experts, parts)
     return xp
 
 
@@ -64,6 +76,7 @@ def _mix_vjp(cotangent: Any, routing: Any, experts: Any, *, xp: ModuleType) -> d
     }
 
 
+@public_op
 def mix_experts(routing: Any, experts: Any) -> Any:
     r"""Mix experts per example: :math:`M_b = \sum_e \alpha_{be} W_e`.
 
@@ -92,6 +105,7 @@ def mix_experts(routing: Any, experts: Any) -> Any:
     return _mix(routing, experts, xp=xp)
 
 
+@public_op
 def mix_experts_vjp(cotangent: Any, routing: Any, experts: Any) -> dict[str, Any]:
     r"""Vector-Jacobian product of :func:`mix_experts`: ``{"routing": ᾱ, "experts": W̄}``.
 
@@ -115,8 +129,9 @@ def mix_experts_vjp(cotangent: Any, routing: Any, experts: Any) -> dict[str, Any
 
 
 def _condconv_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
-                      options: dict[str, Any], cotangent: Any = None,
+                      options: dict[str, Any], cotangent: Any = None, *, moe: bool = False,
                       ) -> tuple[ModuleType, ConvGeometry]:
+    """Validate a CondConv call; ``moe`` selects the memory estimate of the E-conv form."""
     xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
     check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
     nd = x.ndim - 2
@@ -135,7 +150,32 @@ def _condconv_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
     if cotangent is not None:
         check_shape(fn, "cotangent", cotangent, (batch, out_channels) + geometry.out,
                     "(B, O, *out), the output shape")
+    check_nonempty(fn, x=x, experts=experts, routing=routing, bias=bias)
+    check_memory(fn, x, _condconv_memory(x, experts, geometry, _itemsize(x, xp=xp),
+                                         vjp=cotangent is not None, moe=moe))
     return xp, geometry
+
+
+def _condconv_memory(x: Any, experts: Any, geometry: ConvGeometry, itemsize: int, *, vjp: bool,
+                     moe: bool) -> dict[str, int]:
+    """Elements of the largest arrays a CondConv call allocates (see :mod:`condconv_ref.memory`).
+
+    The mixed form adds the per-example kernels to one convolution's needs; the
+    mixture-of-experts form keeps the E expert outputs instead.
+    """
+    batch, n_experts = x.shape[0], experts.shape[0]
+    if moe:
+        parts = _working_memory(tuple(x.shape), tuple(experts.shape[1:]), geometry, itemsize,
+                                vjp=vjp)
+        parts["expert outputs"] = (n_experts * batch * experts.shape[1]
+                                   * math.prod(geometry.out))
+    else:
+        kernels = (batch,) + tuple(experts.shape[1:])
+        parts = _working_memory(tuple(x.shape), kernels, geometry, itemsize, vjp=vjp)
+        parts["mixed kernels (B, O, C/groups, *k)"] = math.prod(kernels)
+    if vjp:
+        parts["experts gradient"] = math.prod(experts.shape)
+    return parts
 
 
 def _mixed(experts: Any, routing: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any]:
@@ -143,6 +183,7 @@ def _mixed(experts: Any, routing: Any, bias: Any, *, xp: ModuleType) -> tuple[An
     return kernel, (None if bias is None else _mix(routing, bias, xp=xp))
 
 
+@public_op
 def condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride: Any = 1,
              padding: Any = 0, dilation: Any = 1, groups: int = 1,
              padding_mode: str = "zeros") -> Any:
@@ -208,6 +249,7 @@ def condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride: An
     return _conv(x, kernel, mixed_bias, geometry, xp=xp)
 
 
+@public_op
 def condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any = None, *,
                  stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
                  padding_mode: str = "zeros") -> dict[str, Any]:
@@ -274,6 +316,7 @@ def _per_example(routing: Any, e: int, nd: int, *, xp: ModuleType) -> Any:
     return xp.reshape(routing[:, e], (routing.shape[0],) + (1,) * (nd + 1))
 
 
+@public_op
 def moe_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1,
                  padding_mode: str = "zeros") -> Any:
@@ -307,7 +350,7 @@ def moe_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride
     xp, geometry = _condconv_prepare(
         "moe_condconv", x, experts, routing, bias,
         dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-             padding_mode=padding_mode))
+             padding_mode=padding_mode), moe=True)
     nd = x.ndim - 2
     outputs = _expert_outputs(x, experts, bias, geometry, xp=xp)
     y = _per_example(routing, 0, nd, xp=xp) * outputs[0]
@@ -316,6 +359,7 @@ def moe_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride
     return y
 
 
+@public_op
 def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any = None, *,
                      stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
                      padding_mode: str = "zeros") -> dict[str, Any]:
@@ -334,7 +378,7 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
         "moe_condconv_vjp", x, experts, routing, bias,
         dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
              padding_mode=padding_mode),
-        cotangent=cotangent)
+        cotangent=cotangent, moe=True)
     nd = x.ndim - 2
     non_batch = tuple(range(1, nd + 2))
     outputs = _expert_outputs(x, experts, bias, geometry, xp=xp)
@@ -375,6 +419,7 @@ def _layer_params(fn: str, params: Any,
     return {k: params.get(k) for k in keys}
 
 
+@public_op
 def condconv_layer(x: Any, params: Mapping[str, Any], *, stride: Any = 1, padding: Any = 0,
                    dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> Any:
     r"""The whole CondConv layer: sigmoid routing computed from ``x``, then :func:`condconv`.
@@ -424,7 +469,8 @@ def condconv_layer(x: Any, params: Mapping[str, Any], *, stride: Any = 1, paddin
 
 
 def _layer_routing(fn: str, x: Any, p: dict[str, Any]) -> Any:
-    namespace(fn, x=x, **{k: v for k, v in p.items()})
+    xp = namespace(fn, x=x, **{k: v for k, v in p.items()})
+    check_nonempty(fn, x=x, **p)
     check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
     check_ndim(fn, "route_weight", p["route_weight"], 2, "(E, C)")
     n_experts = p["experts"].shape[0] if p["experts"].ndim else 0
@@ -432,9 +478,10 @@ def _layer_routing(fn: str, x: Any, p: dict[str, Any]) -> Any:
                 f"(E, C) with E={n_experts} from experts and C={x.shape[1]} from x")
     if p["route_bias"] is not None:
         check_shape(fn, "route_bias", p["route_bias"], (n_experts,), "(E,)")
-    return route_sigmoid(x, p["route_weight"], p["route_bias"])
+    return _route_sigmoid(x, p["route_weight"], p["route_bias"], xp=xp)
 
 
+@public_op
 def condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *, stride: Any = 1,
                        padding: Any = 0, dilation: Any = 1, groups: int = 1,
                        padding_mode: str = "zeros") -> dict[str, Any]:
@@ -467,7 +514,8 @@ def condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *, str
 
 def _layer_vjp(grads: dict[str, Any], x: Any, p: dict[str, Any]) -> dict[str, Any]:
     """Chain an op's gradients through the sigmoid routing into the layer's ``x`` and params."""
-    route_grads = route_sigmoid_vjp(grads["routing"], x, p["route_weight"], p["route_bias"])
+    route_grads = _route_sigmoid_vjp(grads["routing"], x, p["route_weight"], p["route_bias"],
+                                     xp=array_api_compat.array_namespace(x))
     result = {"x": grads["x"] + route_grads["x"], "experts": grads["experts"],
               "route_weight": route_grads["weight"]}
     if p["bias"] is not None:

@@ -28,6 +28,7 @@ from condconv_ref._validate import (
     check_shape,
     kernel_layout,
     namespace,
+    public_op,
 )
 from condconv_ref.condconv import (
     _condconv_prepare,
@@ -153,6 +154,7 @@ def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry
 # ---------------------------------------------------------------- public ops
 
 
+@public_op
 def depthwise_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *,
                        depth_multiplier: int = 1, stride: Any = 1, padding: Any = 0,
                        dilation: Any = 1, padding_mode: str = "zeros") -> Any:
@@ -219,6 +221,7 @@ def depthwise_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *,
     return _depthwise_conv(x, kernel, mixed_bias, geometry, xp=xp)
 
 
+@public_op
 def depthwise_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any = None,
                            *, depth_multiplier: int = 1, stride: Any = 1, padding: Any = 0,
                            dilation: Any = 1, padding_mode: str = "zeros") -> dict[str, Any]:
@@ -287,6 +290,7 @@ def _depthwise_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, 
 # ---------------------------------------------------------------- the layer
 
 
+@public_op
 def depthwise_condconv_layer(x: Any, params: Mapping[str, Any], *, depth_multiplier: int = 1,
                              stride: Any = 1, padding: Any = 0, dilation: Any = 1,
                              padding_mode: str = "zeros") -> Any:
@@ -339,6 +343,7 @@ def depthwise_condconv_layer(x: Any, params: Mapping[str, Any], *, depth_multipl
     return _depthwise_conv(x, kernel, mixed_bias, geometry, xp=xp)
 
 
+@public_op
 def depthwise_condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
                                  depth_multiplier: int = 1, stride: Any = 1, padding: Any = 0,
                                  dilation: Any = 1, padding_mode: str = "zeros") -> dict[str, Any]:

@@ -21,6 +21,7 @@ from condconv_ref._validate import (
     check_ndim,
     kernel_layout,
     namespace,
+    public_op,
 )
 from condconv_ref.condconv import _condconv_prepare, _condconv_vjp, _layer_params, _mixed
 from condconv_ref.conv import _conv, _options
@@ -58,6 +59,7 @@ def _prepare(fn: str, x: Any, params: Any, temperature: Any, options: dict[str, 
     return xp, geometry, p, temperature, forward
 
 
+@public_op
 def dynamic_conv_layer(x: Any, params: Mapping[str, Any], *, temperature: float = 1.0,
                        stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
                        padding_mode: str = "zeros") -> Any:
@@ -121,6 +123,7 @@ def dynamic_conv_layer(x: Any, params: Mapping[str, Any], *, temperature: float 
     return _conv(x, kernel, mixed_bias, geometry, xp=xp)
 
 
+@public_op
 def dynamic_conv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
                            temperature: float = 1.0, stride: Any = 1, padding: Any = 0,
                            dilation: Any = 1, groups: int = 1,

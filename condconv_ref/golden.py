@@ -996,6 +996,13 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
     chosen = None
     if against is None:
         chosen = get_backend(backend) if isinstance(backend, str) else backend
+        if not isinstance(chosen, Backend):
+            raise TypeError(f"golden.verify: backend must be a backend name or a Backend, "
+                            f"got {backend!r}")
+    if variants is not None and (isinstance(variants, str)
+                                 or any(name not in VARIANTS for name in variants)):
+        raise ValueError(f"golden.verify: variants must be a list of names from "
+                         f"{', '.join(VARIANTS)}, got {variants!r}")
     golden = load(directory)
     selected = [case for case in golden.cases if variants is None or case.variant in variants]
     results = []

@@ -34,13 +34,15 @@ forms agree with each other and with finite differences.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._validate import check_ndim, check_shape, namespace
+from condconv_ref._validate import check_ndim, check_nonempty, check_shape, namespace, public_op
 from condconv_ref.condconv import _layer_params, _layer_vjp, _mix, _mix_vjp
-from condconv_ref.routing import _affine, _affine_vjp, route_sigmoid
+from condconv_ref.memory import check_memory
+from condconv_ref.routing import _affine, _affine_vjp, _route_sigmoid
 
 __all__ = [
     "cond_linear",
@@ -83,7 +85,23 @@ def _prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
     check_shape(fn, "routing", routing, (x.shape[0], experts.shape[0]),
                 f"(B, E) with B={x.shape[0]} from x and E={experts.shape[0]} from experts")
     _check_cotangent(fn, cotangent, x, experts)
+    check_nonempty(fn, x=x, experts=experts, routing=routing, bias=bias)
+    check_memory(fn, x, _working_memory(x, experts, vjp=cotangent is not None))
     return xp
+
+
+def _working_memory(x: Any, experts: Any, *, vjp: bool) -> dict[str, int]:
+    """Elements of the largest arrays of the form :func:`_uses_shared_matmuls` picks."""
+    batch, (n_experts, out_features, in_features) = x.shape[0], experts.shape
+    if _uses_shared_matmuls(experts):
+        parts = {"expert outputs (B, E, F_out)": batch * n_experts * out_features}
+    else:
+        parts = {"mixed weights (B, F_out, F_in)": batch * out_features * in_features}
+    parts["output"] = batch * out_features
+    if vjp:  # the forward's intermediates and their gradients
+        parts = {name: 2 * count for name, count in parts.items()}
+        parts["experts and x gradients"] = math.prod(experts.shape) + math.prod(x.shape)
+    return parts
 
 
 # ---------------------------------------------------------------- the two forms
@@ -179,6 +197,7 @@ def _cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
 # ---------------------------------------------------------------- cond_linear
 
 
+@public_op
 def cond_linear(x: Any, experts: Any, routing: Any, bias: Any = None) -> Any:
     r"""Conditionally parameterized fully-connected layer, routing given from outside.
 
@@ -242,6 +261,7 @@ def cond_linear(x: Any, experts: Any, routing: Any, bias: Any = None) -> Any:
     return _cond_linear(x, experts, routing, bias, xp=xp)
 
 
+@public_op
 def cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
                     bias: Any = None) -> dict[str, Any]:
     r"""Vector-Jacobian product of :func:`cond_linear`.
@@ -274,6 +294,7 @@ def _moe_expert_output(x: Any, experts: Any, bias: Any, e: int, *, xp: ModuleTyp
     return _affine(x, experts[e, ...], None if bias is None else bias[e, ...], xp=xp)
 
 
+@public_op
 def moe_cond_linear(x: Any, experts: Any, routing: Any, bias: Any = None) -> Any:
     r"""The mixture-of-experts form that :func:`cond_linear` equals.
 
@@ -312,6 +333,7 @@ def moe_cond_linear(x: Any, experts: Any, routing: Any, bias: Any = None) -> Any
     return y
 
 
+@public_op
 def moe_cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
                         bias: Any = None) -> dict[str, Any]:
     r"""Vector-Jacobian product of :func:`moe_cond_linear` (derivation there).
@@ -359,9 +381,12 @@ def _layer_prepare(fn: str, x: Any, params: Any,
     if p["route_bias"] is not None:
         check_shape(fn, "route_bias", p["route_bias"], (n_experts,), "(E,)")
     _check_cotangent(fn, cotangent, x, p["experts"])
-    return xp, p, route_sigmoid(x, p["route_weight"], p["route_bias"])
+    check_nonempty(fn, x=x, **p)
+    check_memory(fn, x, _working_memory(x, p["experts"], vjp=cotangent is not None))
+    return xp, p, _route_sigmoid(x, p["route_weight"], p["route_bias"], xp=xp)
 
 
+@public_op
 def cond_linear_layer(x: Any, params: Mapping[str, Any]) -> Any:
     r"""The whole linear CondConv layer: sigmoid routing from ``x``, then :func:`cond_linear`.
 
@@ -406,6 +431,7 @@ def cond_linear_layer(x: Any, params: Mapping[str, Any]) -> Any:
     return _cond_linear(x, p["experts"], routing, p["bias"], xp=xp)
 
 
+@public_op
 def cond_linear_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any]) -> dict[str, Any]:
     r"""Vector-Jacobian product of :func:`cond_linear_layer` (derivation there).
 

@@ -143,6 +143,11 @@ def route_sigmoid(x: Any, weight: Any, bias: Any = None) -> Any:
     array([[0.5, 0.5, 0.5]])
     """
     xp = _prepare("route_sigmoid", x, weight, bias)
+    return _route_sigmoid(x, weight, bias, xp=xp)
+
+
+def _route_sigmoid(x: Any, weight: Any, bias: Any, *, xp: ModuleType) -> Any:
+    """:func:`route_sigmoid` on validated arguments (layers call it with their own checks)."""
     _, logits = _logits(x, weight, bias, xp=xp)
     return stable_sigmoid(logits, xp=xp)[0]
 
@@ -167,6 +172,12 @@ def route_sigmoid_vjp(cotangent: Any, x: Any, weight: Any, bias: Any = None) -> 
             [0.125, 0.125]]]))
     """
     xp = _prepare("route_sigmoid_vjp", x, weight, bias, cotangent)
+    return _route_sigmoid_vjp(cotangent, x, weight, bias, xp=xp)
+
+
+def _route_sigmoid_vjp(cotangent: Any, x: Any, weight: Any, bias: Any, *,
+                       xp: ModuleType) -> dict[str, Any]:
+    """:func:`route_sigmoid_vjp` on validated arguments."""
     pooled, logits = _logits(x, weight, bias, xp=xp)
     grad_logits = cotangent * stable_sigmoid(logits, xp=xp)[1]
     grads = {
@@ -273,7 +284,8 @@ def _route_softmax(x: Any, fc1_weight: Any, fc2_weight: Any, fc1_bias: Any, fc2_
     """Forward worker of :func:`route_softmax`, keeping the intermediates."""
     pooled = global_average_pool(x, xp=xp)
     preactivation = _affine(pooled, fc1_weight, fc1_bias, xp=xp)
-    hidden = xp.where(preactivation > 0, preactivation, 0.0)
+    # relu as "u <= 0 -> 0" (PyTorch's threshold): a NaN stays NaN instead of becoming 0
+    hidden = xp.where(preactivation <= 0, 0.0, preactivation)
     logits = _affine(hidden, fc2_weight, fc2_bias, xp=xp)
     return _SoftmaxRouting(pooled, preactivation, hidden,
                            stable_softmax(logits, temperature, xp=xp))
@@ -285,7 +297,7 @@ def _route_softmax_vjp(cotangent: Any, x_shape: tuple[int, ...], fc1_weight: Any
     """VJP worker of :func:`route_softmax` from the intermediates ``forward``."""
     grad_logits = stable_softmax_vjp(cotangent, forward.routing, temperature, xp=xp)
     grad_hidden, grad_fc2 = _affine_vjp(grad_logits, forward.hidden, fc2_weight, xp=xp)
-    grad_preactivation = xp.where(forward.hidden_preactivation > 0, grad_hidden, 0.0)
+    grad_preactivation = xp.where(forward.hidden_preactivation <= 0, 0.0, grad_hidden)
     grad_pooled, grad_fc1 = _affine_vjp(grad_preactivation, forward.pooled, fc1_weight, xp=xp)
     grads = {"x": global_average_pool_vjp(grad_pooled, x_shape, xp=xp),
              "fc1_weight": grad_fc1, "fc2_weight": grad_fc2}

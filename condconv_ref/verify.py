@@ -581,6 +581,8 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
     if dtype not in DTYPES:
         raise ValueError(f"verify: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     chosen = get_backend(backend) if isinstance(backend, str) else backend
+    if not isinstance(chosen, Backend):
+        raise TypeError(f"verify: backend must be a backend name or a Backend, got {backend!r}")
     drawn = draw_cases(chosen, dtype, count, seed)
     checks = list(CHECKS)
     total, done = len(checks) * count, 0
