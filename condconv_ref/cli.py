@@ -79,8 +79,7 @@ def add_verify(subcommands: argparse._SubParsersAction) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     backend = get_backend(args.backend)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+    with _progress_bar() as bar:
         task = bar.add_task("drawing cases", total=None)
 
         def advance(check: verify.Check, done: int, total: int) -> None:
@@ -196,6 +195,7 @@ def _wide_console() -> Console:
 
 
 def _progress_bar() -> Progress:
+    """A transient progress bar on stderr, so stdout carries only the report."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
 
