@@ -48,7 +48,8 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dtypes", type=_names, default=list(DTYPES),
                         help="comma-separated dtypes (default: float32,float64)")
     parser.add_argument("--repeat", type=int, help=f"timed repetitions (default {FULL['repeat']})")
-    parser.add_argument("--warmup", type=int, help=f"untimed warm-up calls (default {FULL['warmup']})")
+    parser.add_argument("--warmup", type=int,
+                        help=f"untimed warm-up calls (default {FULL['warmup']})")
     parser.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
                         help="auto: NumPy, and CuPy when a GPU is present")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
@@ -168,7 +169,8 @@ def measure_moe(run: Runner, case: Case, dtype: str, options: argparse.Namespace
 
     (cond_f, cond_fv), (moe_f, moe_fv) = timed(*pair), timed(*moe)
     samples = time_interleaved(
-        {"forward": cond_f, "moe_forward": moe_f, "forward_vjp": cond_fv, "moe_forward_vjp": moe_fv},
+        {"forward": cond_f, "moe_forward": moe_f,
+         "forward_vjp": cond_fv, "moe_forward_vjp": moe_fv},
         warmup=1, repeat=max(1, options.repeat // 2))
     times = {name: median(s) for name, s in samples.items()}
     return {"case": case.name, "dtype": dtype, "experts": case.experts, "status": "ok",
@@ -210,7 +212,7 @@ CASE_COLUMNS = [
     ("GFLOP/s", "forward_vjp_gflops", ".1f"), ("% peak", "forward_vjp_peak_percent", ".0f"),
     ("fwd % peak", "forward_peak_percent", ".0f"),
     ("mem MiB", "forward_vjp_memory_mib", ".1f"), ("x io", "forward_vjp_memory_ratio", ".2f"),
-    ("fwd x io", "forward_memory_ratio", ".2f"),
+    ("fwd x io", "forward_memory_ratio", ".2f"), ("vs torch", "torch_relative_error", ".0e"),
 ]
 MOE_COLUMNS = [
     ("case", "case", ""), ("dtype", "dtype", ""), ("E", "experts", "d"),
@@ -245,7 +247,8 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in info
+                       if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
@@ -262,8 +265,18 @@ def machine() -> dict[str, Any]:
     return facts
 
 
+def _gpu_name() -> str:
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def run_backend(run: Runner, options: argparse.Namespace, out: dict[str, Any]) -> None:
     sizes = GPU_GEMM_SIZES if run.name == "cupy" else options.gemm_sizes
+    if run.name == "cupy":
+        out["machine"]["gpu"] = _gpu_name()
+        print(f"\n[cupy] {out['machine']['gpu']}; torch on cuda for the ratios")
     peaks = {}
     for dtype in options.dtypes:
         flops, n = gemm_peak(run, dtype, sizes, warmup=options.warmup, repeat=options.repeat)
@@ -281,7 +294,8 @@ def run_backend(run: Runner, options: argparse.Namespace, out: dict[str, Any]) -
     print(f"\n[{run.name}] cases (medians of {options.repeat} after {options.warmup} warm-up; "
           "'x torch' = our time / torch's; GFLOP/s and % peak of forward+VJP at 3x the "
           "forward's FLOPs; mem = peak extra memory of forward+VJP, x io = over inputs + "
-          "cotangent + outputs + gradients)")
+          "cotangent + outputs + gradients; vs torch = largest difference from torch's output "
+          "and gradients, relative to their largest magnitude)")
     print(table([_display(r) for r in rows], CASE_COLUMNS))
     for row in rows:
         if row.get("torch_relative_error") is not None and row["torch_relative_error"] > (
@@ -300,6 +314,15 @@ def run_backend(run: Runner, options: argparse.Namespace, out: dict[str, Any]) -
     print(table([_display(r) for r in moe_rows], MOE_COLUMNS))
 
 
+def _load_line(when: str, facts: dict[str, Any]) -> str:
+    load = os.getloadavg()[0]
+    facts[f"load_average_{when}"] = load
+    busy = load > 0.5 * (facts["cpus"] or 1)
+    return (f"load average at {when}: {load:.2f}"
+            + (" -- the machine is busy; timings (and the multi-threaded BLAS above all) "
+               "suffer from other processes" if busy else ""))
+
+
 def main(argv: Sequence[str]) -> int:
     options = parse_arguments(argv)
     facts = machine()
@@ -307,6 +330,7 @@ def main(argv: Sequence[str]) -> int:
           f"{facts['python']}, NumPy {facts['numpy']} ({facts['blas']}, "
           f"{facts['blas_threads']} threads), torch {facts['torch'] or 'not installed'}")
     print(facts["environment"])
+    print(_load_line("start", facts))
     out: dict[str, Any] = {"machine": facts, "options": {
         k: v for k, v in vars(options).items() if k != "json"},
         "gemm_peak": {}, "cases": [], "moe": [], "skipped": {}}
@@ -324,6 +348,7 @@ def main(argv: Sequence[str]) -> int:
         out["property_loop"] = {"examples_per_second": rate, "examples": count}
         print(f"\nproperty-test loop at S1 (float64, NumPy; forward + VJP + finite-difference "
               f"check_vjp per example): {rate:.1f} hypothesis examples/s over {count} examples")
+    print("\n" + _load_line("end", facts))
     if options.json:
         with open(options.json, "w") as handle:
             json.dump(out, handle, indent=1, default=str)

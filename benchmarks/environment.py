@@ -56,8 +56,8 @@ def wanted_environment(argv: list[str]) -> dict[str, str]:
     return wanted
 
 
-def ensure_environment(argv: list[str]) -> None:
-    """Re-execute ``python -m benchmarks`` with the wanted environment, unless it is set.
+def ensure_environment(argv: list[str], module: str = "benchmarks") -> None:
+    """Re-execute ``python -m <module> <argv>`` with the wanted environment, unless it is set.
 
     Must run before NumPy is imported; does nothing on the second pass.
     """
@@ -70,7 +70,7 @@ def ensure_environment(argv: list[str]) -> None:
         return
     env = {**os.environ, **wanted, _REEXEC_MARK: "1"}
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def describe() -> str:

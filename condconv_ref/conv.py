@@ -152,8 +152,9 @@ class _Window:
     def output_region(self) -> tuple[slice, ...]:
         return (self.batch, slice(None), self.rows, ...)
 
-    def input_region(self, geometry: ConvGeometry, kernel_spatial: tuple[int, ...]) -> tuple[slice, ...]:
-        """The part of the padded input that the window's output rows read."""
+    def input_region(self, geometry: ConvGeometry,
+                     kernel_spatial: tuple[int, ...]) -> tuple[slice, ...]:
+        """The part of the padded input read by the window; ``geometry`` is the whole conv's."""
         stride, dilation = geometry.stride[0], geometry.dilation[0]
         first = self.rows.start * stride
         stop = (self.rows.stop - 1) * stride + dilation * (kernel_spatial[0] - 1) + 1
