@@ -106,6 +106,13 @@ def default_tolerances(dtype: Any, *, reduction_length: int = 1) -> tuple[float,
     ValueError
         If ``dtype`` is not a known boolean, integer or floating dtype, or
         ``reduction_length < 1``.
+
+    Examples
+    --------
+    >>> from condconv_ref.testing import default_tolerances
+    >>> rtol, atol = default_tolerances("float32", reduction_length=9)  # 16 eps sqrt(9)
+    >>> rtol == atol == 16 * 2.0**-23 * 3
+    True
     """
     length = check_positive_int("default_tolerances", "reduction_length", reduction_length)
     tolerance = _ROUNDING_SAFETY * _eps(dtype) * math.sqrt(length)
@@ -273,6 +280,17 @@ def assert_close(
         the index of the worst one (largest ``|actual - desired|``, where NaN
         on one side only counts as infinite), the two values there, the
         largest absolute and relative errors, and the tolerances used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.testing import assert_close
+    >>> assert_close(np.array([1.0, 2.0]), np.array([1.0, 2.0 + 1e-15]))
+    >>> try:
+    ...     assert_close(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.5, 3.0]), name="y")
+    ... except AssertionError as error:
+    ...     print("(1,)" in str(error), "y" in str(error))
+    True True
     """
     xp = array_api_compat.array_namespace(actual)
     desired = _same_kind(xp, name, actual, desired, check_namespace)
@@ -363,6 +381,15 @@ def numerical_jvp(
     -------
     array
         The estimate of ``J t``, with the shape and dtype of ``f``'s output.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.testing import numerical_jvp
+    >>> a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> jt = numerical_jvp(lambda x: x @ a, {"x": np.ones((1, 2))}, {"x": np.array([[1.0, 0.0]])})
+    >>> bool(np.allclose(jt, [[1.0, 2.0]]))  # J t = t a for a linear map
+    True
     """
     xp = namespace("numerical_jvp", **args)
     names = _check_names("numerical_jvp", args, tangents, "tangent")
@@ -430,6 +457,14 @@ def numerical_vjp(
     dict of str to array
         For each name in ``wrt``, the gradient, with the argument's shape,
         dtype and device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.testing import numerical_vjp
+    >>> grads = numerical_vjp(lambda x: x**2, {"x": np.array([3.0, -1.0])}, np.array([1.0, 2.0]))
+    >>> bool(np.allclose(grads["x"], [6.0, -4.0]))  # c * 2x
+    True
     """
     xp = namespace("numerical_vjp", **args)
     names = _check_names("numerical_vjp", args, args if wrt is None else wrt, "wrt")
@@ -683,6 +718,27 @@ def check_vjp(
         :func:`numerical_vjp` (tolerance ``atol + rtol * max|numeric|``), and the
         message lists each argument that differs with its worst element index
         and the analytic and numeric values there.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.testing import check_vjp
+    >>> def f(x, w):
+    ...     return np.tanh(x @ w)
+    >>> def f_vjp(cotangent, x, w):
+    ...     g = cotangent * (1 - np.tanh(x @ w) ** 2)
+    ...     return {"x": g @ w.T, "w": x.T @ g}
+    >>> rng = np.random.default_rng(0)
+    >>> args = {"x": rng.normal(size=(2, 3)), "w": rng.normal(size=(3, 4))}
+    >>> result = check_vjp(f, f_vjp, args)
+    >>> def wrong_vjp(cotangent, x, w):
+    ...     grads = f_vjp(cotangent, x, w)
+    ...     return {"x": grads["x"], "w": 1.01 * grads["w"]}
+    >>> try:
+    ...     check_vjp(f, wrong_vjp, args)
+    ... except AssertionError as error:
+    ...     print(str(error).splitlines()[1].split(":")[0].strip())
+    argument 'w'
     """
     op = name or _op_name(f)
     xp = namespace(op, **args)
