@@ -44,10 +44,7 @@ def global_average_pool_vjp(grad_pooled: Any, x_shape: tuple[int, ...], *,
     """Adjoint of :func:`global_average_pool`: spread each gradient evenly over its positions."""
     if len(x_shape) == 2:
         return grad_pooled
-    positions = 1
-    for n in x_shape[2:]:
-        positions *= n
-    spread = xp.reshape(grad_pooled / positions, tuple(grad_pooled.shape) + (1,) * (len(x_shape) - 2))
+    spread = xp.reshape(grad_pooled / math.prod(x_shape[2:]), tuple(grad_pooled.shape) + (1,) * (len(x_shape) - 2))
     return xp.asarray(xp.broadcast_to(spread, x_shape), copy=True)
 
 

@@ -91,6 +91,7 @@ from condconv_ref import (
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.testing import ConvConfig, check_vjp, conv_configs, default_tolerances
+from condconv_ref.testing._numerics import _check_kept
 from condconv_ref.testing.sampling import case_seed, draw_examples
 from condconv_ref.variants import Case as VariantCase
 from condconv_ref.variants import bind, build_case
@@ -296,17 +297,6 @@ def _conv_oracle(arrays: Mapping[str, np.ndarray], config: ConvConfig) -> np.nda
 # ---------------------------------------------------------------- measuring
 
 
-def _check_kept(result: Any, like: Any, what: str) -> None:
-    """``result`` is in ``like``'s namespace, dtype and device, or raise ``AssertionError``."""
-    if array_api_compat.array_namespace(result) is not array_api_compat.array_namespace(like):
-        raise AssertionError(f"{what} is a {type(result).__name__}, not in the inputs' namespace")
-    if result.dtype != like.dtype:
-        raise AssertionError(f"{what} has dtype {result.dtype}, expected the inputs' {like.dtype}")
-    if array_api_compat.device(result) != array_api_compat.device(like):
-        raise AssertionError(f"{what} is on device {array_api_compat.device(result)}, expected "
-                             f"the inputs' {array_api_compat.device(like)}")
-
-
 def _errors(actual: Any, expected: Any, what: str) -> tuple[float, float]:
     """``max|a - e|`` and that over ``max|e|``, in float64."""
     a = np.asarray(to_numpy(actual), dtype=np.float64)
@@ -331,7 +321,8 @@ def _compare(actual: Any, expected: Any, like: Any, tol: float, described: str) 
         pairs = [(actual, expected, "the result")]
     errors = []
     for a, e, what in pairs:
-        _check_kept(a, like, what)
+        _check_kept(what, a, like, "the inputs", xp=array_api_compat.array_namespace(like),
+                    shape=False)
         errors.append(_errors(a, e, what))
     return Measurement(max(err[0] for err in errors), max(err[1] for err in errors), tol,
                        described)
@@ -391,7 +382,7 @@ def _in_dtype(f_vjp: Callable[..., Any], case: Case) -> Callable[..., Any]:
         grads = f_vjp(xp.astype(cotangent, low), **narrowed)
         for name, gradient in grads.items():
             if name in narrowed:
-                _check_kept(gradient, narrowed[name], f"gradient {name!r}")
+                _check_kept(f"gradient {name!r}", gradient, narrowed[name], repr(name), xp=xp)
         return {name: xp.astype(gradient, wide) for name, gradient in grads.items()}
 
     return vjp

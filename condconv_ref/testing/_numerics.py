@@ -540,36 +540,25 @@ def _check_gradients(
             f"not arguments of f {unknown}"
         )
     for arg_name in names:
-        _check_gradient_like(op, arg_name, gradients[arg_name], args[arg_name], xp=xp)
+        _check_kept(f"{op}: the gradient for {arg_name!r}", gradients[arg_name], args[arg_name],
+                    repr(arg_name), xp=xp)
 
 
-def _check_gradient_like(
-    op: str, arg_name: str, gradient: Any, argument: Any, *, xp: ModuleType
-) -> None:
-    """The gradient has its argument's namespace, device, shape and dtype."""
-    what = f"{op}: the gradient for {arg_name!r}"
-    if (
-        not array_api_compat.is_array_api_obj(gradient)
-        or array_api_compat.array_namespace(gradient) is not xp
-    ):
+def _check_kept(what: str, result: Any, like: Any, like_name: str, *, xp: ModuleType,
+                shape: bool = True) -> None:
+    """``result`` has ``like``'s namespace, device, dtype (and shape), or raise ``AssertionError``."""
+    if (not array_api_compat.is_array_api_obj(result)
+            or array_api_compat.array_namespace(result) is not xp):
         raise AssertionError(
-            f"{what} is {type(gradient).__name__}, expected an array of {xp.__name__}"
-        )
-    expected = {
-        "device": array_api_compat.device(argument),
-        "shape": tuple(argument.shape),
-        "dtype": argument.dtype,
-    }
-    found = {
-        "device": array_api_compat.device(gradient),
-        "shape": tuple(gradient.shape),
-        "dtype": gradient.dtype,
-    }
+            f"{what} is {type(result).__name__}, expected an array of {xp.__name__}")
+    expected = {"device": array_api_compat.device(like), "dtype": like.dtype}
+    found = {"device": array_api_compat.device(result), "dtype": result.dtype}
+    if shape:
+        expected["shape"], found["shape"] = tuple(like.shape), tuple(result.shape)
     for prop, value in expected.items():
         if found[prop] != value:
             raise AssertionError(
-                f"{what} has {prop} {found[prop]}, expected {value} like {arg_name!r}"
-            )
+                f"{what} has {prop} {found[prop]}, expected {value} like {like_name}")
 
 
 def _vjp_tolerances(
