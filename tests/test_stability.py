@@ -23,7 +23,7 @@ from dataclasses import replace
 import array_api_compat
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from scipy import special
 
@@ -144,6 +144,8 @@ def test_sigmoid_routing_is_finite_and_exact_for_extreme_logits(backend, dtype, 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @given(logits=extreme_logits, temperature=temperatures)
+# Close large logits: dividing by T before shifting would cost ~|z|/T eps in alpha.
+@example(logits=[1e4, 1e4 - 1.0], temperature=0.7)
 def test_softmax_routing_is_finite_and_exact_for_extreme_logits_and_temperatures(
         backend, dtype, logits, temperature):
     dtype_on(backend, dtype)
@@ -156,16 +158,26 @@ def test_softmax_routing_is_finite_and_exact_for_extreme_logits_and_temperatures
         routing = route_softmax(*args, temperature=temperature)
         grads = route_softmax_vjp(backend.asarray(cotangent, dtype=dtype), *args,
                                   temperature=temperature)
-    alpha = special.softmax(z / temperature, axis=1)
+    # The reference shifts by the row maximum before dividing, in extended precision:
+    # softmax(z / T) computed as z / T first carries an absolute error of about
+    # |z| / T · eps in every exponent, the reference's own rounding, not the op's.
+    z_long = z.astype(np.longdouble)
+    weights = np.exp((z_long - z_long.max(axis=1, keepdims=True)) / temperature)
+    alpha = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float64)
     assert_matches_reference(routing, alpha, np.ones_like(z), dtype, "route_softmax")
     sums = to_numpy(routing).astype(np.float64).sum(axis=1)
     assert np.abs(sums - 1).max() <= 8 * EPS[dtype] * len(logits)
     inner = (cotangent * alpha).sum(axis=1, keepdims=True)
     grad_z = alpha * (cotangent - inner) / temperature
-    # exp(-u) carries a relative error of about u eps, u = (max z - z) / T
+    # Rounding model of grad_z_e = alpha_e (c_e - <c, alpha>) / T: exp(-u) carries a
+    # relative error of about u eps, u = (max z - z) / T, and an alpha that underflows
+    # into the subnormals an absolute one of up to the smallest subnormal.  With
+    # a_e = alpha_e (1 + u_e) + subnormal / eps, the error of alpha_e in units of eps,
+    # |d grad_z_e| <~ eps (a_e (|c_e| + <|c|, alpha>) + alpha_e <a, |c|>) / T.
     condition = 1 + (z.max(axis=1, keepdims=True) - z) / temperature
-    terms_z = alpha * condition * (np.abs(cotangent) + (np.abs(cotangent) * alpha).sum(
-        axis=1, keepdims=True)) / temperature
+    budget = alpha * condition + np.finfo(dtype).smallest_subnormal / EPS[dtype]
+    terms_z = (budget * (np.abs(cotangent) + (np.abs(cotangent) * alpha).sum(axis=1, keepdims=True))
+               + alpha * (budget * np.abs(cotangent)).sum(axis=1, keepdims=True)) / temperature
     assert_matches_reference(grads["fc2_weight"], grad_z.T @ x, terms_z.T @ np.abs(x), dtype,
                              "route_softmax_vjp fc2_weight")
     assert_matches_reference(grads["x"], (grad_z @ fc2_weight) * (x > 0),
