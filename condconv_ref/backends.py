@@ -22,12 +22,42 @@ BACKEND_NAMES = ("numpy", "array_api_strict", "torch", "cupy")
 
 
 class BackendUnavailable(RuntimeError):
-    """The backend cannot be used here (not installed, or no GPU); the message is one line."""
+    """The backend cannot be used here (not installed, or no GPU); the message is one line.
+
+    Examples
+    --------
+    As on a machine without CuPy (``sys.modules["cupy"] = None`` makes importing it fail):
+
+    >>> import sys
+    >>> from condconv_ref.backends import BackendUnavailable, get_backend
+    >>> saved = sys.modules.get("cupy")
+    >>> sys.modules["cupy"] = None
+    >>> try:  # doctest: +NORMALIZE_WHITESPACE
+    ...     get_backend("cupy")
+    ... except BackendUnavailable as error:
+    ...     print(error)
+    ... finally:
+    ...     if saved is None:
+    ...         del sys.modules["cupy"]
+    ...     else:
+    ...         sys.modules["cupy"] = saved
+    backend 'cupy' is not available: cannot import cupy
+    (import of cupy halted; None in sys.modules)
+    """
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A named array namespace and the device arrays are created on."""
+    """A named array namespace and the device arrays are created on.
+
+    Examples
+    --------
+    >>> from condconv_ref.backends import get_backend
+    >>> backend = get_backend("array_api_strict:device1")
+    >>> a = backend.asarray([1.0, 2.0], dtype="float32")
+    >>> backend.name, a.device, a.dtype == backend.dtype("float32")
+    ('array_api_strict:device1', array_api_strict.Device('device1'), True)
+    """
 
     name: str
     xp: ModuleType
@@ -44,7 +74,16 @@ class Backend:
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """Copy any supported array (NumPy, CuPy, torch, array-api-strict) to a NumPy array."""
+    """Copy any supported array (NumPy, CuPy, torch, array-api-strict) to a NumPy array.
+
+    Examples
+    --------
+    >>> import array_api_strict
+    >>> from condconv_ref.backends import to_numpy
+    >>> a = array_api_strict.asarray([1.0, 2.0], device=array_api_strict.Device("device1"))
+    >>> to_numpy(a)
+    array([1., 2.])
+    """
     if isinstance(a, np.ndarray):
         return a
     if array_api_compat.is_cupy_array(a):
@@ -79,6 +118,18 @@ def get_backend(name: str) -> Backend:
         With a one-line reason, when the backend cannot be used here.
     ValueError
         For an unknown name.
+
+    Examples
+    --------
+    >>> from condconv_ref.backends import get_backend
+    >>> get_backend("numpy").xp.__name__
+    'array_api_compat.numpy'
+    >>> get_backend("array_api_strict:device1").device
+    array_api_strict.Device('device1')
+    >>> get_backend("jax")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: get_backend: unknown backend 'jax', expected one of ('numpy', ...)
     """
     base, _, device_name = name.partition(":")
     if base not in BACKEND_NAMES:

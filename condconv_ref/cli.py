@@ -3,8 +3,10 @@
 Each subcommand is one ``add_<name>(subcommands)`` function listed in
 :data:`SUBCOMMANDS`: it adds its parser and sets ``handler``, a function of the
 parsed arguments that returns the exit status.  Bad input, whether rejected by
-argparse or raised by a handler as one of :data:`USER_ERRORS`, is one line on
-stderr and exit status 2, never a traceback.
+argparse or raised by a handler as one of :data:`USER_ERRORS` (a case beyond the
+memory budget included), is one line on stderr and exit status 2, never a
+traceback; so is a command that draws cases (``verify``, ``golden write``,
+``check``, ``gpu-check``) run where hypothesis is not installed.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from rich.table import Table
 
 from condconv_ref import __version__, golden, gpu, verify
 from condconv_ref.backends import BACKEND_NAMES, BackendUnavailable, get_backend
+from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing import checker
 from condconv_ref.variants import VARIANTS
 
 __all__ = ["SUBCOMMANDS", "USER_ERRORS", "add_check", "add_golden", "add_gpu_check", "add_verify",
            "build_parser", "main"]
 
-USER_ERRORS = (BackendUnavailable, OSError, TypeError, ValueError)
-"""Exceptions a handler may raise for bad input: reported in one line, exit status 2."""
+USER_ERRORS = (BackendUnavailable, MemoryBudgetError, OSError, TypeError, ValueError)
+"""Exceptions a handler may raise for bad input or a case too large for the memory budget
+(:func:`condconv_ref.set_memory_budget`): reported in one line, exit status 2."""
 
 _STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
 
@@ -454,8 +458,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except USER_ERRORS as error:
         message = " ".join(str(error).split())
-        print(f"condconv-ref {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "hypothesis":
+            raise
+        message = (f"hypothesis is not available: cannot import hypothesis ({error}); this "
+                   f"command draws its cases with it (pip install hypothesis)")
+    print(f"condconv-ref {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ languages.
   cotangent)`` protocol of :func:`condconv_ref.testing.check_implementation`),
   and compares.
 
+Reading and verifying need no hypothesis; only :func:`write` draws its cases
+with it.
+
 Every problem found in a directory is one line that names the file, collected
 in a :class:`GoldenError`.  :data:`SHIPPED` is the small set the package ships
 and the test suite recomputes on every run.
@@ -74,10 +77,10 @@ import numpy as np
 from condconv_ref import __version__
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing import Supports, default_tolerances
 from condconv_ref.testing.checker import Implementation, Mismatch
 from condconv_ref.testing.sampling import case_seed, draw_examples
-from condconv_ref.testing.strategies import cases as case_strategy
 from condconv_ref.variants import (
     LAYER_VARIANTS,
     VARIANTS,
@@ -134,6 +137,21 @@ class GoldenError(ValueError):
 
     Every line starts with the file it is about (``manifest.json``, a case
     file, or the directory).
+
+    Examples
+    --------
+    A case file with bytes appended after it was written:
+
+    >>> import tempfile
+    >>> from condconv_ref import golden
+    >>> directory = golden.write(tempfile.mkdtemp() + "/vectors", variants=["conv"], cases=2)
+    >>> with open(directory / "0001-conv.npz", "ab") as file:
+    ...     _ = file.write(b"extra")
+    >>> try:
+    ...     golden.load(directory)
+    ... except golden.GoldenError as error:
+    ...     print(error.problems)  # doctest: +ELLIPSIS
+    ('0001-conv.npz: ... bytes, manifest.json lists ... (appended to or replaced)',)
     """
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -166,6 +184,17 @@ class GoldenCase:
         :math:`\\max|r_{32} - r_{64}|`, the reference run in float32 against
         float64 on the stored inputs; a measured rounding scale (see
         :func:`compare_case`).
+
+    Examples
+    --------
+    >>> from condconv_ref import golden
+    >>> first = next(golden.iter_cases(golden.SHIPPED))
+    >>> first.index, first.file, first.variant
+    (0, '0000-condconv.npz', 'condconv')
+    >>> first.case.shapes, sorted(first.gradients)
+    ({'x': (1, 1, 1), 'experts': (1, 1, 1, 1), 'routing': (1, 1)}, ['experts', 'routing', 'x'])
+    >>> first.cotangent.shape == first.output.shape, sorted(first.deviations)
+    (True, ['grad_experts', 'grad_routing', 'grad_x', 'output'])
     """
 
     index: int
@@ -184,7 +213,15 @@ class GoldenCase:
 
 @dataclass(frozen=True)
 class GoldenSet:
-    """A checked golden directory: its manifest and every case."""
+    """A checked golden directory: its manifest and every case.
+
+    Examples
+    --------
+    >>> from condconv_ref import golden
+    >>> shipped = golden.load(golden.SHIPPED)
+    >>> shipped.dtype, len(shipped.cases), shipped.manifest["format_version"]
+    ('float64', 42, 1)
+    """
 
     directory: Path
     manifest: dict[str, Any]
@@ -205,6 +242,15 @@ class CaseResult:
     relative tolerance applied; ``mismatches`` everything that differs, in the
     checker's terms (:class:`condconv_ref.testing.checker.Mismatch`),
     including an exception the computation raised.
+
+    Examples
+    --------
+    >>> from condconv_ref import golden
+    >>> from condconv_ref.variants import reference_forward
+    >>> first = next(golden.iter_cases(golden.SHIPPED))
+    >>> result = golden.compare_case(first, 1.01 * reference_forward(first.case), None)
+    >>> result.file, result.passed, [mismatch.what for mismatch in result.mismatches]
+    ('0000-condconv.npz', False, ['output'])
     """
 
     index: int
@@ -222,7 +268,15 @@ class CaseResult:
 
 @dataclass(frozen=True)
 class Report:
-    """What :func:`verify` found: one :class:`CaseResult` per case."""
+    """What :func:`verify` found: one :class:`CaseResult` per case.
+
+    Examples
+    --------
+    >>> from condconv_ref import golden
+    >>> report = golden.verify(golden.SHIPPED, variants=["conv"])
+    >>> report.passed, len(report.results), report.failures, report.compared
+    (True, 7, (), 'reference on numpy')
+    """
 
     directory: Path
     dtype: str
@@ -285,9 +339,10 @@ def _variant_stream(variant: str) -> int:
     return zlib.crc32(variant.encode())
 
 
-def _draw(variants: Sequence[str], count: int, seed: int, supports: Supports) -> list[Case]:
-    """``count`` cases of each variant, from the checker's strategy
-    :func:`condconv_ref.testing.strategies.cases` within ``supports``."""
+def _draw(variants: Sequence[str], count: int, seed: int, supports: Supports,
+          case_strategy: Callable[..., Any]) -> list[Case]:
+    """``count`` cases of each variant, from the checker's strategy ``case_strategy``
+    (:func:`condconv_ref.testing.strategies.cases`) within ``supports``."""
     drawn = []
     for variant in variants:
         drawn += draw_examples(case_strategy(variant, supports), count,
@@ -499,14 +554,29 @@ def write(out: str | os.PathLike[str], *, variants: Sequence[str] | None = None,
         If ``out`` exists and may not be replaced.
     ValueError
         For an unknown variant or dtype, or a bad ``cases`` or ``seed``.
+    ModuleNotFoundError
+        Without hypothesis, which draws the cases (raised before ``out`` is touched).
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from condconv_ref import golden
+    >>> directory = golden.write(pathlib.Path(tempfile.mkdtemp()) / "vectors",
+    ...                          variants=["conv"], cases=2, seed=0)
+    >>> sorted(path.name for path in directory.iterdir())
+    ['0000-conv.npz', '0001-conv.npz', 'manifest.json']
+    >>> golden.load(directory).manifest["variants"]
+    ['conv']
     """
     chosen = _check_write_arguments(variants, dtype)
     count = check_positive_int("golden.write", "cases", cases)
     seed = check_positive_int("golden.write", "seed", seed, minimum=0)
     supports = Supports() if supports is None else supports
+    from condconv_ref.testing.strategies import cases  # before the directory is touched
+
     directory = Path(out)
     _prepare_directory(directory, force)
-    drawn = _draw(chosen, count, seed, supports)
+    drawn = _draw(chosen, count, seed, supports, cases)
     records = []
     for index, case in enumerate(drawn):
         arrays, deviations = _reference_arrays(case, dtype)
@@ -795,6 +865,13 @@ def iter_cases(directory: str | os.PathLike[str]) -> Iterator[GoldenCase]:
     ------
     GoldenError
         At the first problem, naming the file.
+
+    Examples
+    --------
+    >>> from condconv_ref import golden
+    >>> cases = golden.iter_cases(golden.SHIPPED)
+    >>> [next(cases).file for _ in range(2)]
+    ['0000-condconv.npz', '0001-condconv.npz']
     """
     path = Path(directory)
     manifest = _read_manifest(path)
@@ -816,6 +893,14 @@ def load(directory: str | os.PathLike[str]) -> GoldenSet:
     ------
     GoldenError
         If the manifest, the listing or any case file has a problem.
+
+    Examples
+    --------
+    >>> from collections import Counter
+    >>> from condconv_ref import golden
+    >>> shipped = golden.load(golden.SHIPPED)
+    >>> shipped.manifest["seed"], Counter(case.variant for case in shipped.cases)["conv"]
+    (0, 7)
     """
     path = Path(directory)
     manifest = _read_manifest(path)
@@ -903,6 +988,20 @@ def compare_case(golden: GoldenCase, output: Any, gradients: Mapping[str, Any] |
       itself; the same rule as :func:`condconv_ref.testing.check_implementation`.
 
     With ``require_dtype`` a computed array must have the stored dtype.
+
+    Examples
+    --------
+    The reference recomputed in float64 passes; 1% off does not:
+
+    >>> from condconv_ref import golden
+    >>> from condconv_ref.variants import reference_forward, reference_vjp
+    >>> case = golden.load(golden.SHIPPED).cases[2]
+    >>> output = reference_forward(case.case)
+    >>> result = golden.compare_case(case, output, reference_vjp(case.case, case.cotangent))
+    >>> result.passed, result.worst_ratio < 1
+    (True, True)
+    >>> golden.compare_case(case, 1.01 * output, None).mismatches[0].what
+    'output'
     """
     pairs = [("output", output, golden.output, golden.case.lengths[0],
               golden.deviations[OUTPUT])]
@@ -941,6 +1040,8 @@ def _reference_result(golden: GoldenCase, backend: Backend, dtype: str) -> CaseR
 def _implementation_result(golden: GoldenCase, implementation: Implementation) -> CaseResult:
     try:
         output = implementation.forward(golden.case)
+    except MemoryBudgetError:
+        raise
     except Exception as error:  # the implementation's failure is the case's failure
         return CaseResult(golden.index, golden.file, golden.variant,
                           mismatches=(_raised("forward", error),))
@@ -948,6 +1049,8 @@ def _implementation_result(golden: GoldenCase, implementation: Implementation) -
     if implementation.vjp is not None:
         try:
             gradients = implementation.vjp(golden.case, golden.cotangent)
+        except MemoryBudgetError:
+            raise
         except Exception as error:
             return CaseResult(golden.index, golden.file, golden.variant,
                               mismatches=(_raised("vjp", error),))
@@ -983,7 +1086,7 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
     -------
     Report
         One :class:`CaseResult` per case.  A computation that raises fails its
-        case, with the exception in ``CaseResult.error``.
+        case, with the exception in ``CaseResult.mismatches``.
 
     Raises
     ------
@@ -992,6 +1095,26 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
         recomputed then.
     condconv_ref.backends.BackendUnavailable, ValueError
         If ``backend`` cannot be used.
+    condconv_ref.MemoryBudgetError
+        If a case needs more working memory than the budget, whether the
+        reference or ``against`` raises it: the case did not run, so it
+        neither passes nor fails.
+
+    Examples
+    --------
+    The shipped set against the reference on array-api-strict, and against an
+    implementation (here the reference again, through the checker's protocol):
+
+    >>> from condconv_ref import golden
+    >>> from condconv_ref.testing import Implementation
+    >>> from condconv_ref.variants import reference_forward, reference_vjp
+    >>> report = golden.verify(golden.SHIPPED, backend="array_api_strict",
+    ...                        variants=["cond_linear_layer"])
+    >>> report.passed, len(report.results), report.compared
+    (True, 7, 'reference on array_api_strict')
+    >>> mine = Implementation(reference_forward, reference_vjp)
+    >>> golden.verify(golden.SHIPPED, against=mine, variants=["conv"]).compared
+    'implementation, forward and VJP'
     """
     chosen = None
     if against is None:
@@ -1012,6 +1135,8 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
         else:
             try:
                 results.append(_reference_result(case, chosen, golden.dtype))
+            except MemoryBudgetError:  # the case is too large for the budget, not wrong: stop
+                raise
             except Exception as error:  # the reference raising on a stored case fails it
                 results.append(CaseResult(case.index, case.file, case.variant,
                                           mismatches=(_raised("reference", error),)))

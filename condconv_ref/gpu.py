@@ -110,8 +110,8 @@ import numpy as np
 
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, BackendUnavailable, get_backend, to_numpy
+from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing.sampling import case_seed, draw_examples
-from condconv_ref.testing.strategies import conv_configs
 from condconv_ref.variants import VARIANTS, Case, build_case, reference_forward, reference_vjp
 
 __all__ = [
@@ -273,6 +273,16 @@ class Row:
         repeat differed.
     skipped : str
         Why the row could not run (e.g. a backend without float16).
+
+    Examples
+    --------
+    >>> from condconv_ref import gpu
+    >>> row = gpu.Row("conv", "forward", "float32", "float32", cases=1,
+    ...               max_normalized_err=2**-22)
+    >>> row.eps_units, row.status, gpu.Row.from_json(row.to_json()) == row
+    (2.0, 'PASS', True)
+    >>> gpu.Row("conv", "vjp", "float16", "float32", skipped="no float16").status
+    'SKIP'
     """
 
     op: str
@@ -332,6 +342,18 @@ class GPUReport:
     problems : tuple of str
         Checks that could not run although asked for (e.g. the TF32
         subprocess failed); any makes the report fail.
+
+    Examples
+    --------
+    The report of the checks run on the CPU, with NumPy in place of CuPy:
+
+    >>> from condconv_ref import gpu
+    >>> report = gpu.check(backend="numpy", cases=1, dtypes=("float32",), variants=["conv"],
+    ...                    tf32=False, torch=False)
+    >>> report.backend, report.passed, report.failures, report.nondeterministic
+    ('numpy', True, (), ())
+    >>> [(row.direction, row.repeat_identical) for row in report.rows], report.tf32_extra()
+    ([('forward', True), ('vjp', True)], [])
     """
 
     backend: str
@@ -377,6 +399,8 @@ class GPUReport:
 
 
 def _draw_configs(count: int, seed: int, sizes: Mapping[str, int], **kwargs: Any) -> list[Any]:
+    from condconv_ref.testing.strategies import conv_configs
+
     return draw_examples(conv_configs(**sizes, **kwargs), count, seed=seed)
 
 
@@ -483,6 +507,8 @@ def _rows(op: str, dtype: str, precision: str, cases: Sequence[Case], runner: Ru
     for index, case in enumerate(cases):
         try:
             pair = _measure_case(case, dtype, runner, repeat)
+        except MemoryBudgetError:  # the case is too large for the budget, not wrong: stop
+            raise
         except Exception as error:  # an op that raises fails this case, the check goes on
             errors += 1
             first_error = first_error or f"case {index}: {type(error).__name__}: {error}"
@@ -574,6 +600,26 @@ def compare_backend(backend: str | Backend = "numpy", *, cases: int = DEFAULT_CA
     -------
     list of Row
         Per variant, per direction, per dtype, in that order of nesting.
+
+    Raises
+    ------
+    condconv_ref.MemoryBudgetError
+        If a case needs more working memory than the budget (it stops the run;
+        other exceptions fail their case).
+
+    Examples
+    --------
+    On array-api-strict, which has no float16 (runs on the CPU):
+
+    >>> from condconv_ref import gpu
+    >>> rows = gpu.compare_backend("array_api_strict", cases=1, dtypes=("float16", "float64"),
+    ...                            variants=["mix_experts"], determinism=False)
+    >>> [(row.direction, row.dtype, row.status, row.skipped) for row in rows]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('forward', 'float16', 'SKIP', 'array_api_strict has no float16'),
+     ('forward', 'float64', 'PASS', ''),
+     ('vjp', 'float16', 'SKIP', 'array_api_strict has no float16'),
+     ('vjp', 'float64', 'PASS', '')]
     """
     chosen = get_backend(backend) if isinstance(backend, str) else backend
     dtypes, variants = _check_choices(dtypes, variants)
@@ -628,6 +674,12 @@ def environment(backend: str | Backend = "cupy") -> dict[str, str]:
         ``CuPy``, ``device memory`` and ``memory pool`` (bytes held, i.e. the
         high-water mark of this process, and bytes in use); for ``torch``
         the torch version.
+
+    Examples
+    --------
+    >>> from condconv_ref import gpu
+    >>> sorted(gpu.environment("array_api_strict"))
+    ['array_api_strict', 'backend', 'numpy', 'python']
     """
     chosen = get_backend(backend) if isinstance(backend, str) else backend
     found = {"backend": chosen.name, "python": sys.version.split()[0], "numpy": np.__version__}
@@ -738,6 +790,18 @@ def run_tf32_child(backend: str = "cupy", *, cases: int = DEFAULT_CASES, seed: i
     RuntimeError
         If the subprocess fails or prints no JSON; the message holds its last
         line of stderr.
+
+    Examples
+    --------
+    The subprocess on the CPU, where NumPy has no TF32 mode, so its rows stay
+    float32:
+
+    >>> from condconv_ref import gpu
+    >>> rows, in_effect, why = gpu.run_tf32_child("numpy", cases=1, variants=["conv"])
+    >>> [(row.op, row.direction, row.precision) for row in rows]
+    [('conv', 'forward', 'float32'), ('conv', 'vjp', 'float32')]
+    >>> in_effect, why
+    (False, 'backend numpy has no TF32 mode')
     """
     command = [sys.executable, "-m", "condconv_ref.gpu", _TF32_CHILD, "--backend", backend,
                "--cases", str(cases), "--seed", str(seed)]
@@ -824,6 +888,15 @@ def compare_torch(device: str = "cuda", *, cases: int = DEFAULT_CASES, seed: int
     ------
     condconv_ref.backends.BackendUnavailable
         Without torch, or without CUDA for a ``cuda`` device.
+
+    Examples
+    --------
+    On the CPU, where there is no TF32, one float32 run:
+
+    >>> from condconv_ref import gpu
+    >>> rows = gpu.compare_torch("cpu", cases=1)
+    >>> [(row.direction, row.precision, row.status) for row in rows], rows[0].op
+    ([('forward', 'float32', 'PASS'), ('vjp', 'float32', 'PASS')], 'torch conv2d')
     """
     try:
         import torch
@@ -886,6 +959,26 @@ def check(cases: int = DEFAULT_CASES, seed: int = 0, dtypes: Sequence[str] = DTY
     ------
     condconv_ref.backends.BackendUnavailable
         Without CuPy or a CUDA device, in one line.
+
+    Examples
+    --------
+    The checks themselves, run on the CPU with NumPy in place of CuPy; the
+    TF32 subprocess runs too, and says why its rows are left out:
+
+    >>> from condconv_ref import gpu
+    >>> report = gpu.check(backend="numpy", cases=1, dtypes=("float32", "float16"),
+    ...                    variants=["cond_linear_layer"], torch=False)
+    >>> report.passed, [(row.direction, row.dtype, row.precision) for row in report.rows]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    (True, [('forward', 'float32', 'float32'), ('forward', 'float16', 'float32'),
+            ('vjp', 'float32', 'float32'), ('vjp', 'float16', 'float32')])
+    >>> report.notes
+    ('TF32 rows left out: backend numpy has no TF32 mode',)
+
+    On a machine with CuPy and a CUDA GPU, every check with its defaults
+    (needs the GPU, so not run here):
+
+    >>> report = gpu.check()  # doctest: +SKIP
     """
     try:
         chosen = get_backend(backend)

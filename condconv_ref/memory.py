@@ -53,7 +53,23 @@ _budget: int | None = _half_the_physical_memory()
 
 
 class MemoryBudgetError(MemoryError):
-    """A call would need more working memory than the budget; raised before allocating."""
+    """A call would need more working memory than the budget; raised before allocating.
+
+    Examples
+    --------
+    A conditional linear layer of 64 examples, 4 experts and 100 features, under a
+    budget of 1 KiB:
+
+    >>> import numpy as np
+    >>> from condconv_ref import MemoryBudgetError, cond_linear, memory_budget
+    >>> x, experts, routing = np.ones((64, 100)), np.ones((4, 100, 100)), np.ones((64, 4))
+    >>> with memory_budget(2**10):
+    ...     try:
+    ...         cond_linear(x, experts, routing)
+    ...     except MemoryBudgetError as error:
+    ...         print(isinstance(error, MemoryError), str(error).split(",")[0])
+    True cond_linear: needs about 250.0 KiB of working memory
+    """
 
 
 def _check_budget(fn: str, nbytes: int | None) -> int | None:

@@ -24,8 +24,10 @@ but ``x`` in ``params``; the others as ``op(**arrays, **options)``.  The
 linear variants read a configuration as B, F_in = C, F_out = O and E (its
 spatial fields are ignored); the depthwise ones need ``groups == C``.
 
-This module does not import hypothesis; building a case does (through
-:func:`condconv_ref.testing.arrays_for`).
+Nothing here imports hypothesis: configurations and their arrays are plain
+data (:class:`~condconv_ref.testing.ConvConfig`,
+:func:`~condconv_ref.testing.arrays_for`), so cases build, and the references
+run, without it.
 
 Examples
 --------
@@ -51,10 +53,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from condconv_ref._cases import ConvConfig, arrays_for
 from condconv_ref._validate import ConvGeometry, conv_geometry
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.condconv import (
@@ -89,9 +92,6 @@ from condconv_ref.routing import (
     route_softmax,
     route_softmax_vjp,
 )
-
-if TYPE_CHECKING:
-    from condconv_ref.testing.strategies import ConvConfig
 
 __all__ = [
     "LAYER_VARIANTS",
@@ -135,6 +135,23 @@ class Case:
         The configuration it was built from.
     seed : int
         The seed of its arrays.
+
+    Examples
+    --------
+    >>> import array_api_strict
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5, 5),
+    ...                     kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding="same",
+    ...                     padding_mode="reflect", n_experts=3, bias=False)
+    >>> case = build_case("depthwise_condconv_layer", config, seed=1)
+    >>> print(case.describe())  # doctest: +NORMALIZE_WHITESPACE
+    depthwise_condconv_layer: x (2, 2, 5, 5), experts (3, 4, 1, 3, 3), route_weight (3, 2);
+    depth_multiplier=2, stride=(2, 2), padding='same', dilation=(1, 1), padding_mode='reflect'
+    >>> case.layer, sorted(case.params), case.lengths
+    (True, ['experts', 'route_weight'], (50, 324))
+    >>> case.to(array_api_strict, dtype="float32").x.dtype
+    array_api_strict.float32
     """
 
     variant: str
@@ -212,6 +229,15 @@ class Variant:
     ``depthwise`` that its configurations need ``groups == C``; ``linear``
     that it reads only B, C, O, E and ``bias`` of a configuration;
     ``temperature`` that it has a softmax temperature option.
+
+    Examples
+    --------
+    >>> from condconv_ref.variants import VARIANTS
+    >>> entry = VARIANTS["dynamic_conv_layer"]
+    >>> entry.forward.__name__, entry.vjp.__name__
+    ('dynamic_conv_layer', 'dynamic_conv_layer_vjp')
+    >>> entry.layer, entry.depthwise, entry.linear, entry.temperature
+    (True, False, False, True)
     """
 
     name: str
@@ -254,14 +280,45 @@ def _backend(backend: str | Backend | None) -> Backend:
 
 def reference_forward(case: Case, backend: str | Backend | None = None,
                       dtype: str = "float64") -> Any:
-    """The reference output of ``case``, computed on ``backend`` (default NumPy) in ``dtype``."""
+    """The reference output of ``case``, computed on ``backend`` (default NumPy) in ``dtype``.
+
+    Examples
+    --------
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case, reference_forward
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5, 5),
+    ...                     kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding="same",
+    ...                     padding_mode="reflect", n_experts=3, bias=False)
+    >>> case = build_case("depthwise_condconv_layer", config, seed=1)
+    >>> y = reference_forward(case, "array_api_strict", "float32")
+    >>> y.shape, y.dtype
+    ((2, 4, 3, 3), array_api_strict.float32)
+    >>> type(reference_forward(case)).__name__
+    'ndarray'
+    """
     reference = VARIANTS[case.variant]
     return bind(reference.forward, case)(**case.arrays_on(backend, dtype))
 
 
 def reference_vjp(case: Case, cotangent: Any, backend: str | Backend | None = None,
                   dtype: str = "float64") -> dict[str, Any]:
-    """The reference gradients of ``case`` at ``cotangent`` (any array, copied to ``backend``)."""
+    """The reference gradients of ``case`` at ``cotangent`` (any array, copied to ``backend``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case, reference_vjp
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5, 5),
+    ...                     kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding="same",
+    ...                     padding_mode="reflect", n_experts=3, bias=False)
+    >>> case = build_case("depthwise_condconv_layer", config, seed=1)
+    >>> gradients = reference_vjp(case, np.ones((2, 4, 3, 3)), "array_api_strict:device1")
+    >>> {name: tuple(gradient.shape) for name, gradient in gradients.items()} == case.shapes
+    True
+    >>> gradients["x"].device
+    array_api_strict.Device('device1')
+    """
     chosen = _backend(backend)
     reference = VARIANTS[case.variant]
     cotangent = chosen.asarray(to_numpy(cotangent), dtype=dtype)
@@ -290,6 +347,23 @@ def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
     ------
     ValueError
         For an unknown variant, or a depthwise variant on a non-depthwise config.
+
+    Examples
+    --------
+    >>> import dataclasses
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5, 5),
+    ...                     kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding="same",
+    ...                     padding_mode="reflect", n_experts=3, bias=False)
+    >>> case = build_case("dynamic_conv_layer", config, seed=0, temperature=2.0)
+    >>> sorted(case.arrays), case.options["temperature"]
+    (['experts', 'fc1_weight', 'fc2_weight', 'x'], 2.0)
+    >>> build_case("depthwise_condconv", dataclasses.replace(config, groups=1))
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: build_case: variant 'depthwise_condconv' needs a depthwise config ... groups=1, ...
     """
     if variant not in VARIANTS:
         raise ValueError(f"build_case: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -318,8 +392,6 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 
 
 def _conv_arrays(config: ConvConfig, seed: int) -> Any:
-    from condconv_ref.testing.strategies import arrays_for
-
     return arrays_for(config, xp=np, seed=seed)
 
 

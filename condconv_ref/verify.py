@@ -61,6 +61,7 @@ import array_api_compat
 import numpy as np
 
 from condconv_ref import (
+    MemoryBudgetError,
     cond_linear,
     cond_linear_layer,
     cond_linear_layer_vjp,
@@ -90,7 +91,7 @@ from condconv_ref import (
 )
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
-from condconv_ref.testing import ConvConfig, check_vjp, conv_configs, default_tolerances
+from condconv_ref.testing import ConvConfig, check_vjp, default_tolerances
 from condconv_ref.testing._numerics import _check_kept
 from condconv_ref.testing.sampling import case_seed, draw_examples
 from condconv_ref.variants import Case as VariantCase
@@ -148,7 +149,15 @@ ORACLE = "SciPy oracle"
 
 
 class Measurement(NamedTuple):
-    """What one check measured on one case; a case passes when ``rel_err <= tol``."""
+    """What one check measured on one case; a case passes when ``rel_err <= tol``.
+
+    Examples
+    --------
+    >>> from condconv_ref.verify import Measurement
+    >>> measured = Measurement(abs_err=3e-17, rel_err=2e-16, tol=1e-12)
+    >>> measured.rel_err <= measured.tol, measured.detail
+    (True, '')
+    """
 
     abs_err: float
     rel_err: float
@@ -157,7 +166,23 @@ class Measurement(NamedTuple):
 
 
 class CheckSkipped(Exception):
-    """Raised by a check that cannot run here (e.g. SciPy missing); the message says why."""
+    """Raised by a check that cannot run here (e.g. SciPy missing); the message says why.
+
+    Examples
+    --------
+    A check that needs JAX, run alone in place of the registry :data:`CHECKS`:
+
+    >>> from condconv_ref import verify
+    >>> def needs_jax(case):
+    ...     raise verify.CheckSkipped("jax is not installed")
+    >>> registry, verify.CHECKS = verify.CHECKS, [verify.Check("conv", "jax oracle", needs_jax)]
+    >>> try:
+    ...     rows = verify.run(cases=1)
+    ... finally:
+    ...     verify.CHECKS = registry
+    >>> rows[0].status, rows[0].skipped
+    ('SKIP', 'jax is not installed')
+    """
 
 
 @dataclass(frozen=True)
@@ -166,6 +191,22 @@ class Case:
 
     ``config`` sizes the convolution ops (and, read as B, F_in = C, F_out = O,
     E, the linear ones); ``depthwise_config`` has ``groups == C``.
+
+    Examples
+    --------
+    One configuration serving as both (it is depthwise):
+
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> case.put([1.0, 2.0]).dtype
+    dtype('float32')
+    >>> case.rng(3).standard_normal() == case.rng(3).standard_normal()
+    True
     """
 
     index: int
@@ -187,7 +228,24 @@ class Case:
 @dataclass(frozen=True)
 class Check:
     """One registry entry: ``run(case)`` returns ``(abs_err, rel_err, tol)`` or a
-    :class:`Measurement`."""
+    :class:`Measurement`.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> check = verify.CHECKS[0]
+    >>> check.op, check.kind
+    ('conv', 'VJP vs finite diff.')
+    >>> measured = check.run(case)
+    >>> measured.rel_err <= measured.tol
+    True
+    """
 
     op: str
     kind: str
@@ -201,6 +259,14 @@ class Row:
     ``failed`` counts cases beyond tolerance or raising; ``tol_range`` is the
     smallest and largest tolerance applied; ``detail`` describes the first
     failing case, ``skipped`` the reason a check could not run.
+
+    Examples
+    --------
+    >>> from condconv_ref.verify import MOE, ORACLE, Row
+    >>> Row("conv", MOE, cases=2).status, Row("conv", MOE, cases=2, failed=1).status
+    ('PASS', 'FAIL')
+    >>> Row("conv", ORACLE, cases=0, skipped="scipy is not installed").status
+    'SKIP'
     """
 
     op: str
@@ -224,29 +290,49 @@ class Row:
 # ---------------------------------------------------------------- inputs of each op
 
 
-def _inputs(variant: str, *, depthwise: bool = False) -> Callable[[Case], VariantCase]:
-    """The builder of ``variant``'s case from a random :class:`Case` (its depthwise config
-    when ``depthwise``)."""
+_INPUTS_DOC = """The ``{variant}`` case of :data:`condconv_ref.variants.VARIANTS` for a random
+:class:`Case`{depthwise}, its arrays drawn from ``case.seed``.
+
+Examples
+--------
+>>> from condconv_ref import verify
+>>> from condconv_ref.backends import get_backend
+>>> from condconv_ref.testing import ConvConfig
+>>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+...                     padding_mode="zeros", n_experts=3, bias=True)
+>>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float64")
+>>> given = verify.{name}(case)
+>>> given.variant, given.seed
+('{variant}', 7)
+"""
+
+
+def _inputs(name: str, variant: str, *, depthwise: bool = False) -> Callable[[Case], VariantCase]:
+    """The builder ``name`` of ``variant``'s case from a random :class:`Case` (its depthwise
+    config when ``depthwise``)."""
 
     def inputs(case: Case) -> VariantCase:
         return build_case(variant, case.depthwise_config if depthwise else case.config, case.seed)
 
-    inputs.__name__ = f"{variant}_inputs"
-    inputs.__doc__ = f"The ``{variant}`` case of :data:`condconv_ref.variants.VARIANTS`."
+    inputs.__name__ = inputs.__qualname__ = name
+    inputs.__doc__ = _INPUTS_DOC.format(name=name, variant=variant,
+                                        depthwise=" (its depthwise config)" if depthwise else "")
     return inputs
 
 
-conv_inputs = _inputs("conv")
-mix_inputs = _inputs("mix_experts")
-route_sigmoid_inputs = _inputs("route_sigmoid")
-condconv_inputs = _inputs("condconv")
-condconv_layer_inputs = _inputs("condconv_layer")
-depthwise_inputs = _inputs("depthwise_condconv", depthwise=True)
-depthwise_layer_inputs = _inputs("depthwise_condconv_layer", depthwise=True)
-linear_inputs = _inputs("cond_linear")
-linear_layer_inputs = _inputs("cond_linear_layer")
-route_softmax_inputs = _inputs("route_softmax")
-dynamic_inputs = _inputs("dynamic_conv_layer")
+conv_inputs = _inputs("conv_inputs", "conv")
+mix_inputs = _inputs("mix_inputs", "mix_experts")
+route_sigmoid_inputs = _inputs("route_sigmoid_inputs", "route_sigmoid")
+condconv_inputs = _inputs("condconv_inputs", "condconv")
+condconv_layer_inputs = _inputs("condconv_layer_inputs", "condconv_layer")
+depthwise_inputs = _inputs("depthwise_inputs", "depthwise_condconv", depthwise=True)
+depthwise_layer_inputs = _inputs("depthwise_layer_inputs", "depthwise_condconv_layer",
+                                 depthwise=True)
+linear_inputs = _inputs("linear_inputs", "cond_linear")
+linear_layer_inputs = _inputs("linear_layer_inputs", "cond_linear_layer")
+route_softmax_inputs = _inputs("route_softmax_inputs", "route_softmax")
+dynamic_inputs = _inputs("dynamic_inputs", "dynamic_conv_layer")
 
 
 # ---------------------------------------------------------------- the other side of a comparison
@@ -342,7 +428,27 @@ def _cotangent(case: Case, output: Any) -> Any:
 
 def equivalence_check(op: str, kind: str, f: Callable[..., Any], g: Callable[..., Any],
                       inputs: Callable[[Case], VariantCase]) -> Check:
-    """A check that ``f`` and ``g`` give the same result on ``inputs(case)``."""
+    """A check that ``f`` and ``g`` give the same result on ``inputs(case)``.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> from condconv_ref import condconv, moe_condconv
+    >>> check = verify.equivalence_check("condconv", verify.MOE, condconv, moe_condconv,
+    ...                                  verify.condconv_inputs)
+    >>> measured = check.run(case)
+    >>> measured.rel_err <= measured.tol
+    True
+    >>> print(measured.detail)  # doctest: +NORMALIZE_WHITESPACE
+    condconv: x (2, 2, 5), experts (3, 4, 1, 3), routing (2, 3), bias (3, 4);
+    stride=(1,), padding=1, dilation=(1,), groups=2, padding_mode='zeros'
+    """
 
     def run(case: Case) -> Measurement:
         given = inputs(case)
@@ -358,7 +464,24 @@ def equivalence_check(op: str, kind: str, f: Callable[..., Any], g: Callable[...
 def vjp_equivalence_check(op: str, kind: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
                           g_vjp: Callable[..., Any],
                           inputs: Callable[[Case], VariantCase]) -> Check:
-    """A check that the VJPs ``f_vjp`` and ``g_vjp`` of ``f`` agree at a random cotangent."""
+    """A check that the VJPs ``f_vjp`` and ``g_vjp`` of ``f`` agree at a random cotangent.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> from condconv_ref import condconv, condconv_vjp, moe_condconv_vjp
+    >>> check = verify.vjp_equivalence_check("condconv", verify.MOE_VJP, condconv, condconv_vjp,
+    ...                                      moe_condconv_vjp, verify.condconv_inputs)
+    >>> measured = check.run(case)
+    >>> measured.rel_err <= measured.tol
+    True
+    """
 
     def run(case: Case) -> Measurement:
         given = inputs(case)
@@ -390,7 +513,25 @@ def _in_dtype(f_vjp: Callable[..., Any], case: Case) -> Callable[..., Any]:
 
 def gradient_check(op: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
                    inputs: Callable[[Case], VariantCase]) -> Check:
-    """A check of ``f_vjp`` against float64 finite differences of ``f`` (dot-product identity)."""
+    """A check of ``f_vjp`` against float64 finite differences of ``f`` (dot-product identity).
+
+    Examples
+    --------
+    The float32 VJP of ``conv`` against float64 finite differences:
+
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> from condconv_ref import conv, conv_vjp
+    >>> check = verify.gradient_check("conv", conv, conv_vjp, verify.conv_inputs)
+    >>> measured = check.run(case)
+    >>> check.kind, measured.rel_err <= measured.tol
+    ('VJP vs finite diff.', True)
+    """
 
     def run(case: Case) -> Measurement:
         given = inputs(case)
@@ -422,7 +563,25 @@ def gradient_check(op: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
 def oracle_check(op: str, f: Callable[..., Any], inputs: Callable[[Case], VariantCase],
                  oracle: Callable[[Mapping[str, np.ndarray], Any], np.ndarray]) -> Check:
     """A check of ``f`` against ``oracle(arrays, config)``, a float64 NumPy/SciPy computation
-    on the same (rounded) input values; skipped when SciPy is not installed."""
+    on the same (rounded) input values; skipped when SciPy is not installed.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> from condconv_ref import conv
+    >>> from condconv_ref.testing.oracles import scipy_conv
+    >>> def oracle(arrays, config):
+    ...     return scipy_conv(arrays["x"], arrays["kernel"], arrays.get("bias"), config)
+    >>> measured = verify.oracle_check("conv", conv, verify.conv_inputs, oracle).run(case)
+    >>> measured.rel_err <= measured.tol
+    True
+    """
 
     def run(case: Case) -> Measurement:
         if importlib.util.find_spec("scipy") is None:
@@ -481,7 +640,20 @@ CHECKS: list[Check] = [
 
 
 def draw_cases(backend: Backend, dtype: str, count: int, seed: int) -> list[Case]:
-    """``count`` cases: configurations from the test strategies, array seeds from ``seed``."""
+    """``count`` cases: configurations from the test strategies, array seeds from ``seed``.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> cases = verify.draw_cases(get_backend("numpy"), "float64", 2, seed=0)
+    >>> [case.index for case in cases], cases[1].depthwise_config.is_depthwise
+    ([0, 1], True)
+    >>> cases[0].seed == cases[1].seed
+    False
+    """
+    from condconv_ref.testing.strategies import conv_configs
+
     configs = draw_examples(conv_configs(), count, seed=seed)
     depthwise = draw_examples(conv_configs(depthwise=True), count, seed=seed)
     return [Case(i, case_seed(seed, i), config, depthwise_config, backend, dtype)
@@ -504,6 +676,8 @@ def _run_check(check: Check, cases: list[Case], advance: Callable[[int], None]) 
         except CheckSkipped as reason:
             advance(len(cases) - done)
             return Row(check.op, check.kind, cases=0, skipped=str(reason))
+        except MemoryBudgetError:  # the case is too large for the budget, not wrong: stop
+            raise
         except Exception as error:  # an op or a check that raises fails this case
             failed += 1
             detail = detail or f"case {case.index}: {type(error).__name__}: {error}"
@@ -553,6 +727,9 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
 
     Raises
     ------
+    condconv_ref.MemoryBudgetError
+        If a case needs more working memory than the budget: that stops the
+        run, as no check can be judged on a case that did not run.
     condconv_ref.backends.BackendUnavailable
         If the backend cannot be used here.
     ValueError, TypeError

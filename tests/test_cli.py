@@ -1,4 +1,6 @@
-"""``condconv-ref verify``: rows, exit status, one-line errors; and the library's ``verify.run``."""
+"""``condconv-ref verify``: rows, exit status, one-line errors; and the library's ``verify.run``.
+Every command reports a case beyond the memory budget in one line, and ``check`` imports the
+file it is given under its package's name when it has one."""
 
 from __future__ import annotations
 
@@ -6,11 +8,14 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from condconv_ref import conv, conv_vjp, verify
+import condconv_ref
+from condconv_ref import conv, conv_vjp, memory_budget, verify
 from condconv_ref.cli import main
+from condconv_ref.testing.checker import load_implementation
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -155,3 +160,99 @@ def test_console_script_runs_verify():
     out = _text(result.stdout)
     for check in verify.CHECKS:
         assert "PASS" in _row_line(out, check.op, check.kind)
+
+
+# ---------------------------------------------------------------- the memory budget
+
+FACTORY = ("from condconv_ref.variants import reference_forward\n\n\n"
+           "def factory():\n    return reference_forward\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["verify", "--cases", "1"],
+    ["golden", "write", "--out", "{folder}/set", "--variant", "conv"],
+    ["golden", "verify", "--variant", "conv"],
+    ["golden", "verify", "--variant", "conv", "--against", "{folder}/mine.py:factory"],
+    ["check", "{folder}/mine.py:factory", "--variant", "condconv_layer", "--examples", "2"],
+    ["gpu-check", "--backend", "numpy", "--cases", "1", "--variant", "conv", "--no-tf32",
+     "--no-torch"],
+], ids=["verify", "golden-write", "golden-verify", "golden-verify-against", "check",
+        "gpu-check"])
+def test_case_beyond_the_memory_budget_is_one_line_and_exit_2(argv, tmp_path, capsys):
+    (tmp_path / "mine.py").write_text(FACTORY)
+    with memory_budget(1):  # one byte: every case is beyond it
+        status = main([arg.format(folder=tmp_path) for arg in argv])
+    assert status == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"condconv-ref {argv[0]}: error: ")
+    assert "needs about" in line and "more than the memory budget of 1 B" in line
+
+
+# ---------------------------------------------------------------- check FILE.py:factory
+
+PACKAGE = "cli_checked_layers"
+
+
+@pytest.fixture
+def package(tmp_path):
+    """``PACKAGE/layers/impl.py``, which imports its neighbour ``shared.py`` relatively and
+    defines a dataclass; its modules leave ``sys.modules`` after the test."""
+    files = {
+        "__init__.py": "",
+        "layers/__init__.py": "",
+        "layers/shared.py": "from condconv_ref.variants import reference_forward\n\n\n"
+                            "def forward(case):\n    return reference_forward(case)\n",
+        "layers/impl.py": "from dataclasses import dataclass\n\nfrom .shared import forward\n\n\n"
+                          "@dataclass\nclass Settings:\n    name: str = 'mine'\n\n\n"
+                          "def factory():\n    return forward\n",
+    }
+    for name, text in files.items():
+        (tmp_path / PACKAGE / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / PACKAGE / name).write_text(text)
+    yield tmp_path / PACKAGE
+    for name in [name for name in sys.modules if name.split(".")[0] == PACKAGE]:
+        del sys.modules[name]
+
+
+def test_check_imports_a_package_file_under_its_package_name(package, capsys):
+    impl = package / "layers" / "impl.py"
+    assert main(["check", f"{impl}:factory", "--variant", "condconv_layer",
+                 "--examples", "3"]) == 0
+    assert "PASSED after 3 examples" in capsys.readouterr().out
+    assert sys.modules[f"{PACKAGE}.layers.impl"].__file__ == str(impl)
+    implementation = load_implementation(f"{impl}:factory")
+    assert implementation.forward.__module__ == f"{PACKAGE}.layers.shared"
+
+
+def test_check_of_a_file_of_this_package_reaches_its_factory(capsys):
+    """``condconv-ref check condconv_ref/conv.py:conv`` used to import conv.py standalone and
+    fail with an AttributeError; now the module is condconv_ref.conv and the factory runs."""
+    conv_file = Path(condconv_ref.__file__).parent / "conv.py"
+    assert main(["check", f"{conv_file}:conv", "--variant", "conv"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "conv() raised TypeError: conv: missing a required argument" in line
+    assert "AttributeError" not in line
+
+
+def test_check_still_imports_a_standalone_file_next_to_its_neighbours(tmp_path, capsys):
+    (tmp_path / "helper.py").write_text("from condconv_ref.variants import reference_forward\n")
+    (tmp_path / "mine.py").write_text(
+        "from dataclasses import dataclass\n\nfrom helper import reference_forward\n\n\n"
+        "@dataclass\nclass Settings:\n    name: str = 'mine'\n\n\n"
+        "def factory():\n    return reference_forward\n")
+    assert main(["check", f"{tmp_path / 'mine.py'}:factory", "--variant", "condconv",
+                 "--examples", "3"]) == 0
+    assert "PASSED after 3 examples" in capsys.readouterr().out
+
+
+def test_package_file_whose_name_imports_another_file_is_refused(tmp_path, capsys):
+    """A copy of this package elsewhere: its conv.py is condconv_ref.conv by name, and that
+    name is the installed module, so checking the copy would check the wrong file."""
+    copy = tmp_path / "condconv_ref"
+    copy.mkdir()
+    (copy / "__init__.py").write_text("")
+    (copy / "conv.py").write_text(FACTORY)
+    assert main(["check", f"{copy / 'conv.py'}:factory", "--variant", "conv"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "is module condconv_ref.conv of its package, but importing condconv_ref.conv gives" \
+        in line

@@ -29,8 +29,12 @@ from condconv_ref import golden
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NAMESPACES = ("condconv_ref", "condconv_ref.testing")
-# Public functions of the two namespaces whose docstrings have no Examples
-# section yet; every other one must have one.  Remove a name once its
+EXAMPLE_MODULES = NAMESPACES + ("condconv_ref.golden", "condconv_ref.verify",
+                                "condconv_ref.variants", "condconv_ref.backends",
+                                "condconv_ref.layouts", "condconv_ref.gpu")
+"""Modules whose every public function and class needs an Examples section."""
+# Public functions and classes of EXAMPLE_MODULES whose docstrings have no
+# Examples section yet; every other one must have one.  Remove a name once its
 # docstring gains an example.
 KNOWN_WITHOUT_EXAMPLES: set[str] = set()
 
@@ -99,13 +103,13 @@ def test_every_public_module_name_is_documented_or_points_to_its_page():
                 f"page that documents it")
 
 
-def test_public_functions_have_examples():
+def test_public_functions_and_classes_have_examples():
     without = []
-    for modname in NAMESPACES:
+    for modname in EXAMPLE_MODULES:
         module = importlib.import_module(modname)
         for name in _public_names(modname):
             obj = getattr(module, name)
-            if not inspect.isfunction(obj):
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)):
                 continue
             if not re.search(r"^Examples\n-{8}", inspect.getdoc(obj) or "", re.MULTILINE):
                 without.append(f"{modname}.{name}")

@@ -1,10 +1,17 @@
 """Test helpers for CondConv-style ops: closeness assertions, VJP checks, hypothesis strategies,
 and :func:`check_implementation`, which checks anyone's implementation against the reference.
 
+Only the strategies (:func:`cases`, :func:`condconv_inputs`, :func:`conv_configs`) and the
+functions that draw cases with them (:func:`check_implementation`) need hypothesis; the
+strategies are imported on first use, so everything else here works without it.
+
 ``condconv_ref.testing.torch_adapter`` (not imported here: it needs torch) turns a PyTorch
 module into the callables the checker takes.
 """
 
+from typing import TYPE_CHECKING, Any
+
+from condconv_ref._cases import CondConvArrays, ConvConfig, Supports, arrays_for
 from condconv_ref.testing._numerics import (
     VJPCheck,
     assert_close,
@@ -20,15 +27,9 @@ from condconv_ref.testing.checker import (
     Report,
     check_implementation,
 )
-from condconv_ref.testing.strategies import (
-    CondConvArrays,
-    ConvConfig,
-    Supports,
-    arrays_for,
-    cases,
-    condconv_inputs,
-    conv_configs,
-)
+
+if TYPE_CHECKING:
+    from condconv_ref.testing.strategies import cases, condconv_inputs, conv_configs
 
 __all__ = [
     "CondConvArrays",
@@ -50,3 +51,19 @@ __all__ = [
     "numerical_jvp",
     "numerical_vjp",
 ]
+
+_STRATEGIES = ("cases", "condconv_inputs", "conv_configs")
+
+
+def __getattr__(name: str) -> Any:
+    """The hypothesis strategies, imported from :mod:`condconv_ref.testing.strategies` on
+    first use (an ``ImportError`` naming hypothesis when it is not installed)."""
+    if name in _STRATEGIES:
+        from condconv_ref.testing import strategies
+
+        return getattr(strategies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -497,6 +497,18 @@ class VJPCheck:
         size of the terms, against which ``rtol`` applies.
     rtol, atol : float
         The tolerances used: the check is ``error <= atol + rtol * scale``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.testing import check_vjp
+    >>> def square(x):
+    ...     return x * x
+    >>> def square_vjp(cotangent, x):
+    ...     return {"x": 2 * x * cotangent}
+    >>> result = check_vjp(square, square_vjp, {"x": np.array([1.0, -2.0, 3.0])})
+    >>> result.name, result.error <= result.atol + result.rtol * result.scale
+    ('square', True)
     """
 
     name: str

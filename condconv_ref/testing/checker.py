@@ -62,17 +62,16 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, Verbosity, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis.errors import Flaky, Unsatisfiable
 
+from condconv_ref._cases import Supports
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing._numerics import default_tolerances
-from condconv_ref.testing.strategies import Supports, cases
 from condconv_ref.variants import LAYER_VARIANTS, VARIANTS, Case, reference_forward, reference_vjp
 
 __all__ = [
@@ -94,6 +93,18 @@ class Implementation:
     """An implementation to check: its ``forward``, optional ``vjp`` and what it ``supports``.
 
     See the module docstring for the protocol of ``forward`` and ``vjp``.
+
+    Examples
+    --------
+    The reference itself, declared to support 1-D inputs up to size 5 only:
+
+    >>> from condconv_ref.testing import Implementation, Supports, check_implementation
+    >>> from condconv_ref.variants import reference_forward, reference_vjp
+    >>> implementation = Implementation(reference_forward, reference_vjp,
+    ...                                 Supports(spatial_dims=(1,), max_size=5))
+    >>> report = check_implementation(implementation, variant="condconv_layer", max_examples=5)
+    >>> report.passed, report.checked_vjp
+    (True, True)
     """
 
     forward: Callable[[Case], Any]
@@ -121,6 +132,16 @@ class Mismatch:
         Elements beyond tolerance, and all elements.
     rtol, atol : float
         The tolerances used: ``atol = rtol * max|r|``.
+
+    Examples
+    --------
+    >>> print(Mismatch("forward", "raised ValueError: no 3-D support"))
+    forward: raised ValueError: no 3-D support
+    >>> print(Mismatch("output", "values differ", index=(0, 1), actual=2.5, reference=2.0,
+    ...                tolerance=1e-12, count=1, size=6, rtol=1e-12,
+    ...                atol=0.0))  # doctest: +NORMALIZE_WHITESPACE
+    output differs in 1 of 6 elements; worst at [0, 1]: actual 2.5, reference 2,
+    |diff| 0.5 > tolerance 1e-12 (rtol 1e-12, atol 0)
     """
 
     what: str
@@ -166,6 +187,18 @@ class Report:
     seconds : float
     note : str
         E.g. that the failure did not reproduce (a non-deterministic implementation).
+
+    Examples
+    --------
+    >>> from condconv_ref.testing import check_implementation
+    >>> from condconv_ref.variants import reference_forward
+    >>> report = check_implementation(reference_forward, variant="cond_linear_layer",
+    ...                               max_examples=5)
+    >>> report.passed, report.examples, report.checked_vjp, report.worst_ratio < 1
+    (True, 5, False, True)
+    >>> print(report)  # doctest: +ELLIPSIS
+    check_implementation: cond_linear_layer (forward, float64, seed 0): PASSED after 5 examples in ... s
+      largest error ... of the tolerance
     """
 
     variant: str
@@ -202,7 +235,23 @@ class Report:
 
 
 class ImplementationMismatch(AssertionError):
-    """Raised by :func:`check_implementation` when a case fails; ``.report`` has the details."""
+    """Raised by :func:`check_implementation` when a case fails; ``.report`` has the details.
+
+    Examples
+    --------
+    A layer that doubles its output fails on the smallest case:
+
+    >>> from condconv_ref.testing import ImplementationMismatch, check_implementation
+    >>> from condconv_ref.variants import reference_forward
+    >>> def doubled(case):
+    ...     return 2 * reference_forward(case)
+    >>> try:
+    ...     check_implementation(doubled, variant="cond_linear_layer", max_examples=10)
+    ... except ImplementationMismatch as error:
+    ...     report = error.report
+    >>> report.passed, report.mismatches[0].what, report.case.shapes
+    (False, 'output', {'x': (1, 1), 'experts': (1, 1, 1), 'route_weight': (1, 1)})
+    """
 
     def __init__(self, report: Report) -> None:
         super().__init__(str(report))
@@ -294,6 +343,8 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
     reference32 = _as_float64(reference_forward(case, search.backend, "float32"))
     try:
         actual = implementation.forward(case)
+    except MemoryBudgetError:
+        raise
     except Exception as error:
         return [_raised("forward", error)]
     scale = float(np.max(np.abs(reference), initial=0.0))
@@ -314,6 +365,8 @@ def _check_vjp(case: Case, vjp: Callable[[Case, Any], Any], shape: tuple[int, ..
     expected32 = reference_vjp(case, cotangent, search.backend, "float32")
     try:
         grads = vjp(case, cotangent)
+    except MemoryBudgetError:
+        raise
     except Exception as error:
         return [_raised("vjp", error)]
     if not isinstance(grads, Mapping):
@@ -410,6 +463,11 @@ def check_implementation(
         no case.
     condconv_ref.backends.BackendUnavailable
         If ``backend`` cannot be used here.
+    ModuleNotFoundError
+        Without hypothesis, which draws the cases.
+    condconv_ref.MemoryBudgetError
+        If a case needs more working memory than the budget, in the reference
+        or in the implementation: the case did not run, so it is no failure.
 
     Examples
     --------
@@ -440,6 +498,12 @@ def check_implementation(
     seed = check_positive_int("check_implementation", "seed", seed, minimum=0)
     implementation = _implementation(forward, vjp, supports)
     search = _Search(dtype, rtol, get_backend(backend) if isinstance(backend, str) else backend)
+    # Only the search needs hypothesis; the rest of the module works without it.
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis.errors import Flaky, Unsatisfiable
+
+    from condconv_ref.testing.strategies import cases
 
     @settings(max_examples=count, database=None, deadline=None, derandomize=False,
               phases=[Phase.generate, Phase.shrink], verbosity=Verbosity.quiet,
@@ -489,20 +553,72 @@ def _as_implementation(made: Any, source: str) -> Implementation:
                     f"a forward callable, or a (forward, vjp) pair")
 
 
+def _module_name(path: Path) -> tuple[str, Path | None]:
+    """The name to import ``path`` under, and the folder to import it from.
+
+    A file inside a package (its folder holds an ``__init__.py``) gets its
+    dotted name, e.g. ``condconv_ref.conv``, from the first parent folder that
+    is not a package; a standalone file a private name and no folder.
+    """
+    folder = path.parent
+    parts = [] if path.stem == "__init__" else [path.stem]
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if folder == path.parent or not all(part.isidentifier() for part in parts):
+        return f"_condconv_check_{path.stem}", None
+    return ".".join(parts), folder
+
+
+def _import_packaged(name: str, root: Path) -> ModuleType:
+    importlib.invalidate_caches()  # the file may be newer than the finders' listings
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(root))
+
+
+def _import_standalone(name: str, path: Path) -> ModuleType:
+    """``path`` as module ``name``, registered in ``sys.modules`` (where dataclasses and
+    pickle look modules up), with its own folder importable as when it runs as a script."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError("not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
 def load_implementation(target: str) -> Implementation:
     r"""Load ``"path/to/file.py:factory"``: import the file, call ``factory()``.
 
     The factory takes no arguments and returns an :class:`Implementation`
     (e.g. from :func:`condconv_ref.testing.torch_adapter.torch_implementation`),
-    a ``forward`` callable, or a ``(forward, vjp)`` pair.  The file runs as a
-    module named after it, with its own directory importable (as when it runs
-    as a script), so it can import its neighbours.
+    a ``forward`` callable, or a ``(forward, vjp)`` pair.
+
+    A file inside a package (a folder with an ``__init__.py``, and its parents
+    up to the first folder without one) is imported under its package-qualified
+    name, ``pkg.sub.file``, with the folder above the package importable, so
+    its relative imports work and a module that is already imported is not
+    imported twice.  Any other file runs as a module named after it, with its
+    own directory importable (as when it runs as a script), so it can import
+    its neighbours.
 
     Raises
     ------
     ValueError
-        For a malformed target, or a file that cannot be imported, or a
-        factory that is missing or raises (the message is one line).
+        For a malformed target, or a file that cannot be imported (or whose
+        package name imports another file), or a factory that is missing or
+        raises (the message is one line).
     OSError
         If the file does not exist.
     TypeError
@@ -517,6 +633,20 @@ def load_implementation(target: str) -> Implementation:
     ...     "def factory():\n    return reference_forward\n")
     >>> load_implementation(f"{folder / 'mine.py'}:factory").vjp is None
     True
+
+    A file of a package, ``my_layers/impl.py``, that imports its neighbour
+    relatively:
+
+    >>> (folder / "my_layers").mkdir()
+    >>> _ = (folder / "my_layers" / "__init__.py").write_text("")
+    >>> _ = (folder / "my_layers" / "forward.py").write_text(
+    ...     "from condconv_ref.variants import reference_forward\n"
+    ...     "def forward(case):\n    return reference_forward(case)\n")
+    >>> _ = (folder / "my_layers" / "impl.py").write_text(
+    ...     "from .forward import forward\n"
+    ...     "def factory():\n    return forward\n")
+    >>> load_implementation(f"{folder / 'my_layers' / 'impl.py'}:factory").forward.__module__
+    'my_layers.forward'
     """
     path_text, colon, name = str(target).rpartition(":")
     if not colon or not path_text or not name.isidentifier():
@@ -524,19 +654,20 @@ def load_implementation(target: str) -> Implementation:
     path = Path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"load_implementation: no such file {str(path)!r}")
-    spec = importlib.util.spec_from_file_location(f"_condconv_check_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"load_implementation: cannot import {str(path)!r} (not a Python file)")
-    module = importlib.util.module_from_spec(spec)
-    folder = str(path.resolve().parent)
-    sys.path.insert(0, folder)
+    module_name, root = _module_name(path.resolve())
     try:
-        spec.loader.exec_module(module)
+        if root is None:
+            module = _import_standalone(module_name, path.resolve())
+        else:
+            module = _import_packaged(module_name, root)
     except (Exception, SystemExit) as error:
         raise ValueError(f"load_implementation: importing {str(path)!r} raised "
                          f"{type(error).__name__}: {error}") from error
-    finally:
-        sys.path.remove(folder)
+    imported = getattr(module, "__file__", None)
+    if root is not None and (imported is None or Path(imported).resolve() != path.resolve()):
+        raise ValueError(f"load_implementation: {str(path)!r} is module {module_name} of its "
+                         f"package, but importing {module_name} gives {imported!r}; another "
+                         f"package of that name comes first on sys.path")
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ValueError(f"load_implementation: {str(path)!r} has no callable {name!r}")

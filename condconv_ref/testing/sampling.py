@@ -4,18 +4,21 @@
 strategies the test suite uses (:mod:`condconv_ref.testing.strategies`), and
 golden-vector writers can draw theirs the same way, so one ``seed`` names the
 same configurations everywhere (for one hypothesis version).
+
+Importing it does not import hypothesis (:func:`case_seed` does not need it);
+:func:`draw_examples` does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, Verbosity, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis import strategies as st
 
 from condconv_ref._validate import check_positive_int
+
+if TYPE_CHECKING:
+    from hypothesis import strategies as st
 
 __all__ = ["case_seed", "draw_examples"]
 
@@ -23,6 +26,9 @@ _MAX_ROUNDS = 100
 
 
 def _draw_round(strategy: st.SearchStrategy[Any], count: int, seed: int) -> list[Any]:
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis import seed as hypothesis_seed
+
     drawn: list[Any] = []
 
     @settings(max_examples=count, database=None, phases=[Phase.generate], deadline=None,

@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from condconv_ref._cases import Supports
 from condconv_ref.testing.checker import Implementation
-from condconv_ref.testing.strategies import Supports
 from condconv_ref.variants import Case
 
 __all__ = ["torch_implementation"]
