@@ -137,6 +137,175 @@ def _columns(x_padded: Any, kernel_spatial: tuple[int, ...], geometry: ConvGeome
 
 
 @dataclass(frozen=True)
+class _Flat:
+    """A convolution read along one flat axis of its padded input.
+
+    With the padded spatial axes flattened (C order), kernel offset κ starts at
+    flat position ``offsets[κ]`` and every offset reads the same arithmetic
+    progression from there: ``step`` apart, ``length`` long.  One slice per
+    offset therefore gathers what :func:`_offset_slices` gathers in one
+    strided slice per axis, but with a long inner loop (whole padded rows
+    instead of one output row).
+
+    The progression covers a *wide* grid: the padded grid's shape, with its
+    first axis cut to the rows the outputs reach.  The outputs are the
+    ``pick`` slices of the wide grid; the other positions ("gaps": the ends of
+    the padded rows) read real input too, and are dropped.  When all strides
+    are equal to ``s`` the progression steps ``s`` and the wide grid is (out₀,
+    padded₁, …); otherwise it steps 1 and ``pick`` takes every ``s_d``-th
+    position.  The slices may run past the padded input by less than one
+    padded row, so the flat input has ``rows`` rows, the padded ones followed
+    by zero rows (only gaps read them).
+    """
+
+    padded: tuple[int, ...]
+    offsets: tuple[int, ...]
+    step: int
+    wide: tuple[int, ...]
+    pick: tuple[slice, ...]
+    rows: int
+
+    @property
+    def row(self) -> int:
+        """Elements in one padded row (all axes but the first)."""
+        return math.prod(self.padded[1:])
+
+    @property
+    def length(self) -> int:
+        return math.prod(self.wide)
+
+    @property
+    def size(self) -> int:
+        """Length of the flat input, zero rows included."""
+        return self.rows * self.row
+
+    def taps(self) -> list[slice]:
+        """The flat slice read by each kernel offset, in :func:`_kernel_offsets` order."""
+        span = self.step * (self.length - 1) + 1
+        return [slice(offset, offset + span, self.step) for offset in self.offsets]
+
+    @property
+    def lead_rows(self) -> int:
+        """Zero rows ahead of the cotangent in :func:`_flat_cotangent`: enough for the largest offset."""
+        return -(-max(self.offsets) // self.row)
+
+    def adjoint_taps(self) -> list[slice]:
+        """Step 1 only: the slice of :func:`_flat_cotangent`'s output that offset κ adds to x̄.
+
+        Position q of the flat padded input is read by offset κ at wide
+        position ``q - offsets[κ]``, which sits at ``q - offsets[κ] + lead``
+        in the flat cotangent: x̄_q = Σ_κ M_κ ȳ_{q - offsets[κ]} is a
+        correlation with these slices, one per offset, each
+        ``prod(padded)`` long.
+        """
+        lead = self.lead_rows * self.row
+        span = math.prod(self.padded)
+        return [slice(lead - offset, lead - offset + span) for offset in self.offsets]
+
+
+def _flat_layout(padded: tuple[int, ...], kernel_spatial: tuple[int, ...],
+                 geometry: ConvGeometry) -> _Flat:
+    """The :class:`_Flat` reading of a padded input of spatial shape ``padded``."""
+    strides = [math.prod(padded[axis + 1:]) for axis in range(len(padded))]
+    offsets = tuple(
+        sum(o * d * p for o, d, p in zip(offset, geometry.dilation, strides))
+        for offset in _kernel_offsets(kernel_spatial)
+    )
+    step = geometry.stride[0] if len(set(geometry.stride)) == 1 else 1
+    every = [s // step for s in geometry.stride]  # pick every s/step-th wide position
+    reach = [r * (n - 1) + 1 for r, n in zip(every, geometry.out)]
+    wide = (reach[0],) + tuple(padded[1:])
+    pick = tuple(slice(0, n, r) for n, r in zip(reach, every))
+    last_read = max(offsets) + step * (math.prod(wide) - 1)
+    rows = max(padded[0], last_read // strides[0] + 1)
+    return _Flat(tuple(padded), offsets, step, wide, pick, rows)
+
+
+def _flat_input(x: Any, geometry: ConvGeometry, flat: _Flat, *, xp: ModuleType) -> Any:
+    """(B, C, *spatial) -> (B, C, size): padded as ``geometry`` says, flattened, zero rows added.
+
+    Zero padding writes ``x`` into one zeroed array; the other modes pad with
+    :func:`_pad` first.
+    """
+    lead = tuple(x.shape[:2])
+    extra = flat.rows - flat.padded[0]
+    if geometry.padding_mode != "zeros" and geometry.padded:
+        x = _pad(x, geometry, xp=xp)
+        pairs = ((0, extra),) + ((0, 0),) * (len(flat.padded) - 1)
+    else:
+        pairs = ((geometry.padding[0][0], geometry.padding[0][1] + extra),) + geometry.padding[1:]
+    if any(before or after for before, after in pairs):
+        region = tuple(slice(before, before + n) for (before, _), n in zip(pairs, x.shape[2:]))
+        grid = xp.zeros(lead + (flat.rows,) + flat.padded[1:], dtype=x.dtype,
+                        device=array_api_compat.device(x))
+        x = xpx.at(grid)[(slice(None), slice(None)) + region].set(x, xp=xp)
+    return xp.reshape(x, lead + (flat.size,))
+
+
+def _gather(source: Any, taps: list[slice], *, xp: ModuleType) -> Any:
+    """im2col along the flat axis: (..., n) -> (..., K, len), one row per slice in ``taps``."""
+    return xp.stack([source[..., taps_k] for taps_k in taps], axis=-2)
+
+
+def _scatter_flat(grad_columns: Any, flat: _Flat, *, xp: ModuleType) -> Any:
+    """Adjoint of :func:`_gather` with :meth:`_Flat.taps`: (..., K, length) -> (..., *padded)."""
+    lead = tuple(grad_columns.shape[:-2])
+    grad_flat = xp.zeros(lead + (flat.size,), dtype=grad_columns.dtype,
+                         device=array_api_compat.device(grad_columns))
+    for k, taps_k in enumerate(flat.taps()):
+        grad_flat = xpx.at(grad_flat)[..., taps_k].add(grad_columns[..., k, :], xp=xp)
+    return xp.reshape(grad_flat[..., :math.prod(flat.padded)], lead + flat.padded)
+
+
+def _narrow(wide: Any, flat: _Flat, *, xp: ModuleType) -> Any:
+    """(..., length) on the wide grid -> (..., *out): the outputs, without the gaps."""
+    lead = tuple(wide.shape[:-1])
+    return xp.reshape(wide, lead + flat.wide)[(...,) + flat.pick]
+
+
+def _widen(y: Any, flat: _Flat, *, xp: ModuleType) -> Any:
+    """Adjoint of :func:`_narrow`: (..., *out) -> (..., length), zeros in the gaps."""
+    lead = tuple(y.shape[:-len(flat.wide)])
+    wide = xp.zeros(lead + flat.wide, dtype=y.dtype, device=array_api_compat.device(y))
+    wide = xpx.at(wide)[(...,) + flat.pick].set(y, xp=xp)
+    return xp.reshape(wide, lead + (flat.length,))
+
+
+def _flat_cotangent(grad_y: Any, flat: _Flat, *, xp: ModuleType) -> Any:
+    """Step 1 only: (..., *out) -> (..., (lead_rows + padded₀)·row), what :meth:`_Flat.adjoint_taps` read.
+
+    The cotangent on the wide grid (whose rows are padded rows), ``lead_rows``
+    zero rows ahead of it and zeros wherever no output is.
+    """
+    lead = tuple(grad_y.shape[:-len(flat.padded)])
+    shape = (flat.lead_rows + flat.padded[0],) + flat.padded[1:]
+    grid = xp.zeros(lead + shape, dtype=grad_y.dtype, device=array_api_compat.device(grad_y))
+    first = flat.pick[0]
+    region = (slice(flat.lead_rows + first.start, flat.lead_rows + first.stop, first.step),
+              *flat.pick[1:])
+    grid = xpx.at(grid)[(...,) + region].set(grad_y, xp=xp)
+    return xp.reshape(grid, lead + (math.prod(shape),))
+
+
+def _without_gaps(columns: Any, flat: _Flat, *, xp: ModuleType) -> Any:
+    """``columns`` (..., length) with zeros in the gaps.
+
+    A product with a gradient that is zero in the gaps is zero there anyway,
+    unless the other factor is inf or NaN: then 0·inf = NaN would leak into a
+    sum the reference does not have.  Callers skip this pass when the factor
+    is finite.
+    """
+    device = array_api_compat.device(columns)
+    keep = xp.zeros(flat.wide, dtype=xp.bool, device=device)
+    keep = xp.reshape(xpx.at(keep)[flat.pick].set(True, xp=xp), (flat.length,))
+    return xp.where(keep, columns, xp.zeros((), dtype=columns.dtype, device=device))
+
+
+def _all_finite(a: Any, *, xp: ModuleType) -> bool:
+    return bool(xp.all(xp.isfinite(a)))
+
+
+@dataclass(frozen=True)
 class _Window:
     """Examples ``batch`` and output rows ``rows`` (first spatial axis) of one convolution.
 

@@ -7,9 +7,11 @@ its ``j``-th filter: the order of TensorFlow's ``depthwise_conv2d`` (kernel
 (kh, kw, C, m), output channel ``c·m + j``) and of PyTorch's ``groups=C``.
 
 The op equals :func:`condconv_ref.condconv` with ``groups=C`` but has its own
-fast path: instead of a matmul per 1×1 block, each kernel offset is one
-broadcast multiply-accumulate of a strided slice of the padded input with the
-per-example filters of that offset.
+fast path.  A matmul per 1×1 block over strided windows spends its time in
+loops over one output row at a time; here each (example, channel) row is
+flattened with its padding, so every kernel offset reads one long contiguous
+slice (see :class:`condconv_ref.conv._Flat`), and the rows are processed in
+chunks whose columns stay in cache.
 """
 
 from __future__ import annotations
@@ -38,7 +40,21 @@ from condconv_ref.condconv import (
     _mixed,
     _mixed_vjp,
 )
-from condconv_ref.conv import _bias_broadcast, _kernel_offsets, _offset_slices, _pad, _pad_vjp
+from condconv_ref.conv import (
+    _all_finite,
+    _bias_broadcast,
+    _Flat,
+    _flat_cotangent,
+    _flat_input,
+    _flat_layout,
+    _gather,
+    _narrow,
+    _pad_vjp,
+    _scatter_flat,
+    _widen,
+    _without_gaps,
+)
+from condconv_ref.memory import window_bytes
 
 __all__ = [
     "depthwise_condconv",
@@ -77,78 +93,119 @@ def _options(stride: Any, padding: Any, dilation: Any, padding_mode: Any) -> dic
 
 # ---------------------------------------------------------------- the fast path
 
+# The columns of one chunk of (example, channel) rows hold at most this many
+# bytes (at least one row).  Measured on S4 (forward + VJP, 2-core Xeon with
+# 2 MiB of L2 per core): 1-4 MiB chunks ran within the machine's noise of each
+# other; 8 MiB ones were 1.3-1.8x slower (the columns leave the cache) and
+# 256 KiB ones 2.5-3x slower (Python overhead per chunk of one or two rows).
+_CHUNK_BYTES = 2 * 2**20
 
-def _filters(kernel: Any, channels: int, *, xp: ModuleType) -> Any:
-    """(B, C·m, 1, *k) -> (B, C, m, K): filter j of channel c at each of the K kernel offsets."""
-    batch, out_channels = kernel.shape[:2]
-    return xp.reshape(kernel, (batch, channels, out_channels // channels, -1))
+
+def _rows(x: Any, kernel: Any, *, xp: ModuleType) -> tuple[Any, Any]:
+    """``x`` as (B·C, 1, *spatial) and the filters (B, C·m, 1, *k) as (B·C, m, K).
+
+    Row ``b·C + c`` is channel ``c`` of example ``b`` with its ``m`` filters:
+    output channel ``c·m + j`` of example ``b`` is row ``b·C + c``, filter ``j``.
+    """
+    batch, channels = x.shape[:2]
+    rows = batch * channels
+    x_rows = xp.reshape(x, (rows, 1) + tuple(x.shape[2:]))
+    filters = xp.reshape(kernel, (rows, kernel.shape[1] // channels, -1))
+    return x_rows, filters
 
 
-def _at_offset(filters: Any, index: int, nd: int, *, xp: ModuleType) -> Any:
-    """The filters of kernel offset ``index``, (B, C, m, 1, ...) to broadcast over positions."""
-    return xp.reshape(filters[..., index], tuple(filters.shape[:3]) + (1,) * nd)
+def _chunks(x: Any, flat: _Flat, *, xp: ModuleType) -> list[slice]:
+    """Consecutive row ranges whose columns fit :data:`_CHUNK_BYTES` (or the memory budget)."""
+    rows = x.shape[0] * x.shape[1]
+    row_bytes = len(flat.offsets) * flat.length * (xp.finfo(x.dtype).bits // 8)
+    step = max(1, window_bytes(_CHUNK_BYTES) // row_bytes)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _layout(x: Any, kernel: Any, geometry: ConvGeometry) -> _Flat:
+    padded = tuple(n + before + after for n, (before, after) in zip(x.shape[2:], geometry.padding))
+    return _flat_layout(padded, tuple(kernel.shape[3:]), geometry)
 
 
 def _depthwise_conv(x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, *,
                     xp: ModuleType) -> Any:
-    """Depthwise conv with per-example ``kernel`` (B, C·m, 1, *k) and ``bias`` (B, C·m) or None."""
+    """Depthwise conv with per-example ``kernel`` (B, C·m, 1, *k) and ``bias`` (B, C·m) or None.
+
+    Per chunk of rows: the flat columns (n, K, L) of the padded rows, one
+    (m, K) @ (K, L) matmul per row, then the gaps of the wide grid dropped.
+    """
     nd = x.ndim - 2
-    batch, channels = x.shape[:2]
-    filters = _filters(kernel, channels, xp=xp)
-    x_padded = _pad(x, geometry, xp=xp)
-    y = xp.zeros(tuple(filters.shape[:3]) + geometry.out, dtype=x.dtype,
+    x_rows, filters = _rows(x, kernel, xp=xp)
+    flat = _layout(x, kernel, geometry)
+    y = xp.empty((x_rows.shape[0], filters.shape[1]) + geometry.out, dtype=x.dtype,
                  device=array_api_compat.device(x))
-    for index, offset in enumerate(_kernel_offsets(tuple(kernel.shape[3:]))):
-        window = xp.expand_dims(x_padded[_offset_slices(offset, geometry)], axis=2)
-        y += _at_offset(filters, index, nd, xp=xp) * window
-    y = xp.reshape(y, (batch, kernel.shape[1]) + geometry.out)
+    for chunk in _chunks(x, flat, xp=xp):
+        columns = _gather(_flat_input(x_rows[chunk, ...], geometry, flat, xp=xp), flat.taps(),
+                          xp=xp)
+        y = xpx.at(y)[chunk, ...].set(
+            _narrow(filters[chunk, ...] @ columns[:, 0, ...], flat, xp=xp), xp=xp)
+    y = xp.reshape(y, (x.shape[0], kernel.shape[1]) + geometry.out)
     if bias is not None:
         y = y + _bias_broadcast(bias, nd, xp=xp)
     return y
 
 
-def _sum_over_positions(grad_y: Any, window: Any, *, xp: ModuleType) -> Any:
-    """(B, C, m, *out) · (B, C, 1, *out) summed over positions -> (B, C, m).
-
-    ``vecdot`` along the last axis reads the strided window in place; flattening
-    the positions first would copy it.
-    """
-    rows = xp.vecdot(grad_y, window, axis=-1)
-    return xp.sum(rows, axis=tuple(range(3, rows.ndim))) if rows.ndim > 3 else rows
-
-
-def _sum_over_multiplier(grad_y: Any, filters_at: Any, *, xp: ModuleType) -> Any:
-    r""":math:`\sum_j M_{b,c,j}\,\bar y_{b,c,j,p}`: (B, C, m, *out), (B, C, m, 1, ...) -> (B, C, *out).
-
-    For m = 1 this is a product; NumPy's ``vecdot`` over a length-1 axis is ~4x slower.
-    """
-    if grad_y.shape[2] == 1:
-        return grad_y[:, :, 0, ...] * filters_at[:, :, 0, ...]
-    return xp.vecdot(grad_y, filters_at, axis=-(grad_y.ndim - 2))
-
-
 def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry: ConvGeometry,
                         *, xp: ModuleType) -> dict[str, Any]:
-    """VJP of :func:`_depthwise_conv`: ``{"x", "kernel"}`` (+ ``"bias"``), per example."""
+    """VJP of :func:`_depthwise_conv`: ``{"x", "kernel"}`` (+ ``"bias"``), per example.
+
+    Per chunk of rows, with Ȳ widened to the wide grid (zeros in the gaps):
+    the filter gradient Ȳ Xᵀ, then x̄ from :func:`_padded_input_gradient` and
+    the padding's adjoint.
+    """
     nd = x.ndim - 2
-    filters = _filters(kernel, x.shape[1], xp=xp)
-    grad_y = xp.reshape(cotangent, tuple(filters.shape[:3]) + geometry.out)
-    x_padded = _pad(x, geometry, xp=xp)
-    grad_padded = xp.zeros(x_padded.shape, dtype=x.dtype, device=array_api_compat.device(x))
-    grad_filters = []
-    for index, offset in enumerate(_kernel_offsets(tuple(kernel.shape[3:]))):
-        region = _offset_slices(offset, geometry)
-        window = xp.expand_dims(x_padded[region], axis=2)
-        grad_filters.append(_sum_over_positions(grad_y, window, xp=xp))
-        grad_window = _sum_over_multiplier(grad_y, _at_offset(filters, index, nd, xp=xp), xp=xp)
-        grad_padded = xpx.at(grad_padded)[region].add(grad_window, xp=xp)
-    grads = {
-        "x": _pad_vjp(grad_padded, tuple(x.shape[2:]), geometry, xp=xp),
-        "kernel": xp.reshape(xp.stack(grad_filters, axis=-1), kernel.shape),
-    }
+    x_rows, filters = _rows(x, kernel, xp=xp)
+    flat = _layout(x, kernel, geometry)
+    grad_y = xp.reshape(cotangent, tuple(filters.shape[:2]) + geometry.out)
+    device = array_api_compat.device(x)
+    grad_x = xp.empty(x_rows.shape, dtype=x.dtype, device=device)
+    grad_filters = xp.empty(filters.shape, dtype=x.dtype, device=device)
+    for chunk in _chunks(x, flat, xp=xp):
+        x_chunk, grad_y_chunk = x_rows[chunk, ...], grad_y[chunk, ...]
+        columns = _gather(_flat_input(x_chunk, geometry, flat, xp=xp), flat.taps(),
+                          xp=xp)[:, 0, ...]
+        if not _all_finite(x_chunk, xp=xp):
+            columns = _without_gaps(columns, flat, xp=xp)
+        grad_wide = _widen(grad_y_chunk, flat, xp=xp)
+        grad_filters = xpx.at(grad_filters)[chunk, ...].set(
+            grad_wide @ xp.matrix_transpose(columns), xp=xp)
+        grad_padded = _padded_input_gradient(grad_y_chunk, grad_wide, filters[chunk, ...], flat,
+                                             xp=xp)
+        grad_x = xpx.at(grad_x)[chunk, ...].set(
+            _pad_vjp(grad_padded, tuple(x.shape[2:]), geometry, xp=xp), xp=xp)
+    grads = {"x": xp.reshape(grad_x, x.shape), "kernel": xp.reshape(grad_filters, kernel.shape)}
     if bias is not None:
         grads["bias"] = xp.sum(cotangent, axis=tuple(range(2, 2 + nd)))
     return grads
+
+
+def _padded_input_gradient(grad_y: Any, grad_wide: Any, filters: Any, flat: _Flat, *,
+                           xp: ModuleType) -> Any:
+    r"""The gradient of the padded rows, (n, 1, \*padded), from Ȳ (n, m, \*out) and M (n, m, K).
+
+    :math:`\bar{\tilde x}_q = \sum_{j,\kappa} M_{j\kappa}\,\bar y_{j,\,q - o_\kappa}` over
+    the outputs that read q.  With step 1 and finite filters this is a
+    correlation of the cotangent (zeros where no output is) with the filters:
+    one (1, m·K) @ (m·K, prod(padded)) matmul per row.  Otherwise (a stride
+    above 1, or inf/NaN in the filters, where 0·inf would add NaN terms the
+    sum does not have) the column gradient :math:`M^\top \bar Y` is formed
+    with its gaps zeroed and scatter-added, one slice per offset.
+    """
+    rows, multiplier = filters.shape[:2]
+    if flat.step == 1 and _all_finite(filters, xp=xp):
+        columns = _gather(_flat_cotangent(grad_y, flat, xp=xp), flat.adjoint_taps(), xp=xp)
+        grad_flat = (xp.reshape(filters, (rows, 1, -1))
+                     @ xp.reshape(columns, (rows, -1, columns.shape[-1])))
+        return xp.reshape(grad_flat, (rows, 1) + flat.padded)
+    # (n, m, K, 1) * (n, m, 1, L) summed over m; a matmul with inner size m = 1
+    # runs NumPy's slow generic loop.
+    grad_columns = xp.sum(filters[..., None] * grad_wide[:, :, None, :], axis=1)
+    return _scatter_flat(_without_gaps(grad_columns, flat, xp=xp)[:, None, ...], flat, xp=xp)
 
 
 # ---------------------------------------------------------------- public ops
@@ -195,11 +252,13 @@ def depthwise_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *,
         y_{b,\,cm+j,\,p} = \sum_\kappa M_{b,\,cm+j,\,0,\,\kappa}\;
                            \tilde x_{b,\,c,\,s p + d\kappa} + \mu_{b,\,cm+j}.
 
-    This is :func:`condconv` with ``groups=C``, computed without matmuls: for
-    each offset :math:`\kappa` the slice :math:`\tilde x_{b,c,sp+d\kappa}`
-    (B, C, 1, \*out) is multiplied by the filters :math:`M_{b,c,j,\kappa}`
-    (B, C, m, 1, ...) and accumulated.  Memory stays at a few arrays of the
-    output's size; the input is never copied K times.
+    This is :func:`condconv` with ``groups=C``, computed one (example,
+    channel) row at a time: the row is padded and flattened, so that kernel
+    offset :math:`\kappa` reads one long slice of it (the outputs plus the
+    ends of the padded rows, dropped afterwards), and the row's output is one
+    (m, K) @ (K, positions) matmul with those slices as columns.  Rows are
+    processed in chunks whose columns take about 2 MiB, so memory stays near
+    the size of the input and output.
 
     Examples
     --------
@@ -251,9 +310,11 @@ def depthwise_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, b
         \bar{\tilde x}_{b,c,q} = \sum_{j,\kappa,p\,:\,sp+d\kappa=q} M_{b,o,0,\kappa}\,\bar y_{b,o,p},
         \qquad \bar\mu_{b,o} = \sum_p \bar y_{b,o,p}.
 
-    Per offset, :math:`\bar M` is a dot product over positions with the same
-    slice the forward read, and :math:`\sum_j M\bar y` is scatter-added onto
-    that slice of :math:`\bar{\tilde x}`; the padding's adjoint then gives
+    Per row, :math:`\bar M` is :math:`\bar Y X^\top` with the columns
+    :math:`X` the forward read, and :math:`\bar{\tilde x}` is a correlation
+    of the cotangent with the filters (stride 1), or the column gradient
+    :math:`M^\top \bar Y` scatter-added onto the slices it came from (other
+    strides, or filters holding inf or NaN); the padding's adjoint then gives
     :math:`\bar x`.  Through the mixing,
 
     .. math::

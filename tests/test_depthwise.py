@@ -146,6 +146,35 @@ def test_depthwise_equals_mixture_of_experts(backend, dtype, config, seed):
                            forward_roundings(config), "depthwise_condconv vs moe_condconv")
 
 
+# inf - inf and 0 · inf are NaN, and NumPy says so.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("where", ["x", "experts"])
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@given(config=depthwise_configs(), seed=seeds(), data=st.data())
+def test_depthwise_has_the_nan_and_inf_pattern_of_grouped_condconv(backend, where, value, config,
+                                                                   seed, data):
+    """One non-finite entry in x or in the experts reaches exactly what it reaches in the
+    grouped condconv reference, forward and VJP: the fast path's gaps (wide-grid positions
+    that are not outputs) and its correlation for x̄ must not add 0 · inf terms."""
+    args = op_args(arrays_for(config, xp=backend.xp, device=backend.device, dtype="float64",
+                              seed=seed))
+    spoiled = to_numpy(args[where]).copy()
+    spoiled[tuple(data.draw(st.integers(0, n - 1), label=f"index {axis}")
+                  for axis, n in enumerate(spoiled.shape))] = value
+    args[where] = backend.asarray(spoiled)
+    cotangent = backend.asarray(np.random.default_rng(seed).standard_normal(config.output_shape))
+    results = {"y": depthwise_condconv(**args, **depthwise_options(config)),
+               **depthwise_condconv_vjp(cotangent, **args, **depthwise_options(config))}
+    expected = {"y": condconv(**args, **config.options()),
+                **condconv_vjp(cotangent, **args, **config.options())}
+    assert sorted(results) == sorted(expected)
+    for name, result in results.items():
+        actual, desired = to_numpy(result), to_numpy(expected[name])
+        assert np.array_equal(np.isnan(actual), np.isnan(desired)), f"{name}: NaN pattern"
+        assert np.array_equal(actual == math.inf, desired == math.inf), f"{name}: +inf pattern"
+        assert np.array_equal(actual == -math.inf, desired == -math.inf), f"{name}: -inf pattern"
+
+
 @given(config=depthwise_configs(), seed=seeds())
 def test_depthwise_layer_equals_grouped_condconv_layer(backend, config, seed):
     arrays = arrays_for(config, xp=backend.xp, device=backend.device, seed=seed)

@@ -3,7 +3,8 @@
 The columns of a convolution (im2col) hold K = prod(k) copies of the input; for
 a large batch, building them for the whole batch at once would dwarf
 everything else.  The ops build them one window (examples, or output rows of
-one example) at a time, at most ``conv._WINDOW_BYTES`` each.  The bound
+one example) at a time, at most ``conv._WINDOW_BYTES`` each (depthwise: one
+chunk of (example, channel) rows, ``depthwise._CHUNK_BYTES``).  The bound
 checked here is
 
     peak extra bytes <= 2 * (inputs + outputs) + 2 * _WINDOW_BYTES
@@ -32,9 +33,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from condconv_ref import condconv, condconv_vjp, conv, conv_vjp
+from condconv_ref import (
+    condconv,
+    condconv_vjp,
+    conv,
+    conv_vjp,
+    depthwise_condconv,
+    depthwise_condconv_vjp,
+)
 
 conv_module = importlib.import_module("condconv_ref.conv")
+depthwise_module = importlib.import_module("condconv_ref.depthwise")
 
 WINDOW_BYTES = 2**20
 # (op, B, C = O, spatial, k, padding_mode, per-example kernel); float32 inputs of 256 KiB,
@@ -44,7 +53,12 @@ CASES = {
     "conv-one-large-example": ("conv", 1, 4, (128, 128), 5, "zeros", False),
     "conv-3d": ("conv", 4, 4, (16, 16, 16), 3, "zeros", False),
     "condconv-reflect-padding": ("condconv", 16, 4, (32, 32), 5, "reflect", True),
+    # Depthwise builds its columns per chunk of (example, channel) rows (_CHUNK_BYTES).
+    "depthwise-zeros": ("depthwise", 16, 16, (32, 32), 5, "zeros", True),
+    "depthwise-circular-3d": ("depthwise", 4, 8, (16, 16, 16), 3, "circular", True),
 }
+OPS = {"conv": (conv, conv_vjp), "condconv": (condconv, condconv_vjp),
+       "depthwise": (depthwise_condconv, depthwise_condconv_vjp)}
 
 
 def array_bytes(a: Any) -> int:
@@ -70,8 +84,9 @@ def make_arrays(backend, op, batch, channels, spatial, k, per_example):
     rng = np.random.default_rng(0)
     nd = len(spatial)
     x = rng.standard_normal((batch, channels) + spatial)
-    if op == "condconv":
-        args = {"x": x, "experts": rng.standard_normal((3, channels, channels) + (k,) * nd),
+    if op in ("condconv", "depthwise"):
+        in_per_group = 1 if op == "depthwise" else channels
+        args = {"x": x, "experts": rng.standard_normal((3, channels, in_per_group) + (k,) * nd),
                 "routing": rng.uniform(size=(batch, 3)), "bias": rng.standard_normal((3, channels))}
     else:
         lead = (batch,) if per_example else ()
@@ -88,11 +103,12 @@ def test_peak_extra_memory_is_a_small_multiple_of_inputs_and_outputs(backend, ca
     if backend.name.split(":")[0] not in ("numpy", "array_api_strict"):
         pytest.skip(f"tracemalloc does not see {backend.name} allocations")
     op, batch, channels, spatial, k, padding_mode, per_example = CASES[case]
-    forward, vjp = (condconv, condconv_vjp) if op == "condconv" else (conv, conv_vjp)
+    forward, vjp = OPS[op]
     args, cotangent = make_arrays(backend, op, batch, channels, spatial, k, per_example)
     options = {"padding": k // 2, "padding_mode": padding_mode}
     whole_batch_columns = array_bytes(args["x"]) * k ** len(spatial)
     monkeypatch.setattr(conv_module, "_WINDOW_BYTES", WINDOW_BYTES)
+    monkeypatch.setattr(depthwise_module, "_CHUNK_BYTES", WINDOW_BYTES)
     window_allowance = 2 * WINDOW_BYTES
 
     # Warm up on a small input: first calls allocate one-off caches and imports.
