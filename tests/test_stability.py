@@ -352,6 +352,81 @@ def test_nan_in_the_cotangent_reaches_exactly_the_inputs_and_kernel_rows_it_read
         assert np.array_equal(np.isnan(grads["bias"]), np.arange(config.out_channels) == o)
 
 
+def reads_through(config: ConvConfig, axis: int, tap: int) -> np.ndarray:
+    """Boolean (n,) along ``axis``: the input positions some output reads through kernel ``tap``."""
+    (before, after), size = config.padding_pairs[axis], config.spatial[axis]
+    source = source_indices(size, before, after, config.padding_mode)
+    padded = config.stride[axis] * np.arange(config.output_shape[2 + axis]) \
+        + config.dilation[axis] * tap
+    mask = np.zeros(size, dtype=bool)
+    mask[source[padded][source[padded] >= 0]] = True
+    return mask
+
+
+def tap_mask(config: ConvConfig, taps: tuple[int, ...]) -> np.ndarray:
+    """Boolean (*spatial): the input positions some output reads through kernel offset ``taps``."""
+    mask = np.ones((), dtype=bool)
+    for axis, tap in enumerate(taps):
+        mask = np.multiply.outer(mask, reads_through(config, axis, tap))
+    return mask
+
+
+# 0 · inf and inf - inf are NaN, and NumPy says so.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@given(config=conv_configs(spatial_dims=(1, 2)), data=st.data())
+def test_non_finite_input_spoils_exactly_the_kernel_taps_that_read_it(backend, value, config,
+                                                                      data):
+    """x̄ does not depend on x: it stays as it was.  W̄[o, c', κ] sums ȳ · x over the outputs
+    that read x through offset κ, so exactly the taps κ that read the pixel go non-finite,
+    in the pixel's channel and group (the VJP's gaps must not add any other)."""
+    case = build_case("conv", config, seed=0)
+    pixel = tuple(data.draw(st.integers(0, n - 1), label=f"index {axis}")
+                  for axis, n in enumerate(config.x_shape))
+    arrays = case.arrays_on(backend)
+    x = to_numpy(arrays["x"]).copy()
+    x[pixel] = value
+    cotangent = backend.asarray(np.random.default_rng(1).standard_normal(config.output_shape))
+    clean = {k: to_numpy(g) for k, g in conv_vjp(cotangent, **arrays, **case.options).items()}
+    grads = {k: to_numpy(g) for k, g in conv_vjp(cotangent, **{**arrays, "x": backend.asarray(x)},
+                                                 **case.options).items()}
+    assert_close(grads["x"], clean["x"], name="x gradient")
+    c = pixel[1]
+    expected = np.zeros(grads["kernel"].shape, dtype=bool)
+    for taps in np.ndindex(*config.kernel):
+        expected[(same_group(config)[:, c], c % (config.in_channels // config.groups)) + taps] = \
+            tap_mask(config, taps)[tuple(pixel[2:])]
+    assert np.array_equal(~np.isfinite(grads["kernel"]), expected)
+    assert_close(grads["kernel"][~expected], clean["kernel"][~expected], name="other taps")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@given(config=conv_configs(spatial_dims=(1, 2)), data=st.data())
+def test_non_finite_kernel_tap_spoils_exactly_the_inputs_it_reads(backend, value, config, data):
+    """W̄ does not depend on W: it stays as it was.  x̄ at input (b, c, i) sums W · ȳ over
+    the outputs and offsets that read it, so a non-finite W[o, c', κ] spoils exactly the
+    positions read through κ, in every example, in input channel c' of o's group."""
+    case = build_case("conv", config, seed=0)
+    arrays = case.arrays_on(backend)
+    kernel = to_numpy(arrays["kernel"]).copy()
+    entry = tuple(data.draw(st.integers(0, n - 1), label=f"index {axis}")
+                  for axis, n in enumerate(kernel.shape))
+    kernel[entry] = value
+    cotangent = backend.asarray(np.random.default_rng(1).standard_normal(config.output_shape))
+    clean = {k: to_numpy(g) for k, g in conv_vjp(cotangent, **arrays, **case.options).items()}
+    grads = {k: to_numpy(g) for k, g in conv_vjp(
+        cotangent, **{**arrays, "kernel": backend.asarray(kernel)}, **case.options).items()}
+    assert_close(grads["kernel"], clean["kernel"], name="kernel gradient")
+    o, c_in, *taps = entry
+    per_group = config.in_channels // config.groups
+    channel = o // (config.out_channels // config.groups) * per_group + c_in
+    expected = np.zeros(grads["x"].shape, dtype=bool)
+    expected[:, channel] = tap_mask(config, tuple(taps))
+    assert np.array_equal(~np.isfinite(grads["x"]), expected)
+    assert_close(grads["x"][~expected], clean["x"][~expected], name="other inputs")
+
+
 def _example_spoiled(result: np.ndarray, clean: np.ndarray, b: int, name: str) -> None:
     assert np.isnan(result[b]).all(), f"{name}: example {b} is not entirely NaN"
     others = np.arange(result.shape[0]) != b
