@@ -16,6 +16,7 @@ chunks whose columns stay in cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -154,9 +155,7 @@ def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry
                         *, xp: ModuleType) -> dict[str, Any]:
     """VJP of :func:`_depthwise_conv`: ``{"x", "kernel"}`` (+ ``"bias"``), per example.
 
-    Per chunk of rows, with Ȳ widened to the wide grid (zeros in the gaps):
-    the filter gradient Ȳ Xᵀ, then x̄ from :func:`_padded_input_gradient` and
-    the padding's adjoint.
+    Chunk by chunk of rows (:func:`_chunk_vjp`), then the padding's adjoint.
     """
     nd = x.ndim - 2
     x_rows, filters = _rows(x, kernel, xp=xp)
@@ -166,16 +165,10 @@ def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry
     grad_x = xp.empty(x_rows.shape, dtype=x.dtype, device=device)
     grad_filters = xp.empty(filters.shape, dtype=x.dtype, device=device)
     for chunk in _chunks(x, flat, xp=xp):
-        x_chunk, grad_y_chunk = x_rows[chunk, ...], grad_y[chunk, ...]
-        columns = _gather(_flat_input(x_chunk, geometry, flat, xp=xp), flat.taps(),
-                          xp=xp)[:, 0, ...]
-        if not _all_finite(x_chunk, xp=xp):
-            columns = _without_gaps(columns, flat, xp=xp)
-        grad_wide = _widen(grad_y_chunk, flat, xp=xp)
-        grad_filters = xpx.at(grad_filters)[chunk, ...].set(
-            grad_wide @ xp.matrix_transpose(columns), xp=xp)
-        grad_padded = _padded_input_gradient(grad_y_chunk, grad_wide, filters[chunk, ...], flat,
-                                             xp=xp)
+        chunk_grad_filters, grad_padded = _chunk_vjp(
+            _flat_input(x_rows[chunk, ...], geometry, flat, xp=xp), grad_y[chunk, ...],
+            filters[chunk, ...], flat, xp=xp)
+        grad_filters = xpx.at(grad_filters)[chunk, ...].set(chunk_grad_filters, xp=xp)
         grad_x = xpx.at(grad_x)[chunk, ...].set(
             _pad_vjp(grad_padded, tuple(x.shape[2:]), geometry, xp=xp), xp=xp)
     grads = {"x": xp.reshape(grad_x, x.shape), "kernel": xp.reshape(grad_filters, kernel.shape)}
@@ -184,28 +177,49 @@ def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry
     return grads
 
 
-def _padded_input_gradient(grad_y: Any, grad_wide: Any, filters: Any, flat: _Flat, *,
-                           xp: ModuleType) -> Any:
-    r"""The gradient of the padded rows, (n, 1, \*padded), from Ȳ (n, m, \*out) and M (n, m, K).
+def _chunk_vjp(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
+               xp: ModuleType) -> tuple[Any, Any]:
+    r"""Filter gradient (n, m, K) and padded-input gradient (n, 1, \*padded) of a chunk of rows.
 
-    :math:`\bar{\tilde x}_q = \sum_{j,\kappa} M_{j\kappa}\,\bar y_{j,\,q - o_\kappa}` over
-    the outputs that read q.  With step 1 and finite filters this is a
-    correlation of the cotangent (zeros where no output is) with the filters:
-    one (1, m·K) @ (m·K, prod(padded)) matmul per row.  Otherwise (a stride
-    above 1, or inf/NaN in the filters, where 0·inf would add NaN terms the
-    sum does not have) the column gradient :math:`M^\top \bar Y` is formed
-    with its gaps zeroed and scatter-added, one slice per offset.
+    ``x_flat`` is the rows' flat padded input (n, 1, size), ``grad_y`` their
+    cotangent (n, m, \*out) and ``filters`` (n, m, K).  Both gradients sum over
+    the outputs p that read an input through an offset κ:
+
+    .. math::
+
+        \bar M_{j\kappa} = \sum_p \bar y_{jp}\,\tilde x_{p + o_\kappa},\qquad
+        \bar{\tilde x}_q = \sum_{j,\kappa} M_{j\kappa}\,\bar y_{j,\,q - o_\kappa}.
+
+    With step 1 and everything finite, both are products with the columns of
+    the cotangent, :math:`C_{(j\kappa),q} = \bar y_{j,\,q-o_\kappa}` (zero where no
+    output is): :math:`\bar M = \tilde x C^\top` and :math:`\bar{\tilde x} = M C`,
+    one gather for both.  Otherwise (a stride above 1, or inf/NaN in x or the
+    filters, where 0·inf would add NaN terms the sums do not have) the columns
+    :math:`X` of the input give :math:`\bar M = \bar Y X^\top`, and the column
+    gradient :math:`M^\top \bar Y` is scatter-added back; a factor that is not
+    finite has its gaps zeroed first (:func:`condconv_ref.conv._without_gaps`).
     """
-    rows, multiplier = filters.shape[:2]
-    if flat.step == 1 and _all_finite(filters, xp=xp):
+    rows = filters.shape[0]
+    x_finite, filters_finite = _all_finite(x_flat, xp=xp), _all_finite(filters, xp=xp)
+    if flat.step == 1 and x_finite and filters_finite:
+        span = math.prod(flat.padded)
         columns = _gather(_flat_cotangent(grad_y, flat, xp=xp), flat.adjoint_taps(), xp=xp)
-        grad_flat = (xp.reshape(filters, (rows, 1, -1))
-                     @ xp.reshape(columns, (rows, -1, columns.shape[-1])))
-        return xp.reshape(grad_flat, (rows, 1) + flat.padded)
-    # (n, m, K, 1) * (n, m, 1, L) summed over m; a matmul with inner size m = 1
-    # runs NumPy's slow generic loop.
+        columns = xp.reshape(columns, (rows, -1, span))
+        grad_filters = x_flat[..., :span] @ xp.matrix_transpose(columns)
+        grad_padded = xp.reshape(filters, (rows, 1, -1)) @ columns
+        return (xp.reshape(grad_filters, filters.shape),
+                xp.reshape(grad_padded, (rows, 1) + flat.padded))
+    columns = _gather(x_flat, flat.taps(), xp=xp)[:, 0, ...]
+    if not x_finite:
+        columns = _without_gaps(columns, flat, xp=xp)
+    grad_wide = _widen(grad_y, flat, xp=xp)
+    # (n, m, K, 1) * (n, m, 1, L) summed over m: NumPy runs a matmul with inner
+    # size m = 1 in a slow generic loop.
     grad_columns = xp.sum(filters[..., None] * grad_wide[:, :, None, :], axis=1)
-    return _scatter_flat(_without_gaps(grad_columns, flat, xp=xp)[:, None, ...], flat, xp=xp)
+    if not filters_finite:
+        grad_columns = _without_gaps(grad_columns, flat, xp=xp)
+    return (grad_wide @ xp.matrix_transpose(columns),
+            _scatter_flat(grad_columns[:, None, ...], flat, xp=xp))
 
 
 # ---------------------------------------------------------------- public ops
@@ -310,12 +324,14 @@ def depthwise_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, b
         \bar{\tilde x}_{b,c,q} = \sum_{j,\kappa,p\,:\,sp+d\kappa=q} M_{b,o,0,\kappa}\,\bar y_{b,o,p},
         \qquad \bar\mu_{b,o} = \sum_p \bar y_{b,o,p}.
 
-    Per row, :math:`\bar M` is :math:`\bar Y X^\top` with the columns
-    :math:`X` the forward read, and :math:`\bar{\tilde x}` is a correlation
-    of the cotangent with the filters (stride 1), or the column gradient
-    :math:`M^\top \bar Y` scatter-added onto the slices it came from (other
-    strides, or filters holding inf or NaN); the padding's adjoint then gives
-    :math:`\bar x`.  Through the mixing,
+    Per row, at stride 1 with finite inputs, both sums are products with
+    one set of columns, those of the cotangent shifted by each offset:
+    :math:`\bar M` with the padded input and :math:`\bar{\tilde x}` with the
+    filters.  Otherwise (other strides, or inf/NaN, where a product with a
+    zero that is not in the sums would make a NaN) :math:`\bar M = \bar Y
+    X^\top` with the input's columns :math:`X`, and the column gradient
+    :math:`M^\top \bar Y` is scatter-added onto the slices it came from.  The
+    padding's adjoint then gives :math:`\bar x`.  Through the mixing,
 
     .. math::
 
