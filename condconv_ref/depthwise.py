@@ -115,10 +115,16 @@ def _rows(x: Any, kernel: Any, *, xp: ModuleType) -> tuple[Any, Any]:
     return x_rows, filters
 
 
-def _chunks(x: Any, flat: _Flat, *, xp: ModuleType) -> list[slice]:
-    """Consecutive row ranges whose columns fit :data:`_CHUNK_BYTES` (or the memory budget)."""
+def _chunks(x: Any, kernel: Any, flat: _Flat, *, xp: ModuleType) -> list[slice]:
+    """Consecutive row ranges whose columns fit :data:`_CHUNK_BYTES` (or the memory budget).
+
+    A row's columns are its input's K slices (forward) or its cotangent's m·K
+    padded-length slices (VJP, :func:`_chunk_vjp`); the larger counts.
+    """
     rows = x.shape[0] * x.shape[1]
-    row_bytes = len(flat.offsets) * flat.length * (xp.finfo(x.dtype).bits // 8)
+    multiplier = kernel.shape[1] // x.shape[1]
+    per_row = max(flat.length, multiplier * math.prod(flat.padded))
+    row_bytes = len(flat.offsets) * per_row * (xp.finfo(x.dtype).bits // 8)
     step = max(1, window_bytes(_CHUNK_BYTES) // row_bytes)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
@@ -140,7 +146,7 @@ def _depthwise_conv(x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, *,
     flat = _layout(x, kernel, geometry)
     y = xp.empty((x_rows.shape[0], filters.shape[1]) + geometry.out, dtype=x.dtype,
                  device=array_api_compat.device(x))
-    for chunk in _chunks(x, flat, xp=xp):
+    for chunk in _chunks(x, kernel, flat, xp=xp):
         columns = _gather(_flat_input(x_rows[chunk, ...], geometry, flat, xp=xp), flat.taps(),
                           xp=xp)
         y = xpx.at(y)[chunk, ...].set(
@@ -164,7 +170,7 @@ def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry
     device = array_api_compat.device(x)
     grad_x = xp.empty(x_rows.shape, dtype=x.dtype, device=device)
     grad_filters = xp.empty(filters.shape, dtype=x.dtype, device=device)
-    for chunk in _chunks(x, flat, xp=xp):
+    for chunk in _chunks(x, kernel, flat, xp=xp):
         chunk_grad_filters, grad_padded = _chunk_vjp(
             _flat_input(x_rows[chunk, ...], geometry, flat, xp=xp), grad_y[chunk, ...],
             filters[chunk, ...], flat, xp=xp)
