@@ -221,25 +221,30 @@ def _flat_layout(padded: tuple[int, ...], kernel_spatial: tuple[int, ...],
     return _Flat(tuple(padded), offsets, step, wide, pick, rows)
 
 
+def _embedded(a: Any, grid: tuple[int, ...], region: tuple[slice, ...], *,
+              xp: ModuleType) -> Any:
+    """``a`` written at ``region`` of zeros shaped (*lead, *grid), then flattened: (*lead, prod(grid))."""
+    lead = tuple(a.shape[:a.ndim - len(grid)])
+    zeros = xp.zeros(lead + grid, dtype=a.dtype, device=array_api_compat.device(a))
+    return xp.reshape(xpx.at(zeros)[(...,) + region].set(a, xp=xp), lead + (math.prod(grid),))
+
+
 def _flat_input(x: Any, geometry: ConvGeometry, flat: _Flat, *, xp: ModuleType) -> Any:
     """(B, C, *spatial) -> (B, C, size): padded as ``geometry`` says, flattened, zero rows added.
 
     Zero padding writes ``x`` into one zeroed array; the other modes pad with
     :func:`_pad` first.
     """
-    lead = tuple(x.shape[:2])
     extra = flat.rows - flat.padded[0]
     if geometry.padding_mode != "zeros" and geometry.padded:
         x = _pad(x, geometry, xp=xp)
         pairs = ((0, extra),) + ((0, 0),) * (len(flat.padded) - 1)
     else:
         pairs = ((geometry.padding[0][0], geometry.padding[0][1] + extra),) + geometry.padding[1:]
-    if any(before or after for before, after in pairs):
-        region = tuple(slice(before, before + n) for (before, _), n in zip(pairs, x.shape[2:]))
-        grid = xp.zeros(lead + (flat.rows,) + flat.padded[1:], dtype=x.dtype,
-                        device=array_api_compat.device(x))
-        x = xpx.at(grid)[(slice(None), slice(None)) + region].set(x, xp=xp)
-    return xp.reshape(x, lead + (flat.size,))
+    if not any(before or after for before, after in pairs):
+        return xp.reshape(x, tuple(x.shape[:2]) + (flat.size,))
+    region = tuple(slice(before, before + n) for (before, _), n in zip(pairs, x.shape[2:]))
+    return _embedded(x, (flat.rows,) + flat.padded[1:], region, xp=xp)
 
 
 def _gather(source: Any, taps: list[slice], *, xp: ModuleType) -> Any:
@@ -265,10 +270,7 @@ def _narrow(wide: Any, flat: _Flat, *, xp: ModuleType) -> Any:
 
 def _widen(y: Any, flat: _Flat, *, xp: ModuleType) -> Any:
     """Adjoint of :func:`_narrow`: (..., *out) -> (..., length), zeros in the gaps."""
-    lead = tuple(y.shape[:-len(flat.wide)])
-    wide = xp.zeros(lead + flat.wide, dtype=y.dtype, device=array_api_compat.device(y))
-    wide = xpx.at(wide)[(...,) + flat.pick].set(y, xp=xp)
-    return xp.reshape(wide, lead + (flat.length,))
+    return _embedded(y, flat.wide, flat.pick, xp=xp)
 
 
 def _flat_cotangent(grad_y: Any, flat: _Flat, *, xp: ModuleType) -> Any:
@@ -277,14 +279,10 @@ def _flat_cotangent(grad_y: Any, flat: _Flat, *, xp: ModuleType) -> Any:
     The cotangent on the wide grid (whose rows are padded rows), ``lead_rows``
     zero rows ahead of it and zeros wherever no output is.
     """
-    lead = tuple(grad_y.shape[:-len(flat.padded)])
-    shape = (flat.lead_rows + flat.padded[0],) + flat.padded[1:]
-    grid = xp.zeros(lead + shape, dtype=grad_y.dtype, device=array_api_compat.device(grad_y))
     first = flat.pick[0]
     region = (slice(flat.lead_rows + first.start, flat.lead_rows + first.stop, first.step),
               *flat.pick[1:])
-    grid = xpx.at(grid)[(...,) + region].set(grad_y, xp=xp)
-    return xp.reshape(grid, lead + (math.prod(shape),))
+    return _embedded(grad_y, (flat.lead_rows + flat.padded[0],) + flat.padded[1:], region, xp=xp)
 
 
 def _without_gaps(columns: Any, flat: _Flat, *, xp: ModuleType) -> Any:
