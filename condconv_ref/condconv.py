@@ -7,7 +7,8 @@ Shapes: ``x`` (B, C, \*spatial), ``experts`` (E, O, C/groups, \*k),
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -130,8 +131,14 @@ def mix_experts_vjp(cotangent: Any, routing: Any, experts: Any) -> dict[str, Any
 
 def _condconv_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
                       options: dict[str, Any], cotangent: Any = None, *, moe: bool = False,
+                      memory: Callable[..., dict[str, int]] | None = None,
                       ) -> tuple[ModuleType, ConvGeometry]:
-    """Validate a CondConv call; ``moe`` selects the memory estimate of the E-conv form."""
+    """Validate a CondConv call; ``moe`` selects the memory estimate of the E-conv form.
+
+    ``memory(x, experts, geometry, itemsize, vjp=...)``, when given, replaces
+    :func:`_condconv_memory` as the working-memory estimate (a variant with its
+    own kernel).
+    """
     xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
     check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
     nd = x.ndim - 2
@@ -151,8 +158,9 @@ def _condconv_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
         check_shape(fn, "cotangent", cotangent, (batch, out_channels) + geometry.out,
                     "(B, O, *out), the output shape")
     check_nonempty(fn, x=x, experts=experts, routing=routing, bias=bias)
-    check_memory(fn, x, _condconv_memory(x, experts, geometry, _itemsize(x, xp=xp),
-                                         vjp=cotangent is not None, moe=moe))
+    estimate = partial(_condconv_memory, moe=moe) if memory is None else memory
+    check_memory(fn, x, estimate(x, experts, geometry, _itemsize(x, xp=xp),
+                                 vjp=cotangent is not None))
     return xp, geometry
 
 

@@ -85,7 +85,28 @@ def _depthwise_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
                 f"(E, C·m, 1, *k) with C={channels} from x and m={multiplier} "
                 "from depth_multiplier")
     return _condconv_prepare(fn, x, experts, routing, bias, {**options, "groups": channels},
-                             cotangent=cotangent)
+                             cotangent=cotangent, memory=_depthwise_memory)
+
+
+def _depthwise_memory(x: Any, experts: Any, geometry: ConvGeometry, itemsize: int, *,
+                      vjp: bool) -> dict[str, int]:
+    """Elements of the largest arrays the flat path allocates (see :mod:`condconv_ref.memory`).
+
+    The output (or x̄), the mixed filters (and their gradient) and one chunk's
+    columns: :data:`_CHUNK_BYTES`, or one row's when a single row is larger.
+    """
+    batch, channels = x.shape[:2]
+    filters = batch * math.prod(experts.shape[1:])
+    flat = _layout(x, experts, geometry)
+    row = _row_elements(flat, experts.shape[1] // channels)
+    chunk = min(batch * channels, max(1, window_bytes(_CHUNK_BYTES) // (row * itemsize)))
+    parts = {"mixed filters (B, C·m, K)": filters, "columns of one chunk of rows": chunk * row}
+    if vjp:
+        parts.update({"x gradient": math.prod(x.shape), "filter gradient": filters,
+                      "experts gradient": math.prod(experts.shape)})
+    else:
+        parts["output"] = batch * experts.shape[1] * math.prod(geometry.out)
+    return parts
 
 
 def _options(stride: Any, padding: Any, dilation: Any, padding_mode: Any) -> dict[str, Any]:
@@ -116,17 +137,17 @@ def _rows(x: Any, kernel: Any, *, xp: ModuleType) -> tuple[Any, Any]:
 
 
 def _chunks(x: Any, kernel: Any, flat: _Flat, *, xp: ModuleType) -> list[slice]:
-    """Consecutive row ranges whose columns fit :data:`_CHUNK_BYTES` (or the memory budget).
-
-    A row's columns are its input's K slices (forward) or its cotangent's m·K
-    padded-length slices (VJP, :func:`_chunk_vjp`); the larger counts.
-    """
+    """Consecutive row ranges whose columns fit :data:`_CHUNK_BYTES` (or the memory budget)."""
     rows = x.shape[0] * x.shape[1]
-    multiplier = kernel.shape[1] // x.shape[1]
-    per_row = max(flat.length, multiplier * math.prod(flat.padded))
-    row_bytes = len(flat.offsets) * per_row * (xp.finfo(x.dtype).bits // 8)
+    row_bytes = _row_elements(flat, kernel.shape[1] // x.shape[1]) * (xp.finfo(x.dtype).bits // 8)
     step = max(1, window_bytes(_CHUNK_BYTES) // row_bytes)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _row_elements(flat: _Flat, multiplier: int) -> int:
+    """Column elements of one row: its input's K slices (forward) or its cotangent's m·K
+    padded-length slices (VJP, :func:`_chunk_vjp`), whichever is larger."""
+    return len(flat.offsets) * max(flat.length, multiplier * math.prod(flat.padded))
 
 
 def _layout(x: Any, kernel: Any, geometry: ConvGeometry) -> _Flat:

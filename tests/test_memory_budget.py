@@ -23,6 +23,8 @@ import condconv_ref
 from condconv_ref import (
     MemoryBudgetError,
     conv,
+    depthwise_condconv,
+    depthwise_condconv_vjp,
     get_memory_budget,
     memory_budget,
     mix_experts,
@@ -103,6 +105,36 @@ def test_a_call_that_cannot_fit_fails_before_allocating(backend, vjp):
             tracemalloc.stop()
     if traced(backend):
         assert peak < 2**16, f"{peak} bytes allocated before refusing"
+
+
+@pytest.mark.parametrize("vjp", [False, True], ids=["forward", "vjp"])
+def test_depthwise_counts_a_row_larger_than_its_chunk_budget(backend, vjp):
+    """The depthwise path works one (example, channel) row at a time at least: a single
+    128 x 128 channel with k = 5 has 25 x 128 x 132 float32 columns (1.6 MiB), which no
+    chunk budget can shrink.  Under a 512 KiB budget the estimate must say so and refuse,
+    before allocating, instead of counting only the budget's share of columns."""
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.standard_normal((1, 1, 128, 128)), "float32")
+    experts = backend.asarray(rng.standard_normal((2, 1, 1, 5, 5)), "float32")
+    routing = backend.asarray(rng.uniform(size=(1, 2)), "float32")
+    function = "depthwise_condconv" + ("_vjp" if vjp else "")
+    run = (lambda: depthwise_condconv_vjp(backend.asarray(np.ones((1, 1, 128, 128)), "float32"),
+                                          x, experts, routing, padding=2)) if vjp else \
+        (lambda: depthwise_condconv(x, experts, routing, padding=2))
+    with memory_budget(BUDGET):
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            with pytest.raises(MemoryBudgetError,
+                               match=rf"^{function}: .*columns of one chunk of rows"):
+                run()
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+    if traced(backend):
+        assert peak < BUDGET, f"{peak} bytes allocated before refusing"
+    with memory_budget(4 * 2**20):
+        run()  # and it runs once the budget holds a row
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
