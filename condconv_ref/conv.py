@@ -186,7 +186,7 @@ class _Flat:
 
     @property
     def lead_rows(self) -> int:
-        """Zero rows ahead of the cotangent in :func:`_flat_cotangent`: enough for the largest offset."""
+        """Zero rows ahead of the cotangent in :func:`_flat_cotangent`, enough for any offset."""
         return -(-max(self.offsets) // self.row)
 
     def adjoint_taps(self) -> list[slice]:
@@ -223,7 +223,7 @@ def _flat_layout(padded: tuple[int, ...], kernel_spatial: tuple[int, ...],
 
 def _embedded(a: Any, grid: tuple[int, ...], region: tuple[slice, ...], *,
               xp: ModuleType) -> Any:
-    """``a`` written at ``region`` of zeros shaped (*lead, *grid), then flattened: (*lead, prod(grid))."""
+    """``a`` written at ``region`` of zeros (*lead, *grid), flattened to (*lead, prod(grid))."""
     lead = tuple(a.shape[:a.ndim - len(grid)])
     zeros = xp.zeros(lead + grid, dtype=a.dtype, device=array_api_compat.device(a))
     return xp.reshape(xpx.at(zeros)[(...,) + region].set(a, xp=xp), lead + (math.prod(grid),))
@@ -274,7 +274,7 @@ def _widen(y: Any, flat: _Flat, *, xp: ModuleType) -> Any:
 
 
 def _flat_cotangent(grad_y: Any, flat: _Flat, *, xp: ModuleType) -> Any:
-    """Step 1 only: (..., *out) -> (..., (lead_rows + padded₀)·row), what :meth:`_Flat.adjoint_taps` read.
+    """Step 1 only: (..., *out) -> (..., (lead_rows + padded₀)·row), read by ``adjoint_taps``.
 
     The cotangent on the wide grid (whose rows are padded rows), ``lead_rows``
     zero rows ahead of it and zeros wherever no output is.

@@ -191,10 +191,12 @@ def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry
     device = array_api_compat.device(x)
     grad_x = xp.empty(x_rows.shape, dtype=x.dtype, device=device)
     grad_filters = xp.empty(filters.shape, dtype=x.dtype, device=device)
+    # One finiteness test per call: on a GPU each is a synchronisation with the host.
+    finite = (_all_finite(x, xp=xp), _all_finite(filters, xp=xp))
     for chunk in _chunks(x, kernel, flat, xp=xp):
         chunk_grad_filters, grad_padded = _chunk_vjp(
             _flat_input(x_rows[chunk, ...], geometry, flat, xp=xp), grad_y[chunk, ...],
-            filters[chunk, ...], flat, xp=xp)
+            filters[chunk, ...], flat, finite=finite, xp=xp)
         grad_filters = xpx.at(grad_filters)[chunk, ...].set(chunk_grad_filters, xp=xp)
         grad_x = xpx.at(grad_x)[chunk, ...].set(
             _pad_vjp(grad_padded, tuple(x.shape[2:]), geometry, xp=xp), xp=xp)
@@ -205,12 +207,13 @@ def _depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry
 
 
 def _chunk_vjp(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
-               xp: ModuleType) -> tuple[Any, Any]:
+               finite: tuple[bool, bool], xp: ModuleType) -> tuple[Any, Any]:
     r"""Filter gradient (n, m, K) and padded-input gradient (n, 1, \*padded) of a chunk of rows.
 
     ``x_flat`` is the rows' flat padded input (n, 1, size), ``grad_y`` their
-    cotangent (n, m, \*out) and ``filters`` (n, m, K).  Both gradients sum over
-    the outputs p that read an input through an offset κ:
+    cotangent (n, m, \*out) and ``filters`` (n, m, K); ``finite`` says whether
+    the whole input and the whole filters are free of inf and NaN.  Both
+    gradients sum over the outputs p that read an input through an offset κ:
 
     .. math::
 
@@ -227,7 +230,7 @@ def _chunk_vjp(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
     finite has its gaps zeroed first (:func:`condconv_ref.conv._without_gaps`).
     """
     rows = filters.shape[0]
-    x_finite, filters_finite = _all_finite(x_flat, xp=xp), _all_finite(filters, xp=xp)
+    x_finite, filters_finite = finite
     if flat.step == 1 and x_finite and filters_finite:
         span = math.prod(flat.padded)
         columns = _gather(_flat_cotangent(grad_y, flat, xp=xp), flat.adjoint_taps(), xp=xp)
