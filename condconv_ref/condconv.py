@@ -130,14 +130,14 @@ def mix_experts_vjp(cotangent: Any, routing: Any, experts: Any) -> dict[str, Any
 
 
 def _condconv_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
-                      options: dict[str, Any], cotangent: Any = None, *, moe: bool = False,
+                      options: dict[str, Any], cotangent: Any = None, *,
                       memory: Callable[..., dict[str, int]] | None = None,
                       ) -> tuple[ModuleType, ConvGeometry]:
-    """Validate a CondConv call; ``moe`` selects the memory estimate of the E-conv form.
+    """Validate a CondConv call.
 
-    ``memory(x, experts, geometry, itemsize, vjp=...)``, when given, replaces
-    :func:`_condconv_memory` as the working-memory estimate (a variant with its
-    own kernel).
+    ``memory(x, experts, geometry, itemsize, vjp=...)`` estimates the working
+    memory; the default is :func:`_condconv_memory` of the mixed form (the
+    E-conv form and variants with their own kernel pass theirs).
     """
     xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
     check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
@@ -158,7 +158,7 @@ def _condconv_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
         check_shape(fn, "cotangent", cotangent, (batch, out_channels) + geometry.out,
                     "(B, O, *out), the output shape")
     check_nonempty(fn, x=x, experts=experts, routing=routing, bias=bias)
-    estimate = partial(_condconv_memory, moe=moe) if memory is None else memory
+    estimate = partial(_condconv_memory, moe=False) if memory is None else memory
     check_memory(fn, x, estimate(x, experts, geometry, _itemsize(x, xp=xp),
                                  vjp=cotangent is not None))
     return xp, geometry
@@ -184,6 +184,9 @@ def _condconv_memory(x: Any, experts: Any, geometry: ConvGeometry, itemsize: int
     if vjp:
         parts["experts gradient"] = math.prod(experts.shape)
     return parts
+
+
+_moe_memory = partial(_condconv_memory, moe=True)
 
 
 def _mixed(experts: Any, routing: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any]:
@@ -358,7 +361,7 @@ def moe_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride
     xp, geometry = _condconv_prepare(
         "moe_condconv", x, experts, routing, bias,
         dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-             padding_mode=padding_mode), moe=True)
+             padding_mode=padding_mode), memory=_moe_memory)
     nd = x.ndim - 2
     outputs = _expert_outputs(x, experts, bias, geometry, xp=xp)
     y = _per_example(routing, 0, nd, xp=xp) * outputs[0]
@@ -386,7 +389,7 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
         "moe_condconv_vjp", x, experts, routing, bias,
         dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
              padding_mode=padding_mode),
-        cotangent=cotangent, moe=True)
+        cotangent=cotangent, memory=_moe_memory)
     nd = x.ndim - 2
     non_batch = tuple(range(1, nd + 2))
     outputs = _expert_outputs(x, experts, bias, geometry, xp=xp)

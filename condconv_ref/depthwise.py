@@ -98,9 +98,10 @@ def _depthwise_memory(x: Any, experts: Any, geometry: ConvGeometry, itemsize: in
     batch, channels = x.shape[:2]
     filters = batch * math.prod(experts.shape[1:])
     flat = _layout(x, experts, geometry)
-    row = _row_elements(flat, experts.shape[1] // channels)
-    chunk = min(batch * channels, max(1, window_bytes(_CHUNK_BYTES) // (row * itemsize)))
-    parts = {"mixed filters (B, C·m, K)": filters, "columns of one chunk of rows": chunk * row}
+    multiplier = experts.shape[1] // channels
+    chunk = min(batch * channels, _rows_per_chunk(flat, multiplier, itemsize))
+    parts = {"mixed filters (B, C·m, K)": filters,
+             "columns of one chunk of rows": chunk * _row_elements(flat, multiplier)}
     if vjp:
         parts.update({"x gradient": math.prod(x.shape), "filter gradient": filters,
                       "experts gradient": math.prod(experts.shape)})
@@ -136,11 +137,15 @@ def _rows(x: Any, kernel: Any, *, xp: ModuleType) -> tuple[Any, Any]:
     return x_rows, filters
 
 
+def _rows_per_chunk(flat: _Flat, multiplier: int, itemsize: int) -> int:
+    """Rows whose columns fit :data:`_CHUNK_BYTES` (or the memory budget); at least one."""
+    return max(1, window_bytes(_CHUNK_BYTES) // (_row_elements(flat, multiplier) * itemsize))
+
+
 def _chunks(x: Any, kernel: Any, flat: _Flat, *, xp: ModuleType) -> list[slice]:
-    """Consecutive row ranges whose columns fit :data:`_CHUNK_BYTES` (or the memory budget)."""
+    """Consecutive row ranges of :func:`_rows_per_chunk` rows."""
     rows = x.shape[0] * x.shape[1]
-    row_bytes = _row_elements(flat, kernel.shape[1] // x.shape[1]) * (xp.finfo(x.dtype).bits // 8)
-    step = max(1, window_bytes(_CHUNK_BYTES) // row_bytes)
+    step = _rows_per_chunk(flat, kernel.shape[1] // x.shape[1], xp.finfo(x.dtype).bits // 8)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
