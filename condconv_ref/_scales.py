@@ -1,0 +1,345 @@
+r"""The scale of every reference result: the magnitude its rounding error is relative to.
+
+:func:`forward_scale` and :func:`vjp_scale` return, for one
+:class:`~condconv_ref.variants.Case`, an array shaped like the output (or one
+per gradient) such that a correct computation in a precision of unit
+roundoff :math:`u` errs by at most :math:`\gamma_n(u)` times it
+(:mod:`condconv_ref.accuracy` states the whole bound).
+
+Multilinear ops (conv, mixing, condconv in both forms, depthwise, linear):
+the op itself on the absolute values of its arguments, which sums the
+magnitudes of exactly the terms the op sums; their VJPs are multilinear in the
+cotangent and the other arguments, so the VJP on absolute values does the same.
+
+Routing and layers: each step :math:`v = \phi(u_1, \ldots)` carries
+:math:`s_v = \sum_k |\partial\phi/\partial u_k|\,s_{u_k} + |\phi|(|u|)`, the
+errors it inherits to first order plus its own rounding (:math:`|\phi|(|u|)`,
+the step on absolute values).  Inputs are exact (they are given in the
+precision under test), so their scale is 0.  Sigmoid:
+:math:`s_\alpha = \sigma'(z)\,s_z + \alpha`; softmax of
+:math:`d = (l - \max l)/T`: :math:`s_q = q\,s_d + q` for :math:`q = e^d`, then
+the quotient rule; ReLU is 1-Lipschitz, :math:`s_h = s_a`.  A layer feeds
+:math:`|\alpha| + s_\alpha` to its multilinear op on absolute values, as the op
+is linear in the routing.
+
+Everything here is float64 NumPy on the host: a scale needs no more accuracy
+than a few digits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from condconv_ref.accuracy import ELEMENTARY_ROUNDINGS
+from condconv_ref.backends import to_numpy
+
+__all__ = ["depth", "forward_scale", "vjp_scale"]
+
+_MULTILINEAR = ("conv", "mix_experts", "condconv", "moe_condconv", "depthwise_condconv",
+                "cond_linear", "moe_cond_linear")
+_LAYERS = {  # layer: (its multilinear op, its routing, routing parameter names)
+    "condconv_layer": ("condconv", "sigmoid", {"weight": "route_weight", "bias": "route_bias"}),
+    "depthwise_condconv_layer": ("depthwise_condconv", "sigmoid",
+                                 {"weight": "route_weight", "bias": "route_bias"}),
+    "cond_linear_layer": ("cond_linear", "sigmoid",
+                          {"weight": "route_weight", "bias": "route_bias"}),
+    "dynamic_conv_layer": ("condconv", "softmax",
+                           {name: name for name in ("fc1_weight", "fc1_bias", "fc2_weight",
+                                                    "fc2_bias")}),
+}
+
+
+def depth(case: Any, *, vjp: bool) -> int:
+    """The longest chain of roundings of ``case``'s forward (or forward and VJP), :math:`n`.
+
+    Examples
+    --------
+    >>> from condconv_ref._scales import depth
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=2, in_channels=3, out_channels=4, groups=1, spatial=(6,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=2, bias=True)
+    >>> case = build_case("condconv", config, seed=0)
+    >>> depth(case, vjp=False) == case.lengths[0] + 4
+    True
+    """
+    longest = max(case.lengths) if vjp else case.lengths[0]
+    return int(longest) + ELEMENTARY_ROUNDINGS
+
+
+def _host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(to_numpy(a), dtype=np.float64) for name, a in arrays.items()}
+
+
+def _absolute(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: np.abs(a) for name, a in arrays.items()}
+
+
+def _call(variant: str, arrays: dict[str, np.ndarray], options: dict[str, Any]) -> Any:
+    from condconv_ref.variants import VARIANTS
+
+    return VARIANTS[variant].forward(**arrays, **options)
+
+
+def _call_vjp(variant: str, cotangent: np.ndarray, arrays: dict[str, np.ndarray],
+              options: dict[str, Any]) -> dict[str, Any]:
+    from condconv_ref.variants import VARIANTS
+
+    return VARIANTS[variant].vjp(cotangent, **arrays, **options)
+
+
+# ---------------------------------------------------------------- routing, propagated
+
+
+class _Pooled(NamedTuple):
+    value: np.ndarray  # (B, C): pooled input, or the input itself for linear routing
+    scale: np.ndarray
+    positions: int  # spatial positions averaged over (1: no pooling)
+    x_shape: tuple[int, ...]
+
+
+def _pool(x: np.ndarray, *, pooled: bool) -> _Pooled:
+    if not pooled:
+        return _Pooled(x, np.zeros_like(x), 1, x.shape)
+    axes = tuple(range(2, x.ndim))
+    return _Pooled(x.mean(axis=axes), np.abs(x).mean(axis=axes), math.prod(x.shape[2:]),
+                   x.shape)
+
+
+def _pool_vjp_scale(pool: _Pooled, grad: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Scale of the gradient with respect to the input through the pooling."""
+    if pool.positions == 1 and len(pool.x_shape) == 2:
+        return scale
+    spread = (scale + np.abs(grad)) / pool.positions
+    return np.broadcast_to(spread.reshape(spread.shape + (1,) * (len(pool.x_shape) - 2)),
+                           pool.x_shape).copy()
+
+
+def _affine(pool_value: np.ndarray, pool_scale: np.ndarray, weight: np.ndarray,
+            bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``u @ weight.T + bias`` and its scale, for an inexact ``u``."""
+    value = pool_value @ weight.T + (0.0 if bias is None else bias)
+    scale = (pool_scale + np.abs(pool_value)) @ np.abs(weight).T + (
+        0.0 if bias is None else np.abs(bias))
+    return value, scale
+
+
+def _affine_vjp(grad: np.ndarray, grad_scale: np.ndarray, inputs: np.ndarray,
+                input_scale: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]:
+    """Scales of the gradients of ``inputs @ weight.T + bias`` at an inexact ``grad``."""
+    magnitude = np.abs(grad)
+    return {"inputs": (grad_scale + magnitude) @ np.abs(weight),
+            "weight": (grad_scale + magnitude).T @ np.abs(inputs) + magnitude.T @ input_scale,
+            "bias": (grad_scale + magnitude).sum(axis=0)}
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+class _Routing(NamedTuple):
+    kind: str
+    value: np.ndarray  # (B, E) routing weights
+    scale: np.ndarray
+    saved: dict[str, Any]
+
+
+def _sigmoid_routing(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, *,
+                     pooled: bool) -> _Routing:
+    pool = _pool(x, pooled=pooled)
+    z, z_scale = _affine(pool.value, pool.scale, weight, bias)
+    alpha = _sigmoid(z)
+    slope = alpha * (1.0 - alpha)
+    return _Routing("sigmoid", alpha, slope * z_scale + alpha,
+                    {"pool": pool, "weight": weight, "slope": slope})
+
+
+def _sigmoid_routing_vjp(routing: _Routing, cotangent: np.ndarray,
+                         cotangent_scale: np.ndarray) -> dict[str, np.ndarray]:
+    alpha, saved = routing.value, routing.saved
+    slope = saved["slope"]
+    slope_scale = np.abs(1.0 - 2.0 * alpha) * routing.scale + slope
+    grad_z = cotangent * slope
+    grad_z_scale = np.abs(cotangent) * slope_scale + cotangent_scale * slope + np.abs(grad_z)
+    pool = saved["pool"]
+    scales = _affine_vjp(grad_z, grad_z_scale, pool.value, pool.scale, saved["weight"])
+    grad_pool = grad_z @ saved["weight"]
+    return {"x": _pool_vjp_scale(pool, grad_pool, scales["inputs"]), "weight": scales["weight"],
+            "bias": scales["bias"]}
+
+
+def _softmax_routing(x: np.ndarray, fc1_weight: np.ndarray, fc2_weight: np.ndarray,
+                     fc1_bias: np.ndarray | None, fc2_bias: np.ndarray | None,
+                     temperature: float) -> _Routing:
+    pool = _pool(x, pooled=True)
+    pre, pre_scale = _affine(pool.value, pool.scale, fc1_weight, fc1_bias)
+    hidden = np.maximum(pre, 0.0)
+    hidden_scale = pre_scale  # ReLU is 1-Lipschitz and exact
+    logits, logits_scale = _affine(hidden, hidden_scale, fc2_weight, fc2_bias)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    scaled = shifted / temperature
+    scaled_scale = (logits_scale + logits_scale.max(axis=-1, keepdims=True)
+                    + np.abs(shifted)) / temperature + np.abs(scaled)
+    q = np.exp(scaled)
+    q_scale = q * scaled_scale + q
+    total = q.sum(axis=-1, keepdims=True)
+    total_scale = q_scale.sum(axis=-1, keepdims=True) + total
+    alpha = q / total
+    alpha_scale = q_scale / total + q * total_scale / total**2 + alpha
+    return _Routing("softmax", alpha, alpha_scale,
+                    {"pool": pool, "pre": pre, "pre_scale": pre_scale, "hidden": hidden,
+                     "hidden_scale": hidden_scale, "fc1_weight": fc1_weight,
+                     "fc2_weight": fc2_weight, "temperature": temperature})
+
+
+def _softmax_routing_vjp(routing: _Routing, cotangent: np.ndarray,
+                         cotangent_scale: np.ndarray) -> dict[str, np.ndarray]:
+    alpha, alpha_scale, saved = routing.value, routing.scale, routing.saved
+    temperature = saved["temperature"]
+    magnitude = np.abs(cotangent)
+    inner = (cotangent * alpha).sum(axis=-1, keepdims=True)
+    inner_scale = (magnitude * alpha_scale + cotangent_scale * alpha
+                   + magnitude * alpha).sum(axis=-1, keepdims=True)
+    difference = cotangent - inner
+    difference_scale = cotangent_scale + inner_scale + magnitude + np.abs(inner)
+    grad_logits = alpha * difference / temperature
+    grad_logits_scale = (alpha_scale * np.abs(difference) + alpha * difference_scale
+                         + alpha * np.abs(difference)) / temperature + np.abs(grad_logits)
+    second = _affine_vjp(grad_logits, grad_logits_scale, saved["hidden"], saved["hidden_scale"],
+                         saved["fc2_weight"])
+    active = saved["pre"] > 0
+    grad_pre = (grad_logits @ saved["fc2_weight"]) * active
+    grad_pre_scale = second["inputs"] * active
+    pool = saved["pool"]
+    first = _affine_vjp(grad_pre, grad_pre_scale, pool.value, pool.scale, saved["fc1_weight"])
+    grad_pool = grad_pre @ saved["fc1_weight"]
+    return {"x": _pool_vjp_scale(pool, grad_pool, first["inputs"]),
+            "fc1_weight": first["weight"], "fc1_bias": first["bias"],
+            "fc2_weight": second["weight"], "fc2_bias": second["bias"]}
+
+
+_ROUTING_VJP = {"sigmoid": _sigmoid_routing_vjp, "softmax": _softmax_routing_vjp}
+
+
+def _layer_routing(variant: str, arrays: dict[str, np.ndarray],
+                   options: dict[str, Any]) -> _Routing:
+    _, kind, names = _LAYERS[variant]
+    x = arrays["x"]
+    if kind == "sigmoid":
+        return _sigmoid_routing(x, arrays["route_weight"], arrays.get("route_bias"),
+                                pooled=variant != "cond_linear_layer")
+    return _softmax_routing(x, arrays["fc1_weight"], arrays["fc2_weight"],
+                            arrays.get("fc1_bias"), arrays.get("fc2_bias"),
+                            options["temperature"])
+
+
+def _layer_operands(variant: str, arrays: dict[str, np.ndarray], routing: np.ndarray
+                    ) -> dict[str, np.ndarray]:
+    """The layer's multilinear op's arguments, with ``routing`` as its routing weights."""
+    operands = {"x": arrays["x"], "experts": arrays["experts"], "routing": routing}
+    if "bias" in arrays:
+        operands["bias"] = arrays["bias"]
+    return operands
+
+
+def _op_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in options.items() if name != "temperature"}
+
+
+# ---------------------------------------------------------------- the scales
+
+
+def forward_scale(case: Any) -> np.ndarray:
+    """The scale of every element of ``case``'s reference output.
+
+    Examples
+    --------
+    A cancelling sum: ``cond_linear`` of one feature and one expert,
+    :math:`y = \\alpha (w x) + \\alpha b`, has the scale
+    :math:`|\\alpha|(|w||x| + |b|)`:
+
+    >>> import numpy as np
+    >>> from condconv_ref._scales import forward_scale
+    >>> from condconv_ref.variants import Case
+    >>> arrays = {"x": np.array([[2.0]]), "experts": np.array([[[-0.25]]]),
+    ...           "routing": np.array([[0.5]]), "bias": np.array([[0.47]])}
+    >>> forward_scale(Case("cond_linear", arrays, {}, (2, 2)))
+    array([[0.485]])
+    """
+    arrays = _host(case.arrays)
+    if case.variant in _MULTILINEAR:
+        return np.asarray(_call(case.variant, _absolute(arrays), case.options))
+    if case.variant == "route_sigmoid":
+        return _sigmoid_routing(arrays["x"], arrays["weight"], arrays.get("bias"),
+                                pooled=True).scale
+    if case.variant == "route_softmax":
+        return _softmax_routing(arrays["x"], arrays["fc1_weight"], arrays["fc2_weight"],
+                                arrays.get("fc1_bias"), arrays.get("fc2_bias"),
+                                case.options["temperature"]).scale
+    if case.variant not in _LAYERS:
+        raise ValueError(f"forward_scale: no scale for variant {case.variant!r}")
+    routing = _layer_routing(case.variant, arrays, case.options)
+    operands = _layer_operands(case.variant, _absolute(arrays), routing.value + routing.scale)
+    return np.asarray(_call(_LAYERS[case.variant][0], operands, _op_options(case.options)))
+
+
+def vjp_scale(case: Any, cotangent: Any) -> dict[str, np.ndarray]:
+    """The scale of every element of every gradient of ``case``'s reference VJP at
+    ``cotangent`` (an exact input, like the arrays).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref._scales import vjp_scale
+    >>> from condconv_ref.variants import Case
+    >>> arrays = {"routing": np.array([[0.5, -0.25]]), "experts": np.array([[1.0], [-3.0]])}
+    >>> scales = vjp_scale(Case("mix_experts", arrays, {}, (2, 2)), np.array([[-2.0]]))
+    >>> scales["routing"], scales["experts"]
+    (array([[2., 6.]]), array([[1. ], [0.5]]))
+    """
+    arrays = _host(case.arrays)
+    c = np.asarray(to_numpy(cotangent), dtype=np.float64)
+    exact = np.zeros_like(c)
+    if case.variant in _MULTILINEAR:
+        return {name: np.asarray(g) for name, g in
+                _call_vjp(case.variant, np.abs(c), _absolute(arrays), case.options).items()}
+    if case.variant == "route_sigmoid":
+        routing = _sigmoid_routing(arrays["x"], arrays["weight"], arrays.get("bias"),
+                                   pooled=True)
+        scales = _sigmoid_routing_vjp(routing, c, exact)
+        return {name: scales[name] for name in arrays}
+    if case.variant == "route_softmax":
+        routing = _softmax_routing(arrays["x"], arrays["fc1_weight"], arrays["fc2_weight"],
+                                   arrays.get("fc1_bias"), arrays.get("fc2_bias"),
+                                   case.options["temperature"])
+        scales = _softmax_routing_vjp(routing, c, exact)
+        return {name: scales[name] for name in arrays}
+    if case.variant not in _LAYERS:
+        raise ValueError(f"vjp_scale: no scale for variant {case.variant!r}")
+    op, _, names = _LAYERS[case.variant]
+    options = _op_options(case.options)
+    routing = _layer_routing(case.variant, arrays, case.options)
+    absolute = _absolute(arrays)
+    through_op = _call_vjp(op, np.abs(c), _layer_operands(case.variant, absolute,
+                                                          routing.value + routing.scale), options)
+    values = _call_vjp(op, c, _layer_operands(case.variant, arrays, routing.value), options)
+    routing_scale = np.asarray(_call_vjp(op, np.abs(c), _layer_operands(
+        case.variant, absolute, routing.value), options)["routing"])
+    through_routing = _ROUTING_VJP[routing.kind](routing, np.asarray(values["routing"]),
+                                                 routing_scale)
+    from condconv_ref.variants import reference_vjp
+
+    grad_x = np.asarray(to_numpy(reference_vjp(case, c)["x"]))
+    scales = {"x": np.asarray(through_op["x"]) + through_routing["x"] + np.abs(grad_x)}
+    for name in ("experts", "bias"):
+        if name in arrays:
+            scales[name] = np.asarray(through_op[name])
+    for own, name in names.items():
+        if name in arrays:
+            scales[name] = through_routing[own]
+    return scales
