@@ -160,9 +160,6 @@ ELEMENTARY_ROUNDINGS = 4
 OPERAND_ROUNDINGS = 4
 """Operand roundings per term with TF32: two nested matmuls, two operands each."""
 
-_REFERENCE = "float64"
-
-
 def precision(name: Any) -> Precision:
     """The :class:`Precision` of a dtype or precision name (``'float32'``, ``numpy.float32``,
     ``torch.bfloat16``, ``'tf32'``).
@@ -185,12 +182,13 @@ def precision(name: Any) -> Precision:
     """
     if isinstance(name, Precision):
         return name
-    text = name if isinstance(name, str) else str(getattr(name, "name", "") or name)
-    text = text.rsplit(".", 1)[-1]
-    try:
-        text = np.dtype(text).name
-    except TypeError:
-        pass
+    if isinstance(name, str):
+        text = name
+    else:
+        try:
+            text = np.dtype(name).name
+        except TypeError:  # torch, array-api-strict, ... dtypes: their printed name
+            text = str(name).rsplit(".", 1)[-1]
     if text not in PRECISIONS:
         raise ValueError(f"accuracy.precision: dtype must be one of {', '.join(PRECISIONS)}, "
                          f"got {name!r}")
@@ -212,7 +210,8 @@ def gamma(n: int, u: float) -> float:
     return math.inf if product >= 1 else product / (1 - product)
 
 
-def bound(scale: Any, depth: int, dtype: Any = "float64") -> np.ndarray:
+def bound(scale: Any, depth: int, dtype: Any = "float64",
+          reference_dtype: Any = "float64") -> np.ndarray:
     """The bound :math:`\\beta` on ``|actual - reference|`` for each element (module docstring).
 
     Parameters
@@ -223,6 +222,9 @@ def bound(scale: Any, depth: int, dtype: Any = "float64") -> np.ndarray:
         The longest chain of roundings, :math:`n`.
     dtype : str or dtype
         The precision of the computation under test.
+    reference_dtype : str or dtype
+        The precision the reference was computed in: float64, or the dtype
+        under test when two computations in one dtype are compared.
 
     Examples
     --------
@@ -232,7 +234,7 @@ def bound(scale: Any, depth: int, dtype: Any = "float64") -> np.ndarray:
     >>> bool(beta[0] > gamma(3, 2.0**-24))
     True
     """
-    tested, reference = precision(dtype), PRECISIONS[_REFERENCE]
+    tested, reference = precision(dtype), precision(reference_dtype)
     s = np.abs(np.asarray(scale, dtype=np.float64))
     relative = (gamma(depth, tested.unit_roundoff) + gamma(depth, reference.unit_roundoff)
                 + gamma(OPERAND_ROUNDINGS, tested.operand_roundoff))
@@ -319,7 +321,7 @@ def _as_real(what: str, value: Any) -> np.ndarray | Comparison:
 
 
 def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,
-            dtype: Any = "float64") -> Comparison:
+            dtype: Any = "float64", reference_dtype: Any = "float64") -> Comparison:
     """Compare ``actual`` with ``reference`` element by element under the model.
 
     Parameters
@@ -335,6 +337,8 @@ def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,
         The longest chain of roundings.
     dtype : str or dtype
         The precision ``actual`` was computed in.
+    reference_dtype : str or dtype
+        The precision ``reference`` was computed in.
 
     Returns
     -------
@@ -360,7 +364,7 @@ def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,
         return Comparison(what, reason=f"has shape {host.shape}, expected {expected.shape}")
     if expected.size == 0:
         return Comparison(what, 0.0, size=0)
-    beta = bound(np.broadcast_to(scale, expected.shape), depth, dtype)
+    beta = bound(np.broadcast_to(scale, expected.shape), depth, dtype, reference_dtype)
     with np.errstate(invalid="ignore", over="ignore"):
         error = np.abs(host - expected)
     same = (host == expected) | (np.isnan(host) & np.isnan(expected))
@@ -375,7 +379,7 @@ def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,
 
 
 def compare_all(actual: Any, reference: Any, scale: Any, *, depth: int,
-                dtype: Any = "float64") -> list[Comparison]:
+                dtype: Any = "float64", reference_dtype: Any = "float64") -> list[Comparison]:
     """:func:`compare` an output, or every gradient of a VJP (dicts keyed by argument name).
 
     A missing or extra gradient, or a result that is not a mapping where
@@ -392,7 +396,8 @@ def compare_all(actual: Any, reference: Any, scale: Any, *, depth: int,
     vjp: returned gradients for ['x'], expected ['w', 'x']
     """
     if not isinstance(reference, Mapping):
-        return [compare("output", actual, reference, scale, depth=depth, dtype=dtype)]
+        return [compare("output", actual, reference, scale, depth=depth, dtype=dtype,
+                        reference_dtype=reference_dtype)]
     if not isinstance(actual, Mapping):
         return [Comparison("vjp", reason=f"returned a {type(actual).__name__}, expected a "
                                          f"mapping of argument name to gradient")]
@@ -402,6 +407,6 @@ def compare_all(actual: Any, reference: Any, scale: Any, *, depth: int,
                                               f"{sorted(map(str, actual))}, expected "
                                               f"{sorted(reference)}"))
     found += [compare(f"gradient {name!r}", actual[name], reference[name], scale[name],
-                      depth=depth, dtype=dtype)
+                      depth=depth, dtype=dtype, reference_dtype=reference_dtype)
               for name in reference if name in actual]
     return found

@@ -18,27 +18,26 @@ The kinds of check
     The depthwise fast path against the generic grouped convolution.
 ``VJP vs finite diff.``
     The dot-product identity :math:`\langle \mathrm{vjp}(c), t\rangle = \langle c, J t\rangle`
-    with :func:`condconv_ref.testing.check_vjp`; :math:`J t` by central
-    differences always in float64 (see *dtypes* below).
+    with :func:`condconv_ref.engine.finite_difference_check`; :math:`J t` by
+    central differences always in float64 (see *dtypes* below).
 ``SciPy oracle``
     ``scipy.signal.correlate`` per example and channel
     (:func:`condconv_ref.testing.oracles.scipy_conv`), in float64; skipped, with
     a reason, when SciPy is not installed.
 
-Errors and tolerances
----------------------
-For compared arrays (over every gradient of a VJP) ``abs err`` is
-:math:`\max|a - e|` and ``rel err`` is :math:`\max|a - e| / \max|e|`, relative
-to the largest expected element.  For the finite-difference check they are
-:math:`|\langle\mathrm{vjp}(c), t\rangle - \langle c, Jt\rangle|` and that over
-the sum of the absolute products (``VJPCheck.error / VJPCheck.scale``).  A case
-passes when ``rel err <= tol``:
+Errors and bounds
+-----------------
+Every check reports the error in units of the bound of
+:mod:`condconv_ref.accuracy` (at most 1 passes), over every element of every
+compared array, and where the worst one is:
 
-- comparisons: ``tol = rtol`` of :func:`~condconv_ref.testing.default_tolerances`
-  for the dtype and the longest sum the compared results contain;
-- finite differences: ``tol = 64 eps_64^(2/3)`` (2.4e-9, ``check_vjp``'s float64
-  default), plus the comparison ``rtol`` of the dtype for the VJP's own
-  rounding when it runs in float32.
+- comparisons (MoE equivalence, groups=C, the SciPy oracle): each element of
+  the result against the other route's, with the bound of the case's scale
+  (:mod:`condconv_ref._scales`); two routes in one dtype each carry that
+  dtype's rounding;
+- finite differences: the dot-product identity against its derived bound
+  (:func:`condconv_ref.engine.finite_difference_check`: the VJP's rounding,
+  the differences' rounding and their truncation).
 
 dtypes
 ------
@@ -46,7 +45,7 @@ Arrays are drawn in float64 and rounded to the chosen dtype; every op runs in
 that dtype.  The finite differences need float64 to mean anything, so the
 gradient check evaluates the forward in float64 at the rounded point, and the
 VJP in the chosen dtype: in float32 mode it measures the float32 VJP against
-float64 finite differences.
+float64 finite differences, with the float32 VJP's rounding in the bound.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ import importlib.util
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import array_api_compat
 import numpy as np
@@ -89,9 +88,20 @@ from condconv_ref import (
     route_softmax,
     route_softmax_vjp,
 )
+from condconv_ref import _scales
 from condconv_ref._validate import check_positive_int
+from condconv_ref.accuracy import DTYPES, Comparison
 from condconv_ref.backends import Backend, get_backend, to_numpy
-from condconv_ref.testing import ConvConfig, check_vjp, default_tolerances
+from condconv_ref.engine import (
+    Expected,
+    Measurement,
+    Row,
+    finite_difference_check,
+    judge,
+    rounded,
+    worst,
+)
+from condconv_ref.testing import ConvConfig
 from condconv_ref.testing._numerics import _check_kept
 from condconv_ref.testing.sampling import case_seed, draw_examples
 from condconv_ref.variants import Case as VariantCase
@@ -132,10 +142,7 @@ __all__ = [
     "vjp_equivalence_check",
 ]
 
-DTYPES = ("float32", "float64")
 DEFAULT_CASES = 20
-FD_RTOL = 64.0 * (2.0**-52) ** (2.0 / 3.0)
-"""Tolerance of the float64 finite-difference check: :func:`check_vjp`'s float64 default."""
 
 MOE = "MoE equivalence"
 MOE_VJP = "MoE equivalence, VJP"
@@ -146,23 +153,6 @@ ORACLE = "SciPy oracle"
 
 
 # ---------------------------------------------------------------- records
-
-
-class Measurement(NamedTuple):
-    """What one check measured on one case; a case passes when ``rel_err <= tol``.
-
-    Examples
-    --------
-    >>> from condconv_ref.verify import Measurement
-    >>> measured = Measurement(abs_err=3e-17, rel_err=2e-16, tol=1e-12)
-    >>> measured.rel_err <= measured.tol, measured.detail
-    (True, '')
-    """
-
-    abs_err: float
-    rel_err: float
-    tol: float
-    detail: str = ""
 
 
 class CheckSkipped(Exception):
@@ -227,8 +217,7 @@ class Case:
 
 @dataclass(frozen=True)
 class Check:
-    """One registry entry: ``run(case)`` returns ``(abs_err, rel_err, tol)`` or a
-    :class:`Measurement`.
+    """One registry entry: ``run(case)`` returns a :class:`condconv_ref.engine.Measurement`.
 
     Examples
     --------
@@ -242,49 +231,13 @@ class Check:
     >>> check = verify.CHECKS[0]
     >>> check.op, check.kind
     ('conv', 'VJP vs finite diff.')
-    >>> measured = check.run(case)
-    >>> measured.rel_err <= measured.tol
+    >>> check.run(case).passed
     True
     """
 
     op: str
     kind: str
-    run: Callable[[Case], tuple[float, ...]]
-
-
-@dataclass(frozen=True)
-class Row:
-    """The result of one check over all cases.
-
-    ``failed`` counts cases beyond tolerance or raising; ``tol_range`` is the
-    smallest and largest tolerance applied; ``detail`` describes the first
-    failing case, ``skipped`` the reason a check could not run.
-
-    Examples
-    --------
-    >>> from condconv_ref.verify import MOE, ORACLE, Row
-    >>> Row("conv", MOE, cases=2).status, Row("conv", MOE, cases=2, failed=1).status
-    ('PASS', 'FAIL')
-    >>> Row("conv", ORACLE, cases=0, skipped="scipy is not installed").status
-    'SKIP'
-    """
-
-    op: str
-    kind: str
-    cases: int
-    failed: int = 0
-    max_abs_err: float = math.nan
-    max_rel_err: float = math.nan
-    tol_range: tuple[float, float] = (math.nan, math.nan)
-    detail: str = ""
-    skipped: str = ""
-
-    @property
-    def status(self) -> str:
-        """``"PASS"``, ``"FAIL"`` or ``"SKIP"``."""
-        if self.skipped:
-            return "SKIP"
-        return "FAIL" if self.failed else "PASS"
+    run: Callable[[Case], Measurement]
 
 
 # ---------------------------------------------------------------- inputs of each op
@@ -383,39 +336,30 @@ def _conv_oracle(arrays: Mapping[str, np.ndarray], config: ConvConfig) -> np.nda
 # ---------------------------------------------------------------- measuring
 
 
-def _errors(actual: Any, expected: Any, what: str) -> tuple[float, float]:
-    """``max|a - e|`` and that over ``max|e|``, in float64."""
-    a = np.asarray(to_numpy(actual), dtype=np.float64)
-    e = np.asarray(to_numpy(expected), dtype=np.float64)
-    if a.shape != e.shape:
-        raise AssertionError(f"{what} has shape {a.shape}, expected {e.shape}")
-    if a.size == 0:
-        return 0.0, 0.0
-    abs_err, scale = float(np.max(np.abs(a - e))), float(np.max(np.abs(e)))
-    if scale > 0:
-        return abs_err, abs_err / scale
-    return abs_err, (0.0 if abs_err == 0 else math.inf)
+def _host(result: Any) -> Any:
+    """``result`` (an array or a dict of gradients) as float64 NumPy."""
+    if isinstance(result, Mapping):
+        return {name: np.asarray(to_numpy(g), dtype=np.float64) for name, g in result.items()}
+    return np.asarray(to_numpy(result), dtype=np.float64)
 
 
-def _compare(actual: Any, expected: Any, like: Any, tol: float, described: str) -> Measurement:
-    """Errors of ``actual`` (an array or a dict of gradients) against ``expected``."""
-    if isinstance(expected, Mapping):
-        if sorted(actual) != sorted(expected):
-            raise AssertionError(f"gradients for {sorted(actual)}, expected {sorted(expected)}")
-        pairs = [(actual[name], expected[name], f"gradient {name!r}") for name in expected]
-    else:
-        pairs = [(actual, expected, "the result")]
-    errors = []
-    for a, e, what in pairs:
-        _check_kept(what, a, like, "the inputs", xp=array_api_compat.array_namespace(like),
-                    shape=False)
-        errors.append(_errors(a, e, what))
-    return Measurement(max(err[0] for err in errors), max(err[1] for err in errors), tol,
-                       described)
+def _kept(result: Any, like: Any) -> None:
+    """Our ops keep the inputs' namespace, device and dtype: raise ``AssertionError`` if not."""
+    xp = array_api_compat.array_namespace(like)
+    items = result.items() if isinstance(result, Mapping) else [("the result", result)]
+    for name, a in items:
+        what = name if name == "the result" else f"gradient {name!r}"
+        _check_kept(what, a, like, "the inputs", xp=xp, shape=False)
 
 
-def _rounding_tol(dtype: str, length: int) -> float:
-    return default_tolerances(dtype, reduction_length=length)[0]
+def _measure(comparisons: list[Comparison], described: str) -> Measurement:
+    """The worst of ``comparisons`` as a :class:`Measurement`; the detail names it on failure."""
+    found = worst(comparisons)
+    if found is None:
+        return Measurement(0.0, "", described)
+    units = math.inf if found.reason else found.units
+    detail = described if found.passed else f"{described}\n{found}"
+    return Measurement(units, found.where, detail)
 
 
 def _cotangent(case: Case, output: Any) -> Any:
@@ -443,7 +387,7 @@ def equivalence_check(op: str, kind: str, f: Callable[..., Any], g: Callable[...
     >>> check = verify.equivalence_check("condconv", verify.MOE, condconv, moe_condconv,
     ...                                  verify.condconv_inputs)
     >>> measured = check.run(case)
-    >>> measured.rel_err <= measured.tol
+    >>> measured.passed
     True
     >>> print(measured.detail)  # doctest: +NORMALIZE_WHITESPACE
     condconv: x (2, 2, 5), experts (3, 4, 1, 3), routing (2, 3), bias (3, 4);
@@ -451,12 +395,14 @@ def equivalence_check(op: str, kind: str, f: Callable[..., Any], g: Callable[...
     """
 
     def run(case: Case) -> Measurement:
-        given = inputs(case)
+        given = rounded(inputs(case), case.dtype)
         args = given.arrays_on(case.backend, case.dtype)
-        expected = bind(g, given)(**args)
+        other = bind(g, given)(**args)
         actual = bind(f, given)(**args)
-        tol = _rounding_tol(case.dtype, given.lengths[0])
-        return _compare(actual, expected, args["x"], tol, given.describe())
+        _kept(actual, args["x"])
+        expected = Expected(_host(other), _scales.forward_scale(given),
+                            _scales.depth(given, vjp=False))
+        return _measure(judge(actual, expected, case.dtype, case.dtype), given.describe())
 
     return Check(op, kind, run)
 
@@ -478,37 +424,22 @@ def vjp_equivalence_check(op: str, kind: str, f: Callable[..., Any], f_vjp: Call
     >>> from condconv_ref import condconv, condconv_vjp, moe_condconv_vjp
     >>> check = verify.vjp_equivalence_check("condconv", verify.MOE_VJP, condconv, condconv_vjp,
     ...                                      moe_condconv_vjp, verify.condconv_inputs)
-    >>> measured = check.run(case)
-    >>> measured.rel_err <= measured.tol
+    >>> check.run(case).passed
     True
     """
 
     def run(case: Case) -> Measurement:
-        given = inputs(case)
+        given = rounded(inputs(case), case.dtype)
         args = given.arrays_on(case.backend, case.dtype)
         cotangent = _cotangent(case, bind(f, given)(**args))
-        expected = bind(g_vjp, given, vjp=True)(cotangent, **args)
+        other = bind(g_vjp, given, vjp=True)(cotangent, **args)
         actual = bind(f_vjp, given, vjp=True)(cotangent, **args)
-        tol = _rounding_tol(case.dtype, given.lengths[1])
-        return _compare(actual, expected, args["x"], tol, given.describe())
+        _kept(actual, args["x"])
+        expected = Expected(_host(other), _scales.vjp_scale(given, cotangent),
+                            _scales.depth(given, vjp=True))
+        return _measure(judge(actual, expected, case.dtype, case.dtype), given.describe())
 
     return Check(op, kind, run)
-
-
-def _in_dtype(f_vjp: Callable[..., Any], case: Case) -> Callable[..., Any]:
-    """``f_vjp`` taking and returning float64 arrays, evaluated in the case's dtype."""
-    xp = case.backend.xp
-    low, wide = case.backend.dtype(case.dtype), xp.float64
-
-    def vjp(cotangent: Any, **args: Any) -> dict[str, Any]:
-        narrowed = {name: xp.astype(a, low) for name, a in args.items()}
-        grads = f_vjp(xp.astype(cotangent, low), **narrowed)
-        for name, gradient in grads.items():
-            if name in narrowed:
-                _check_kept(f"gradient {name!r}", gradient, narrowed[name], repr(name), xp=xp)
-        return {name: xp.astype(gradient, wide) for name, gradient in grads.items()}
-
-    return vjp
 
 
 def gradient_check(op: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
@@ -528,34 +459,22 @@ def gradient_check(op: str, f: Callable[..., Any], f_vjp: Callable[..., Any],
     >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
     >>> from condconv_ref import conv, conv_vjp
     >>> check = verify.gradient_check("conv", conv, conv_vjp, verify.conv_inputs)
-    >>> measured = check.run(case)
-    >>> check.kind, measured.rel_err <= measured.tol
+    >>> check.kind, check.run(case).passed
     ('VJP vs finite diff.', True)
     """
 
     def run(case: Case) -> Measurement:
-        given = inputs(case)
         xp = case.backend.xp
-        point = {name: xp.astype(a, xp.float64)
-                 for name, a in given.arrays_on(case.backend, case.dtype).items()}
-        forward, backward = bind(f, given), _in_dtype(bind(f_vjp, given, vjp=True), case)
-        cotangent = xp.astype(_cotangent(case, forward(**point)), xp.float64)
-        tol = FD_RTOL
-        if case.dtype != "float64":
-            tol += _rounding_tol(case.dtype, given.lengths[1])
-        settings = dict(cotangent=cotangent, seed=case_seed(case.seed, 4), name=op)
-        result = check_vjp(forward, backward, point, rtol=0.0, atol=math.inf, **settings)
-        if result.scale:
-            relative = result.error / result.scale
-        else:  # every gradient and derivative is zero
-            relative = 0.0 if result.error == 0 else math.inf
-        detail = given.describe()
-        if not relative <= tol:
-            try:
-                check_vjp(forward, backward, point, rtol=tol, **settings)
-            except AssertionError as failure:
-                detail += f"\n{failure}"
-        return Measurement(result.error, relative, tol, detail)
+
+        def kept_vjp(cotangent: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            grads = f_vjp(cotangent, *args, **kwargs)
+            for name, gradient in grads.items():
+                _check_kept(f"gradient {name!r}", gradient, cotangent, "the cotangent", xp=xp,
+                            shape=False)
+            return grads
+
+        return finite_difference_check(inputs(case), case.dtype, case.backend,
+                                       seed=case_seed(case.seed, 4), forward=f, vjp=kept_vjp)
 
     return Check(op, FINITE_DIFFERENCES, run)
 
@@ -578,19 +497,22 @@ def oracle_check(op: str, f: Callable[..., Any], inputs: Callable[[Case], Varian
     >>> from condconv_ref.testing.oracles import scipy_conv
     >>> def oracle(arrays, config):
     ...     return scipy_conv(arrays["x"], arrays["kernel"], arrays.get("bias"), config)
-    >>> measured = verify.oracle_check("conv", conv, verify.conv_inputs, oracle).run(case)
-    >>> measured.rel_err <= measured.tol
+    >>> verify.oracle_check("conv", conv, verify.conv_inputs, oracle).run(case).passed
     True
     """
 
     def run(case: Case) -> Measurement:
         if importlib.util.find_spec("scipy") is None:
             raise CheckSkipped("scipy is not installed (pip install scipy)")
-        given = inputs(case)
+        given = rounded(inputs(case), case.dtype)
         args = given.arrays_on(case.backend, case.dtype)
-        expected = oracle({name: to_numpy(a) for name, a in args.items()}, given.config)
-        tol = _rounding_tol(case.dtype, given.lengths[0])
-        return _compare(bind(f, given)(**args), expected, args["x"], tol, given.describe())
+        oracle_value = oracle({name: np.asarray(a) for name, a in given.arrays.items()},
+                              given.config)
+        expected = Expected(np.asarray(oracle_value, dtype=np.float64),
+                            _scales.forward_scale(given), _scales.depth(given, vjp=False))
+        actual = bind(f, given)(**args)
+        _kept(actual, args["x"])
+        return _measure(judge(actual, expected, case.dtype), given.describe())
 
     return Check(op, ORACLE, run)
 
@@ -660,42 +582,34 @@ def draw_cases(backend: Backend, dtype: str, count: int, seed: int) -> list[Case
             for i, (config, depthwise_config) in enumerate(zip(configs, depthwise))]
 
 
-def _largest(values: list[float]) -> float:
-    """The maximum, NaN if any value is NaN, NaN for no values."""
-    if not values or any(math.isnan(v) for v in values):
-        return math.nan
-    return max(values)
-
-
 def _run_check(check: Check, cases: list[Case], advance: Callable[[int], None]) -> Row:
-    measurements: list[Measurement] = []
-    failed, detail = 0, ""
+    units, where, failed, detail, notes = 0.0, "", 0, "", []
+    dtype = cases[0].dtype if cases else "float64"
     for done, case in enumerate(cases):
         try:
-            measurement = Measurement(*check.run(case))
+            measurement = check.run(case)
         except CheckSkipped as reason:
             advance(len(cases) - done)
-            return Row(check.op, check.kind, cases=0, skipped=str(reason))
+            return Row(check.op, check.kind, cases=0, skipped=str(reason), dtype=dtype)
         except MemoryBudgetError:  # the case is too large for the budget, not wrong: stop
             raise
         except Exception as error:  # an op or a check that raises fails this case
             failed += 1
+            units, where = math.inf, f"case {case.index}"
             detail = detail or f"case {case.index}: {type(error).__name__}: {error}"
         else:
-            measurements.append(measurement)
-            if not measurement.rel_err <= measurement.tol:
+            if measurement.note:
+                notes.append(f"case {case.index}: {measurement.note}")
+            if not math.isnan(measurement.units) and not measurement.units <= units:
+                units, where = measurement.units, f"case {case.index}" + (
+                    f", {measurement.where}" if measurement.where else "")
+            if not (measurement.passed or math.isnan(measurement.units)):
                 failed += 1
-                detail = detail or (
-                    f"case {case.index}: rel err {measurement.rel_err:.3g} > tol "
-                    f"{measurement.tol:.3g}; {measurement.detail}"
-                ).rstrip("; ")
+                detail = detail or (f"case {case.index}: {measurement.units:.3g} x the bound "
+                                    f"at {measurement.where}; {measurement.detail}")
         advance(1)
-    tols = [m.tol for m in measurements]
-    return Row(check.op, check.kind, cases=len(cases), failed=failed,
-               max_abs_err=_largest([m.abs_err for m in measurements]),
-               max_rel_err=_largest([m.rel_err for m in measurements]),
-               tol_range=(min(tols), max(tols)) if tols else (math.nan, math.nan),
-               detail=detail)
+    return Row(check.op, check.kind, cases=len(cases), failed=failed, units=units, where=where,
+               detail=detail, notes="; ".join(notes), dtype=dtype)
 
 
 def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int = 0,
@@ -714,8 +628,9 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
     seed : int
         Seed of the configurations and arrays, >= 0; the same seed reruns the
         same cases.
-    dtype : {'float64', 'float32'}
-        The dtype every op runs in (finite differences always run in float64).
+    dtype : {'float64', 'float32', 'float16', 'bfloat16'}
+        The dtype every op runs in (finite differences always run in float64);
+        one the backend has (bfloat16: torch).
     progress : callable, optional
         Called as ``progress(check, done, total)`` after every case.
 
@@ -751,6 +666,9 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
     chosen = get_backend(backend) if isinstance(backend, str) else backend
     if not isinstance(chosen, Backend):
         raise TypeError(f"verify: backend must be a backend name or a Backend, got {backend!r}")
+    if not hasattr(chosen.xp, dtype):
+        raise ValueError(f"verify: backend {chosen.name} has no dtype {dtype}; run {dtype} on a "
+                         f"backend that has it (torch)")
     drawn = draw_cases(chosen, dtype, count, seed)
     checks = list(CHECKS)
     total, done = len(checks) * count, 0

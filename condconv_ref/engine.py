@@ -1,0 +1,408 @@
+r"""The check engine: reference with its bound, comparison, finite differences, one row type.
+
+Every command that judges a result is a thin front end over this module: it
+draws or loads a :class:`~condconv_ref.variants.Case`, runs the reference in
+float64 (:func:`expected_forward`, :func:`expected_vjp`: the value, the scale
+of its rounding and the depth, see :mod:`condconv_ref.accuracy`), runs the
+subject in its dtype, compares with :func:`judge`, and reports
+:class:`Row` s whose figure is the error in units of the bound.
+
+Finite differences
+------------------
+:func:`finite_difference_check` checks a VJP through the dot-product identity
+:math:`\sum\langle \mathrm{vjp}(c), t\rangle = \langle c, Jt\rangle`, with
+:math:`Jt` by central differences in float64 at step
+:math:`h = \epsilon_{64}^{1/3}\max(1, \max|x|)/\max|t|`.  The two sides may
+differ by at most the sum of
+
+- the VJP's own rounding: :math:`\sum \langle \beta_{\bar g}, |t|\rangle`
+  (:mod:`condconv_ref.accuracy`, in the dtype under test);
+- the rounding of the differences: each evaluation of :math:`f` errs by at
+  most :math:`\beta_{64}` of its scale, and each perturbed point
+  :math:`x \pm ht` is rounded by :math:`u_{64}|x \pm ht|`, which moves
+  :math:`\langle c, f\rangle` by at most
+  :math:`u_{64}\langle s_{\bar g}, |x| + h|t|\rangle`; both divided by
+  :math:`h`;
+- the truncation.  For a multilinear op, :math:`P(h) = \langle c, f(x + ht)\rangle`
+  is a polynomial whose coefficients are bounded by those of
+  :math:`Q(h) = \langle |c|, f(|x| + h|t|)\rangle`, so the truncation
+  :math:`\sum_{k \ge 1} p_{2k+1} h^{2k}` is at most
+  :math:`(Q(h) - Q(-h))/2h - Q'(0)`, with :math:`Q'(0) = \langle s_{\bar g}, |t|\rangle`
+  exactly: a bound, computed.  For the others (sigmoid, softmax, the layers
+  routed by them) it is the leading term :math:`a h^2`, estimated by
+  Richardson from a second difference at :math:`h/2`:
+  :math:`|D(h) - D(h/2)|/3`, against which :math:`D(h/2)` is compared.
+
+A ReLU (the DynamicConv routing MLP) is not differentiable at 0.  Before
+differencing, the check finds the ReLU inputs along the line
+:math:`x + st`, :math:`|s| \le h` (quadratic in :math:`s`, since both the
+pooled input and the weights move); if one changes sign, the step is halved
+to the nearest crossing, and the check says so in its note; a ReLU input
+within :math:`10^{-3} h` of its kink skips the case with the reason.
+
+Examples
+--------
+>>> from condconv_ref import engine
+>>> from condconv_ref.testing import ConvConfig
+>>> from condconv_ref.variants import build_case
+>>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+...                     padding_mode="zeros", n_experts=3, bias=True)
+>>> case = build_case("condconv_layer", config, seed=7)
+>>> expected = engine.expected_forward(case)
+>>> comparisons = engine.judge(expected.value * (1 + 2.0**-50), expected, "float64")
+>>> comparisons[0].passed, comparisons[0].units < 1
+(True, True)
+>>> engine.finite_difference_check(case, "float64").units < 1
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from condconv_ref import _scales
+from condconv_ref.accuracy import PRECISIONS, Comparison, bound, compare_all, gamma
+from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.variants import VARIANTS, Case, bind, reference_forward, reference_vjp
+
+__all__ = [
+    "Expected",
+    "Measurement",
+    "Row",
+    "expected_forward",
+    "expected_vjp",
+    "finite_difference_check",
+    "judge",
+    "rounded",
+    "worst",
+]
+
+_MULTILINEAR = _scales._MULTILINEAR
+_RELU_ROUTED = ("route_softmax", "dynamic_conv_layer")
+_KINK_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The float64 reference of one output (or of every gradient), its scale and depth.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.engine import Expected
+    >>> Expected(np.zeros(2), np.ones(2), 3).depth
+    3
+    """
+
+    value: Any
+    scale: Any
+    depth: int
+
+
+class Measurement(NamedTuple):
+    """What one check measured on one case: the error in units of the bound, where the
+    worst element is, what the case is, and anything the check did to measure it.
+
+    Examples
+    --------
+    >>> from condconv_ref.engine import Measurement
+    >>> Measurement(0.02, "gradient 'x' [0, 1]").passed
+    True
+    """
+
+    units: float
+    where: str = ""
+    detail: str = ""
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        """``units <= 1``."""
+        return self.units <= 1.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """The result of one check over many cases, as every command reports it.
+
+    ``units`` is the largest error in units of the bound over the cases (at
+    most 1 passes), ``where`` the case and element it was found at,
+    ``failed`` the cases beyond the bound or raising, ``detail`` the first
+    failing case, ``notes`` what the check did (steps moved off a kink),
+    ``skipped`` the reason the check could not run at all.
+
+    Examples
+    --------
+    >>> from condconv_ref.engine import Row
+    >>> Row("conv", "MoE equivalence", cases=2, units=0.01).status
+    'PASS'
+    >>> Row("conv", "MoE equivalence", cases=2, failed=1, units=3.0).status
+    'FAIL'
+    >>> Row("conv", "SciPy oracle", cases=0, skipped="scipy is not installed").status
+    'SKIP'
+    """
+
+    op: str
+    kind: str
+    cases: int
+    failed: int = 0
+    units: float = math.nan
+    where: str = ""
+    detail: str = ""
+    notes: str = ""
+    skipped: str = ""
+    dtype: str = "float64"
+
+    @property
+    def status(self) -> str:
+        """``"PASS"``, ``"FAIL"`` or ``"SKIP"``."""
+        if self.skipped:
+            return "SKIP"
+        return "FAIL" if self.failed else "PASS"
+
+
+def worst(comparisons: list[Comparison]) -> Comparison | None:
+    """The comparison with the largest error in units of the bound (an uncomparable one
+    first); None for none.
+
+    Examples
+    --------
+    >>> from condconv_ref.accuracy import Comparison
+    >>> from condconv_ref.engine import worst
+    >>> worst([Comparison("output", 0.5), Comparison("gradient 'x'", 2.0)]).what
+    "gradient 'x'"
+    """
+    if not comparisons:
+        return None
+    return max(comparisons, key=lambda c: (bool(c.reason), c.units))
+
+
+def rounded(case: Case, dtype: str) -> Case:
+    """``case`` with its arrays rounded to ``dtype`` and held as float64 NumPy arrays: the
+    point at which the reference is evaluated for a subject that runs in ``dtype``.
+
+    bfloat16 (which NumPy lacks) rounds to nearest even on the top 16 bits of float32.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.engine import rounded
+    >>> from condconv_ref.variants import Case
+    >>> case = Case("mix_experts", {"routing": np.array([[1/3]]), "experts": np.ones((1, 2))},
+    ...             {}, (1, 1))
+    >>> float(rounded(case, "bfloat16").arrays["routing"][0, 0])
+    0.333984375
+    """
+    return replace(case, arrays={name: round_to(a, dtype) for name, a in case.arrays.items()})
+
+
+def round_to(values: Any, dtype: str) -> np.ndarray:
+    """``values`` rounded to ``dtype`` (float64, float32, float16 or bfloat16), as float64."""
+    host = np.asarray(to_numpy(values), dtype=np.float64)
+    if dtype != "bfloat16":
+        return host.astype(dtype).astype(np.float64)
+    single = host.astype(np.float32)
+    bits = single.view(np.uint32).astype(np.uint64)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    finite = np.isfinite(single)
+    kept = np.where(finite, ((bits + rounding) >> 16) << 16, bits).astype(np.uint32)
+    return kept.view(np.float32).astype(np.float64)
+
+
+def expected_forward(case: Case, backend: str | Backend | None = None) -> Expected:
+    """The reference output of ``case`` in float64 on ``backend``, its scale and depth."""
+    value = np.asarray(to_numpy(reference_forward(case, backend)), dtype=np.float64)
+    return Expected(value, _scales.forward_scale(case), _scales.depth(case, vjp=False))
+
+
+def expected_vjp(case: Case, cotangent: Any, backend: str | Backend | None = None) -> Expected:
+    """The reference gradients of ``case`` at ``cotangent`` in float64, their scales and depth."""
+    value = {name: np.asarray(to_numpy(g), dtype=np.float64)
+             for name, g in reference_vjp(case, cotangent, backend).items()}
+    return Expected(value, _scales.vjp_scale(case, cotangent), _scales.depth(case, vjp=True))
+
+
+def judge(actual: Any, expected: Expected, dtype: Any,
+          reference_dtype: Any = "float64") -> list[Comparison]:
+    """Compare ``actual`` (an output, or a mapping of gradients) with ``expected``.
+
+    ``reference_dtype`` is the precision the expected values were computed in
+    (float64 for the reference; the subject's own dtype when two computations in
+    one dtype are compared with each other).
+    """
+    return compare_all(actual, expected.value, expected.scale, depth=expected.depth,
+                       dtype=dtype, reference_dtype=reference_dtype)
+
+
+# ---------------------------------------------------------------- finite differences
+
+
+def _inner(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    return float(sum(np.sum(a[name] * b[name]) for name in b))
+
+
+def _relu_inputs(case: Case, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The inputs of the routing MLP's ReLU at ``arrays``."""
+    x = arrays["x"]
+    pooled = x.mean(axis=tuple(range(2, x.ndim)))
+    pre = pooled @ arrays["fc1_weight"].T
+    return pre + arrays["fc1_bias"] if "fc1_bias" in arrays else pre
+
+
+def _nearest_kink(case: Case, point: Mapping[str, np.ndarray],
+                  tangents: Mapping[str, np.ndarray], step: float) -> float:
+    """The smallest :math:`|s|` at which a ReLU input along ``point + s * tangents`` is 0
+    (the inputs are quadratic in ``s``); infinity where none is."""
+    def at(s: float) -> np.ndarray:
+        return _relu_inputs(case, {name: a + s * tangents.get(name, 0.0)
+                                   for name, a in point.items()})
+
+    middle, plus, minus = at(0.0), at(step), at(-step)
+    linear = (plus - minus) / (2 * step)
+    quadratic = (plus + minus - 2 * middle) / (2 * step**2)
+    nearest = np.full(middle.shape, math.inf)
+    nearest[middle == 0] = 0.0
+    flat = np.abs(quadratic) <= 1e-300
+    with np.errstate(divide="ignore", invalid="ignore"):
+        roots_linear = np.where(flat & (linear != 0), np.abs(middle / linear), math.inf)
+        discriminant = linear**2 - 4 * quadratic * middle
+        root = np.sqrt(np.where(discriminant >= 0, discriminant, np.nan))
+        first = np.abs((-linear + root) / (2 * quadratic))
+        second = np.abs((-linear - root) / (2 * quadratic))
+    roots = np.where(flat, roots_linear, np.fmin(np.nan_to_num(first, nan=math.inf),
+                                                 np.nan_to_num(second, nan=math.inf)))
+    return float(np.min(np.fmin(nearest, roots), initial=math.inf))
+
+
+def _rounding(case: Case, c: np.ndarray, point: Mapping[str, np.ndarray],
+              tangents: Mapping[str, np.ndarray], gradient_scale: Mapping[str, np.ndarray],
+              step: float, values: tuple[np.ndarray, np.ndarray]) -> float:
+    """Bound on the rounding error of the central difference at ``step``."""
+    depth = _scales.depth(case, vjp=False)
+    evaluations = 0.0
+    for sign in (1.0, -1.0):
+        moved = replace(case, arrays={name: a + sign * step * tangents[name]
+                                      for name, a in point.items()})
+        evaluations += float(np.sum(np.abs(c) * bound(_scales.forward_scale(moved), depth)))
+    u = PRECISIONS["float64"].unit_roundoff
+    points = u * sum(float(np.sum(gradient_scale[name] * (np.abs(a) + step * np.abs(
+        tangents[name])))) for name, a in point.items())
+    difference = np.abs(values[0]) + np.abs(values[1])
+    accumulation = gamma(c.size + 1, u) * float(np.sum(np.abs(c) * difference)) / (2 * step)
+    return (evaluations / 2 + points) / step + accumulation
+
+
+def _difference(forward: Any, c: np.ndarray, point: Mapping[str, np.ndarray],
+                tangents: Mapping[str, np.ndarray], step: float,
+                backend: Backend) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    values = []
+    for sign in (1.0, -1.0):
+        arrays = {name: backend.asarray(a + sign * step * tangents[name], dtype="float64")
+                  for name, a in point.items()}
+        values.append(np.asarray(to_numpy(forward(**arrays)), dtype=np.float64))
+    return float(np.sum(c * (values[0] - values[1]))) / (2 * step), (values[0], values[1])
+
+
+def _truncation_multilinear(case: Case, c: np.ndarray, point: Mapping[str, np.ndarray],
+                            tangents: Mapping[str, np.ndarray],
+                            gradient_scale: Mapping[str, np.ndarray], step: float) -> float:
+    """:math:`(Q(h) - Q(-h))/2h - Q'(0)` (module docstring): the truncation's bound."""
+    q = []
+    for sign in (1.0, -1.0):
+        arrays = {name: np.abs(a) + sign * step * np.abs(tangents[name])
+                  for name, a in point.items()}
+        q.append(float(np.sum(np.abs(c) * reference_forward(replace(case, arrays=arrays)))))
+    slope = _inner(gradient_scale, {name: np.abs(t) for name, t in tangents.items()})
+    return abs((q[0] - q[1]) / (2 * step) - slope)
+
+
+def finite_difference_check(case: Case, dtype: str, backend: str | Backend | None = None,
+                            seed: int = 0, *, forward: Any = None,
+                            vjp: Any = None) -> Measurement:
+    """Check the reference VJP of ``case`` computed in ``dtype`` against float64 central
+    differences of its forward, with the derived bound (module docstring).
+
+    Parameters
+    ----------
+    case : Case
+        Its arrays are rounded to ``dtype`` first; the differences are taken
+        in float64 at the rounded point.
+    dtype : str
+        The dtype the VJP runs in.
+    backend : str or Backend, optional
+        Where both run (default NumPy).
+    seed : int
+        Seed of the tangents (standard normal, one per argument).
+    forward, vjp : callable, optional
+        The op and VJP to check, called like the variant's reference (default
+        the reference itself); the bound is the reference's.
+
+    Returns
+    -------
+    Measurement
+        ``units`` the identity's error in units of its bound; ``note`` says
+        when the step was moved off a ReLU kink.  A case whose ReLU input is
+        at its kink returns NaN units with the reason in ``note``.
+    """
+    chosen = get_backend("numpy") if backend is None else (
+        get_backend(backend) if isinstance(backend, str) else backend)
+    at = rounded(case, dtype)
+    point = {name: np.asarray(a) for name, a in at.arrays.items()}
+    output = np.asarray(to_numpy(reference_forward(at, chosen)), dtype=np.float64)
+    c = round_to(case.cotangent(output.shape), dtype)
+    rng = np.random.default_rng([seed, 4])
+    tangents = {name: rng.standard_normal(a.shape) for name, a in point.items()}
+    f = bind(forward or VARIANTS[case.variant].forward, at)
+    f_vjp = bind(vjp or VARIANTS[case.variant].vjp, at, vjp=True)
+    computed = f_vjp(chosen.asarray(c, dtype=dtype), **at.arrays_on(chosen, dtype))
+    grads = {name: np.asarray(to_numpy(g), dtype=np.float64) for name, g in computed.items()}
+    if sorted(grads) != sorted(point):
+        raise AssertionError(f"the VJP returned gradients for {sorted(grads)}, expected "
+                             f"{sorted(point)}")
+    gradient_scale = _scales.vjp_scale(at, c)
+    analytic = _inner(grads, tangents)
+    depth = _scales.depth(at, vjp=True)
+    u = PRECISIONS["float64"].unit_roundoff
+    vjp_error = sum(float(np.sum(bound(gradient_scale[name], depth, dtype) * np.abs(t)))
+                    for name, t in tangents.items())
+    vjp_error += gamma(sum(t.size for t in tangents.values()), u) * _inner(
+        {name: np.abs(g) for name, g in grads.items()},
+        {name: np.abs(t) for name, t in tangents.items()})
+    largest_x = max((float(np.max(np.abs(a))) for a in point.values() if a.size), default=0.0)
+    largest_t = max((float(np.max(np.abs(t))) for t in tangents.values() if t.size),
+                    default=0.0)
+    if largest_t == 0:
+        return Measurement(0.0, "", at.describe())
+    step = u ** (1 / 3) * 2 ** (1 / 3) * max(1.0, largest_x) / largest_t
+    note = ""
+    if case.variant in _RELU_ROUTED:
+        kink = _nearest_kink(at, point, tangents, step)
+        if kink <= step:
+            if kink < _KINK_FLOOR * step:
+                return Measurement(math.nan, "", at.describe(),
+                                   "skipped: a ReLU input of the routing MLP is at its kink")
+            note = f"step {step:.2g} -> {kink / 2:.2g} to stay off a ReLU kink"
+            step = kink / 2
+    numeric, values = _difference(f, c, point, tangents, step, chosen)
+    rounding = _rounding(at, c, point, tangents, gradient_scale, step, values)
+    if case.variant in _MULTILINEAR:
+        truncation = _truncation_multilinear(at, c, point, tangents, gradient_scale, step)
+        allowed = vjp_error + rounding + truncation
+    else:
+        half, half_values = _difference(f, c, point, tangents, step / 2, chosen)
+        half_rounding = _rounding(at, c, point, tangents, gradient_scale, step / 2, half_values)
+        estimate = (abs(numeric - half) + rounding + half_rounding) / 3
+        numeric, allowed = half, vjp_error + half_rounding + estimate
+    error = abs(analytic - numeric)
+    units = 0.0 if error == 0 else error / allowed
+    detail = at.describe()
+    if units > 1:
+        detail += (f"\nsum <vjp(c), t> = {analytic!r}, <c, Jt> = {numeric!r}: |difference| "
+                   f"{error:.3g} > bound {allowed:.3g} (VJP rounding {vjp_error:.3g})")
+    return Measurement(units, "dot-product identity", detail, note)
