@@ -5,6 +5,11 @@ pooling, a fully-connected layer, a sigmoid.  ``route_softmax`` is Dynamic
 Convolution's (Chen et al., 2020): global average pooling, a squeeze-and-excite
 pair of fully-connected layers with a ReLU between them, and a softmax over the
 experts at a temperature.
+
+Every matrix product here goes through :func:`condconv_ref._matmul.matmul`, so
+that a floating-point flag a BLAS kernel raises in lanes it discards (OpenBLAS's
+AVX-512 ``sgemv_t`` for an inner dimension of 5 does) is not reported as a
+warning of the routing.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from condconv_ref._matmul import matmul
 from condconv_ref._validate import (
     check_finite_positive,
     check_ndim,
@@ -91,7 +97,7 @@ def _working_memory(x: Any, experts: int, *, vjp: bool) -> dict[str, int]:
 
 def _logits(x: Any, weight: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any]:
     pooled = global_average_pool(x, xp=xp)
-    logits = pooled @ xp.matrix_transpose(weight)
+    logits = matmul(pooled, xp.matrix_transpose(weight), xp=xp)
     if bias is not None:
         logits = logits + bias
     return pooled, logits
@@ -178,8 +184,8 @@ def _route_sigmoid_vjp(cotangent: Any, x: Any, weight: Any, bias: Any, *,
     pooled, logits = _logits(x, weight, bias, xp=xp)
     grad_logits = cotangent * stable_sigmoid(logits, xp=xp)[1]
     grads = {
-        "x": global_average_pool_vjp(grad_logits @ weight, tuple(x.shape), xp=xp),
-        "weight": xp.matrix_transpose(grad_logits) @ pooled,
+        "x": global_average_pool_vjp(matmul(grad_logits, weight, xp=xp), tuple(x.shape), xp=xp),
+        "weight": matmul(xp.matrix_transpose(grad_logits), pooled, xp=xp),
     }
     if bias is not None:
         grads["bias"] = xp.sum(grad_logits, axis=0)
@@ -219,14 +225,15 @@ def stable_softmax_vjp(cotangent: Any, probabilities: Any, temperature: float, *
 
 def _affine(inputs: Any, weight: Any, bias: Any, *, xp: ModuleType) -> Any:
     """``inputs @ weight.T + bias`` for inputs (B, N_in), weight (N_out, N_in), bias (N_out,)."""
-    outputs = inputs @ xp.matrix_transpose(weight)
+    outputs = matmul(inputs, xp.matrix_transpose(weight), xp=xp)
     return outputs if bias is None else outputs + bias
 
 
 def _affine_vjp(grad_outputs: Any, inputs: Any, weight: Any, *,
                 xp: ModuleType) -> tuple[Any, Any]:
     """Gradients of :func:`_affine` for ``inputs`` and ``weight`` (the bias's is a sum over B)."""
-    return grad_outputs @ weight, xp.matrix_transpose(grad_outputs) @ inputs
+    return (matmul(grad_outputs, weight, xp=xp),
+            matmul(xp.matrix_transpose(grad_outputs), inputs, xp=xp))
 
 
 class _SoftmaxRouting(NamedTuple):
