@@ -279,24 +279,20 @@ def _golden_table(report: golden.Report) -> Table:
     table = Table(
         title=f"condconv-ref golden verify: {report.directory}, {report.dtype}, "
               f"{report.compared}",
-        caption="Every element must satisfy |actual - stored| <= atol + rtol |stored|, rtol = "
-                "16 eps sqrt(longest sum), atol = max(rtol max|stored|, 64 eps/eps32 "
-                "float32_deviation) (docs/golden-format.md); error/tol is the largest ratio "
-                "(< 1 passes).")
+        caption=BOUND_CAPTION)
     for header, justify in (("variant", "left"), ("cases", "right"), ("failed", "right"),
-                            ("worst error/tol", "right"), ("rtol", "right"),
+                            ("error/bound", "right"), ("worst at", "left"),
                             ("result", "center")):
         table.add_column(header, justify=justify, no_wrap=header in ("variant", "result"))
     for variant in dict.fromkeys(result.variant for result in report.results):
         results = [result for result in report.results if result.variant == variant]
         failed = sum(not result.passed for result in results)
-        ratios = [result.worst_ratio for result in results if not math.isnan(result.worst_ratio)]
-        rtols = [result.rtol for result in results if not math.isnan(result.rtol)]
-        rtol = ("-" if not rtols else _number(rtols[0]) if min(rtols) == max(rtols)
-                else f"{_number(min(rtols))}..{_number(max(rtols))}")
+        measured = [result for result in results if not math.isnan(result.units)]
+        largest = max(measured, key=lambda result: result.units, default=None)
         status = "FAIL" if failed else "PASS"
         table.add_row(variant, str(len(results)), str(failed),
-                      _number(max(ratios)) if ratios else "-", rtol,
+                      _units(largest.units) if largest else "-",
+                      f"{largest.file}, {largest.where}" if largest else "",
                       f"[{_STATUS_STYLE[status]}]{status}[/]")
     return table
 

@@ -30,16 +30,13 @@ Every problem found in a directory is one line that names the file, collected
 in a :class:`GoldenError`.  :data:`SHIPPED` is the small set the package ships
 and the test suite recomputes on every run.
 
-Tolerances
+Comparison
 ----------
-The checker's rule: every element must satisfy
-:math:`|a - r| \le \mathrm{rtol}\,(|r| + \max|r|)` with :math:`r` the stored
-value and ``rtol = 16 eps sqrt(L)``
-(:func:`condconv_ref.testing.default_tolerances`): ``eps`` of the coarser of
-the set's dtype and the computed result's dtype, ``L`` the longest sum of the
-case's forward (for ``output``) or VJP (for the gradients), stored in the
-manifest as ``lengths``.  For float64 that is below 1e-12 for every case of
-:data:`SHIPPED`.
+The error model of :mod:`condconv_ref.accuracy`, as in every other command:
+each computed element against the stored one, within the bound of its scale,
+which :func:`verify` recomputes from the stored inputs (and cotangent) with
+the reference; the stored values themselves carry the set's dtype's rounding.
+The figure reported is the error in units of that bound (at most 1 passes).
 
 Examples
 --------
@@ -67,7 +64,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +75,11 @@ from condconv_ref import __version__
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.memory import MemoryBudgetError
-from condconv_ref.testing import Supports, default_tolerances
-from condconv_ref.testing.checker import Implementation, Mismatch
+from condconv_ref import _scales
+from condconv_ref.accuracy import Comparison, precision
+from condconv_ref.engine import Expected, judge, worst
+from condconv_ref.testing import Supports
+from condconv_ref.testing.checker import Implementation
 from condconv_ref.testing.sampling import case_seed, draw_examples
 from condconv_ref.variants import (
     LAYER_VARIANTS,
@@ -95,7 +95,6 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
-    "ROUNDING_SAFETY",
     "SHIPPED",
     "CaseResult",
     "GoldenCase",
@@ -113,10 +112,9 @@ FORMAT = "condconv-ref golden vectors"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("float64", "float32")
+"""The dtypes a golden set is written in: those ``.npy`` files hold in every language."""
 DEFAULT_VARIANTS = LAYER_VARIANTS
 """The variants :func:`write` writes when none are named: those users check."""
-ROUNDING_SAFETY = 64.0
-"""The factor on the measured float32 deviation in the absolute tolerance (:func:`compare_case`)."""
 
 SHIPPED = Path(__file__).resolve().parent / "golden_data"
 """The golden set shipped in the package: 42 float64 cases of the user-facing variants and
@@ -237,11 +235,11 @@ class GoldenSet:
 class CaseResult:
     """The comparison of one case with its stored output and gradients.
 
-    ``worst_ratio`` is the largest :math:`|a - r|` over its tolerance, over
-    every compared element (below 1 when the case passes); ``rtol`` the largest
-    relative tolerance applied; ``mismatches`` everything that differs, in the
-    checker's terms (:class:`condconv_ref.testing.checker.Mismatch`),
-    including an exception the computation raised.
+    ``units`` is the largest error in units of the bound over every compared
+    element (at most 1 when the case passes), ``where`` the array and element
+    it was found at; ``mismatches`` everything that differs
+    (:class:`condconv_ref.accuracy.Comparison`), including an exception the
+    computation raised.
 
     Examples
     --------
@@ -256,9 +254,9 @@ class CaseResult:
     index: int
     file: str
     variant: str
-    worst_ratio: float = math.nan
-    rtol: float = math.nan
-    mismatches: tuple[Mismatch, ...] = ()
+    units: float = math.nan
+    where: str = ""
+    mismatches: tuple[Comparison, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -922,72 +920,26 @@ def load(directory: str | os.PathLike[str]) -> GoldenSet:
 
 
 def _coarser(a: str, b: str) -> str:
-    return a if np.finfo(a).eps >= np.finfo(b).eps else b
+    return a if precision(a).unit_roundoff >= precision(b).unit_roundoff else b
 
 
-def _raised(what: str, error: BaseException) -> Mismatch:
-    return Mismatch(what, " ".join(f"raised {type(error).__name__}: {error}".split()))
+def _raised(what: str, error: BaseException) -> Comparison:
+    return Comparison(what, reason=" ".join(f"raised {type(error).__name__}: {error}".split()))
 
 
-def _as_numpy(value: Any) -> np.ndarray:
-    return np.asarray(to_numpy(value) if array_api_compat.is_array_api_obj(value) else value)
-
-
-def _compare_one(what: str, actual: Any, stored: np.ndarray, length: int, deviation: float,
-                 require_dtype: bool) -> tuple[Mismatch | None, float, float]:
-    """``(mismatch or None, rtol, worst ratio)`` of one computed array against a stored one,
-    by the rule of :func:`compare_case`."""
-    try:
-        actual = _as_numpy(actual)
-    except Exception as error:  # not an array NumPy can read
-        return _raised(what, error), math.nan, math.nan
-    if not np.issubdtype(actual.dtype, np.floating) or (require_dtype
-                                                        and actual.dtype != stored.dtype):
-        return Mismatch(what, f"has dtype {actual.dtype}, expected {stored.dtype}"), math.nan, \
-            math.nan
-    if actual.shape != stored.shape:
-        return Mismatch(what, f"has shape {actual.shape}, expected {stored.shape}"), math.nan, \
-            math.nan
-    dtype = _coarser(stored.dtype.name, actual.dtype.name)
-    rtol = default_tolerances(dtype, reduction_length=length)[0]
-    if stored.size == 0:
-        return None, rtol, 0.0
-    reference = stored.astype(np.float64)
-    measured = ROUNDING_SAFETY * np.finfo(dtype).eps / np.finfo(np.float32).eps * deviation
-    atol = max(rtol * float(np.max(np.abs(reference))), measured)
-    bound = atol + rtol * np.abs(reference)
-    with np.errstate(invalid="ignore", over="ignore"):
-        error = np.abs(actual.astype(np.float64) - reference)
-    error = np.where(np.isnan(error), np.inf, error)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(error == 0, 0.0, error / bound)
-    worst = np.unravel_index(int(np.argmax(ratios)), ratios.shape)
-    ratio = float(ratios[worst])
-    if ratio <= 1:
-        return None, rtol, ratio
-    index = tuple(int(i) for i in worst)
-    bad = int(np.count_nonzero(ratios > 1))
-    return (Mismatch(what, "values differ", index, float(actual[worst]), float(reference[worst]),
-                     float(bound[worst]), bad, int(stored.size), rtol, atol), rtol, ratio)
+def _dtype_name(value: Any) -> str:
+    """The dtype name of any array (``'float32'``, ``'bfloat16'``, ...), or ``''``."""
+    return str(getattr(value, "dtype", "")).rsplit(".", 1)[-1]
 
 
 def compare_case(golden: GoldenCase, output: Any, gradients: Mapping[str, Any] | None, *,
                  require_dtype: bool = True) -> CaseResult:
     """Compare a computed ``output`` (and ``gradients``, unless None) with a golden case.
 
-    Every element must satisfy :math:`|a - r| \\le \\mathrm{atol} + \\mathrm{rtol}\\,|r|`
-    with :math:`r` the stored value,
-
-    - ``rtol = 16 eps sqrt(L)``, ``eps`` of the coarser of the stored dtype and
-      the computed one, ``L`` the case's longest sum in the forward (output)
-      or the VJP (gradients);
-    - ``atol = max(rtol max|r|, 64 (eps / eps_32) d)``, ``d`` the array's
-      stored ``float32_deviation``: the rounding error a computation in
-      ``eps``'s precision may carry where the result cancels (a gradient
-      summed from terms much larger than itself), measured on the reference
-      itself; the same rule as :func:`condconv_ref.testing.check_implementation`.
-
-    With ``require_dtype`` a computed array must have the stored dtype.
+    Every element must be within the bound of :mod:`condconv_ref.accuracy` of
+    the stored value, for the coarser of the set's dtype and the computed
+    one; the scale comes from the reference run on the stored inputs.  With
+    ``require_dtype`` a computed array must have the stored dtype.
 
     Examples
     --------
@@ -998,37 +950,45 @@ def compare_case(golden: GoldenCase, output: Any, gradients: Mapping[str, Any] |
     >>> case = golden.load(golden.SHIPPED).cases[2]
     >>> output = reference_forward(case.case)
     >>> result = golden.compare_case(case, output, reference_vjp(case.case, case.cotangent))
-    >>> result.passed, result.worst_ratio < 1
+    >>> result.passed, result.units < 1
     (True, True)
     >>> golden.compare_case(case, 1.01 * output, None).mismatches[0].what
     'output'
     """
-    pairs = [("output", output, golden.output, golden.case.lengths[0],
-              golden.deviations[OUTPUT])]
-    mismatches: list[Mismatch] = []
+    stored_dtype = golden.output.dtype.name
+    results = [("output", output, golden.output)]
+    expected = {"output": Expected(golden.output.astype(np.float64),
+                                   _scales.forward_scale(golden.case),
+                                   _scales.depth(golden.case, vjp=False))}
+    comparisons: list[Comparison] = []
     if gradients is not None:
-        if sorted(gradients) != sorted(golden.gradients):
-            mismatches.append(Mismatch("vjp", f"returned gradients for {sorted(gradients)}, "
-                                              f"expected {sorted(golden.gradients)}"))
-        pairs += [(f"gradient {name!r}", gradients[name], expected, golden.case.lengths[1],
-                   golden.deviations[GRADIENT_PREFIX + name])
-                  for name, expected in golden.gradients.items() if name in gradients]
-    ratios, rtols = [], []
-    for what, actual, expected, length, deviation in pairs:
-        mismatch, rtol, ratio = _compare_one(what, actual, expected, length, deviation,
-                                             require_dtype)
-        rtols.append(rtol)
-        ratios.append(ratio)
-        if mismatch is not None:
-            mismatches.append(mismatch)
-    return CaseResult(golden.index, golden.file, golden.variant, _largest(ratios),
-                      _largest(rtols), tuple(mismatches))
-
-
-def _largest(values: list[float]) -> float:
-    """The largest value that is not NaN; NaN when there is none."""
-    known = [value for value in values if not math.isnan(value)]
-    return max(known) if known else math.nan
+        expected_grads = Expected({name: g.astype(np.float64)
+                                   for name, g in golden.gradients.items()},
+                                  _scales.vjp_scale(golden.case, golden.cotangent),
+                                  _scales.depth(golden.case, vjp=True))
+        if not isinstance(gradients, Mapping) or sorted(gradients) != sorted(golden.gradients):
+            comparisons += judge(gradients, expected_grads, stored_dtype, stored_dtype)[:1]
+        if isinstance(gradients, Mapping):
+            for name in golden.gradients:
+                if name in gradients:
+                    results.append((name, gradients[name], golden.gradients[name]))
+                    expected[name] = Expected(expected_grads.value[name],
+                                              expected_grads.scale[name], expected_grads.depth)
+    for name, actual, stored in results:
+        what = "output" if name == "output" else f"gradient {name!r}"
+        found = _dtype_name(actual)
+        if require_dtype and found != stored.dtype.name:
+            comparisons.append(Comparison(what, reason=f"has dtype {found or type(actual)}, "
+                                                       f"expected {stored.dtype.name}"))
+            continue
+        dtype = _coarser(stored_dtype, found) if found in ("float64", "float32", "float16",
+                                                           "bfloat16") else stored_dtype
+        comparisons += [replace(c, what=what)
+                        for c in judge(actual, expected[name], dtype, stored_dtype)]
+    largest = worst([c for c in comparisons if not c.reason]) if comparisons else None
+    return CaseResult(golden.index, golden.file, golden.variant,
+                      largest.units if largest else math.nan, largest.where if largest else "",
+                      tuple(c for c in comparisons if not c.passed))
 
 
 def _reference_result(golden: GoldenCase, backend: Backend, dtype: str) -> CaseResult:
@@ -1056,8 +1016,8 @@ def _implementation_result(golden: GoldenCase, implementation: Implementation) -
                               mismatches=(_raised("vjp", error),))
         if not isinstance(gradients, Mapping):
             return CaseResult(golden.index, golden.file, golden.variant, mismatches=(
-                Mismatch("vjp", f"returned a {type(gradients).__name__}, expected a mapping "
-                                f"of argument name to gradient"),))
+                Comparison("vjp", reason=f"returned a {type(gradients).__name__}, expected a "
+                                         f"mapping of argument name to gradient"),))
     return compare_case(golden, output, gradients, require_dtype=False)
 
 

@@ -135,6 +135,10 @@ class Case:
         The configuration it was built from.
     seed : int
         The seed of its arrays.
+    dtype : str
+        The dtype an implementation under check computes in (set by the
+        checker): the arrays' own dtype, or ``'bfloat16'`` for float32 arrays
+        holding bfloat16 values, which NumPy cannot hold.
 
     Examples
     --------
@@ -160,6 +164,7 @@ class Case:
     lengths: tuple[int, int]
     config: Any = None
     seed: int = 0
+    dtype: str = "float64"
     layer: bool = field(init=False)
 
     def __post_init__(self) -> None:

@@ -170,7 +170,7 @@ def test_correct_torch_layers_pass_forward_and_vjp(variant, make):
     report = check_implementation(make(), variant=variant, max_examples=PASSING_EXAMPLES)
     assert report.passed and report.checked_vjp
     assert report.examples == PASSING_EXAMPLES
-    assert 0 < report.worst_ratio < 1
+    assert 0 < report.units <= 1
     assert "PASSED" in str(report)
 
 
@@ -200,7 +200,7 @@ def test_float32_arithmetic_fails_a_float64_check():
 
     report = _failing(forward, "condconv_layer")
     assert _differing(report) == {"output"}
-    assert report.mismatches[0].tolerance < 1e-12
+    assert report.mismatches[0].bound < 1e-12
 
 
 # ---------------------------------------------------------------- broken layers are caught
@@ -223,7 +223,7 @@ def test_ignored_zero_padding_is_caught_with_a_minimal_padded_case():
     assert any(before or after for before, after in case.geometry.padding)
     assert case.shapes["x"][0] == 1
     assert report.mismatches[0].what == "output"
-    assert "shape" in report.mismatches[0].message
+    assert "shape" in report.mismatches[0].reason
 
 
 class UnmixedBias(CondConv2d):
@@ -341,7 +341,7 @@ def test_implementation_that_raises_is_a_failure_reported_with_its_case():
     1-D case; the report names the exception instead of crashing."""
     report = _failing(_layer(CondConv2d, supports=None), "condconv_layer")
     assert report.mismatches[0].what == "forward"
-    assert "raised" in report.mismatches[0].message
+    assert "raised" in report.mismatches[0].reason
     assert len(report.case.shapes["x"]) != 4
     assert "forward: raised" in str(report)
 
@@ -354,7 +354,7 @@ def test_failure_raises_implementation_mismatch_with_the_report():
     assert not report.passed
     text = str(raised.value)
     for expected in ("condconv_layer", "FAILED", "minimal failing case", "worst at",
-                     "reference", "tolerance", "bias (1, "):
+                     "reference", "x bound", "bias (1, "):
         assert expected in text
 
 
@@ -391,7 +391,7 @@ def test_gradients_missing_or_extra_are_reported():
         return {**grads, "weights": np.zeros(1)}
 
     report = _failing(reference_forward, "condconv", vjp=vjp)
-    assert any(m.what == "vjp" and "expected" in m.message for m in report.mismatches)
+    assert any(m.what == "vjp" and "expected" in m.reason for m in report.mismatches)
 
 
 def test_layout_converter_from_the_other_framework_is_caught():

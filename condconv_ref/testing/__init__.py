@@ -20,10 +20,10 @@ from condconv_ref.testing._numerics import (
     numerical_jvp,
     numerical_vjp,
 )
+from condconv_ref.accuracy import Comparison
 from condconv_ref.testing.checker import (
     Implementation,
     ImplementationMismatch,
-    Mismatch,
     Report,
     check_implementation,
 )
@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from condconv_ref.testing.strategies import cases, condconv_inputs, conv_configs
 
 __all__ = [
+    "Comparison",
     "CondConvArrays",
     "ConvConfig",
     "Implementation",
     "ImplementationMismatch",
-    "Mismatch",
     "Report",
     "Supports",
     "VJPCheck",

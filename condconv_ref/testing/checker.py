@@ -28,32 +28,21 @@ The protocol
 Comparison
 ----------
 The reference :math:`r` is computed in float64 at the case's values (already
-rounded to ``dtype``).  Every element of the implementation's result :math:`a`
-must satisfy :math:`|a - r| \le \mathrm{atol} + \mathrm{rtol}\,|r|` with
-
-- ``rtol`` from :func:`~condconv_ref.testing.default_tolerances` for ``dtype``
-  and the longest sum of the pass (``case.lengths``), :math:`16\,\epsilon\sqrt{n}`;
-- ``atol`` the larger of :math:`\mathrm{rtol}\max|r|` and the *measured
-  rounding spread* :math:`64\,(\epsilon/\epsilon_{32})\max|r_{32} - r|`,
-  with :math:`r_{32}` the reference run in float32.
-
-The absolute term covers elements that cancel to near zero, whose rounding
-error is relative to the size of the summed terms rather than to the result.
-The spread covers results much smaller than the terms that made them (the
-routing gradients of a softmax, whose rows sum to one): running the reference
-in float32 shows how large the rounding error of such a result is, and it is
-scaled to ``dtype``'s epsilon.  Over thousands of cases, independent float64
-and float32 PyTorch implementations stay below 0.2 of this tolerance, while
-any real bug is off by orders of magnitude more.  A result that is
-identically zero (say, a routing gradient through a one-expert softmax) gets
-``atol = rtol * max|output|`` instead, so rounding noise there is no failure.
-NaN or infinity against a
-finite reference, a wrong shape, a missing or extra gradient, and any
-exception the implementation raises are failures too.
+rounded to ``dtype``), together with the scale of its rounding, and every
+element of the implementation's result :math:`a` must satisfy
+:math:`|a - r| \le \beta` with the bound :math:`\beta` of
+:mod:`condconv_ref.accuracy` for ``dtype``: :math:`\gamma_n(u)` times the sum
+of the magnitudes of the terms that make the element, plus the reference's own
+rounding and an underflow term.  The figure reported is the error in units of
+that bound (at most 1 passes), the same figure every command reports.
+NaN or infinity against a finite reference, a wrong shape, a complex or other
+non-real dtype, a missing or extra gradient, and any exception the
+implementation raises are failures too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -69,23 +58,20 @@ import numpy as np
 
 from condconv_ref._cases import Supports
 from condconv_ref._validate import check_positive_int
-from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.accuracy import DTYPES, Comparison
+from condconv_ref.backends import Backend, get_backend
+from condconv_ref.engine import expected_forward, expected_vjp, judge, round_to
 from condconv_ref.memory import MemoryBudgetError
-from condconv_ref.testing._numerics import default_tolerances
-from condconv_ref.variants import LAYER_VARIANTS, VARIANTS, Case, reference_forward, reference_vjp
+from condconv_ref.variants import LAYER_VARIANTS, VARIANTS, Case
 
 __all__ = [
     "DTYPES",
     "Implementation",
     "ImplementationMismatch",
-    "Mismatch",
     "Report",
     "check_implementation",
     "load_implementation",
 ]
-
-DTYPES = ("float16", "float32", "float64")
-_ROUNDING_SAFETY = 64.0
 
 
 @dataclass(frozen=True)
@@ -113,59 +99,6 @@ class Implementation:
 
 
 @dataclass(frozen=True)
-class Mismatch:
-    """One output or gradient that differs, or the exception the implementation raised.
-
-    Attributes
-    ----------
-    what : str
-        ``"output"``, ``"gradient 'name'"``, ``"forward"`` or ``"vjp"`` (for an
-        exception or a malformed result).
-    message : str
-        One line: what is wrong.
-    index : tuple of int or None
-        The worst element (largest :math:`|a - r|`, NaN counted as infinite).
-    actual, reference, tolerance : float
-        The values at ``index`` and the tolerance there (NaN when not a value
-        mismatch).
-    count, size : int
-        Elements beyond tolerance, and all elements.
-    rtol, atol : float
-        The tolerances used: ``atol = rtol * max|r|``.
-
-    Examples
-    --------
-    >>> print(Mismatch("forward", "raised ValueError: no 3-D support"))
-    forward: raised ValueError: no 3-D support
-    >>> print(Mismatch("output", "values differ", index=(0, 1), actual=2.5, reference=2.0,
-    ...                tolerance=1e-12, count=1, size=6, rtol=1e-12,
-    ...                atol=0.0))  # doctest: +NORMALIZE_WHITESPACE
-    output differs in 1 of 6 elements; worst at [0, 1]: actual 2.5, reference 2,
-    |diff| 0.5 > tolerance 1e-12 (rtol 1e-12, atol 0)
-    """
-
-    what: str
-    message: str
-    index: tuple[int, ...] | None = None
-    actual: float = math.nan
-    reference: float = math.nan
-    tolerance: float = math.nan
-    count: int = 0
-    size: int = 0
-    rtol: float = math.nan
-    atol: float = math.nan
-
-    def __str__(self) -> str:
-        if self.index is None:
-            return f"{self.what}: {self.message}"
-        where = "[" + ", ".join(map(str, self.index)) + "]"
-        return (f"{self.what} differs in {self.count} of {self.size} elements; worst at "
-                f"{where}: actual {self.actual:.9g}, reference {self.reference:.9g}, "
-                f"|diff| {abs(self.actual - self.reference):.3g} > tolerance "
-                f"{self.tolerance:.3g} (rtol {self.rtol:.3g}, atol {self.atol:.3g})")
-
-
-@dataclass(frozen=True)
 class Report:
     """The result of :func:`check_implementation`; ``str(report)`` is readable.
 
@@ -177,11 +110,13 @@ class Report:
         Cases run, shrinking included.
     case : Case or None
         The minimal failing case (arrays as passed to the implementation).
-    mismatches : tuple of Mismatch
+    mismatches : tuple of condconv_ref.accuracy.Comparison
         Everything that differs on ``case``, forward first.
-    worst_ratio : float
-        Over all passing comparisons: the largest :math:`|a - r|` over its
-        tolerance (below 1; how close the implementation came to failing).
+    units : float
+        Over all passing comparisons: the largest error in units of the bound
+        (at most 1; how close the implementation came to failing).
+    where : str
+        Where that largest error was: the array and element.
     checked_vjp : bool
     seed : int
     seconds : float
@@ -194,11 +129,11 @@ class Report:
     >>> from condconv_ref.variants import reference_forward
     >>> report = check_implementation(reference_forward, variant="cond_linear_layer",
     ...                               max_examples=5)
-    >>> report.passed, report.examples, report.checked_vjp, report.worst_ratio < 1
+    >>> report.passed, report.examples, report.checked_vjp, report.units <= 1
     (True, 5, False, True)
     >>> print(report)  # doctest: +ELLIPSIS
     check_implementation: cond_linear_layer (forward, float64, seed 0): PASSED after 5 examples in ... s
-      largest error ... of the tolerance
+      largest error ... x the bound, at output [...]
     """
 
     variant: str
@@ -206,8 +141,9 @@ class Report:
     passed: bool
     examples: int
     case: Case | None = None
-    mismatches: tuple[Mismatch, ...] = ()
-    worst_ratio: float = 0.0
+    mismatches: tuple[Comparison, ...] = ()
+    units: float = 0.0
+    where: str = ""
     checked_vjp: bool = False
     seed: int = 0
     seconds: float = 0.0
@@ -219,7 +155,7 @@ class Report:
                 f"{'PASSED' if self.passed else 'FAILED'} after {self.examples} examples "
                 f"in {self.seconds:.1f} s")
         if self.passed:
-            return (f"{head}\n  largest error {self.worst_ratio:.2g} of the tolerance"
+            return (f"{head}\n  largest error {self.units:.2g} x the bound, at {self.where}"
                     + (f"\n  {self.note}" if self.note else ""))
         lines = [head, "minimal failing case:"]
         if self.case is not None:
@@ -261,7 +197,7 @@ class ImplementationMismatch(AssertionError):
 class _CaseFailed(Exception):
     """Raised inside the hypothesis test for a failing case, so that hypothesis shrinks it."""
 
-    def __init__(self, case: Case, mismatches: list[Mismatch]) -> None:
+    def __init__(self, case: Case, mismatches: list[Comparison]) -> None:
         super().__init__("; ".join(map(str, mismatches)))
         self.case = case
         self.mismatches = tuple(mismatches)
@@ -270,53 +206,10 @@ class _CaseFailed(Exception):
 # ---------------------------------------------------------------- comparing one case
 
 
-def _as_float64(value: Any) -> np.ndarray:
-    return np.asarray(to_numpy(value), dtype=np.float64)
-
-
-def _raised(what: str, error: BaseException) -> Mismatch:
+def _raised(what: str, error: BaseException) -> Comparison:
     frame = traceback.extract_tb(error.__traceback__)[-1:]
     where = f" (at {frame[0].filename}:{frame[0].lineno})" if frame else ""
-    return Mismatch(what, f"raised {type(error).__name__}: {error}{where}")
-
-
-def _spread(reference: np.ndarray, reference32: np.ndarray, dtype: str) -> float:
-    """The rounding error a ``dtype`` computation of this result may carry, measured:
-    ``max|r32 - r|`` (the reference run in float32) scaled to ``dtype``'s epsilon, times 64."""
-    if reference.size == 0:
-        return 0.0
-    scale = float(np.finfo(dtype).eps / np.finfo(np.float32).eps)
-    return _ROUNDING_SAFETY * scale * float(np.max(np.abs(reference32 - reference)))
-
-
-def _compare(what: str, actual: Any, reference: np.ndarray, rtol: float, spread: float,
-             scale: float, ratios: list[float]) -> Mismatch | None:
-    """Elementwise ``|a - r| <= atol + rtol |r|``, ``atol = max(rtol max|r|, spread)``, or
-    ``rtol * scale`` where that is 0; a :class:`Mismatch` or None."""
-    try:
-        actual = _as_float64(actual)
-    except Exception as error:  # not an array NumPy can read
-        return _raised(what, error)
-    if actual.shape != reference.shape:
-        return Mismatch(what, f"has shape {actual.shape}, expected {reference.shape}")
-    if reference.size == 0:
-        return None
-    atol = max(rtol * float(np.max(np.abs(reference))), spread)
-    if atol == 0:  # an identically zero result (e.g. a gradient through a 1-expert softmax)
-        atol = rtol * scale
-    bound = atol + rtol * np.abs(reference)
-    with np.errstate(invalid="ignore"):
-        error = np.abs(actual - reference)
-    error = np.where(actual == reference, 0.0, np.nan_to_num(error, nan=np.inf))
-    bad = ~(error <= bound)
-    if not bad.any():
-        ratios.append(float(np.max(np.where(bound > 0, error / np.where(bound > 0, bound, 1),
-                                            0.0))))
-        return None
-    flat = int(np.argmax(np.where(bad, error, -1.0)))
-    index = tuple(int(i) for i in np.unravel_index(flat, reference.shape))
-    return Mismatch(what, "values differ", index, float(actual[index]), float(reference[index]),
-                    float(bound[index]), int(bad.sum()), int(reference.size), rtol, atol)
+    return Comparison(what, reason=f"raised {type(error).__name__}: {error}{where}")
 
 
 @dataclass
@@ -324,66 +217,60 @@ class _Search:
     """One run: its settings, and what it saw (calls, the last failure, passing error ratios)."""
 
     dtype: str
-    rtol: float | None
     backend: Backend
     examples: int = 0
     failure: _CaseFailed | None = None
-    ratios: list[float] = field(default_factory=list)
+    passing: list[Comparison] = field(default_factory=list)
 
 
-def _rtol(search: _Search, length: int) -> float:
-    if search.rtol is not None:
-        return search.rtol
-    return default_tolerances(search.dtype, reduction_length=length)[0]
+def _judged(actual: Any, expected: Any, search: _Search) -> list[Comparison]:
+    """The failing comparisons of ``actual``; the passing ones are kept in ``search``."""
+    comparisons = judge(actual, expected, search.dtype)
+    search.passing += [c for c in comparisons if c.passed]
+    return [c for c in comparisons if not c.passed]
 
 
-def _check_case(case: Case, implementation: Implementation, search: _Search) -> list[Mismatch]:
+def _check_case(case: Case, implementation: Implementation, search: _Search) -> list[Comparison]:
     """Every mismatch of ``implementation`` on ``case`` (already rounded to the dtype)."""
-    reference = _as_float64(reference_forward(case, search.backend))
-    reference32 = _as_float64(reference_forward(case, search.backend, "float32"))
+    reference = _exact(case)
+    expected = expected_forward(reference, search.backend)
     try:
         actual = implementation.forward(case)
     except MemoryBudgetError:
         raise
     except Exception as error:
         return [_raised("forward", error)]
-    scale = float(np.max(np.abs(reference), initial=0.0))
-    mismatch = _compare("output", actual, reference, _rtol(search, case.lengths[0]),
-                        _spread(reference, reference32, search.dtype), scale, search.ratios)
-    mismatches = [mismatch] if mismatch else []
+    mismatches = _judged(actual, expected, search)
     if implementation.vjp is None:
         return mismatches
-    return mismatches + _check_vjp(case, implementation.vjp, reference.shape, scale, search)
-
-
-def _check_vjp(case: Case, vjp: Callable[[Case, Any], Any], shape: tuple[int, ...],
-               scale: float, search: _Search) -> list[Mismatch]:
-    """Every mismatch of ``vjp`` on ``case`` at the case's cotangent."""
-    cotangent = case.cotangent(shape, search.dtype)
-    expected = {name: _as_float64(g)
-                for name, g in reference_vjp(case, cotangent, search.backend).items()}
-    expected32 = reference_vjp(case, cotangent, search.backend, "float32")
+    cotangent = round_to(case.cotangent(expected.value.shape), search.dtype)
+    expected_grads = expected_vjp(reference, cotangent, search.backend)
     try:
-        grads = vjp(case, cotangent)
+        grads = implementation.vjp(case, _handed(cotangent, search.dtype))
     except MemoryBudgetError:
         raise
     except Exception as error:
-        return [_raised("vjp", error)]
-    if not isinstance(grads, Mapping):
-        return [Mismatch("vjp", f"returned a {type(grads).__name__}, expected a mapping of "
-                                f"argument name to gradient")]
-    mismatches = []
-    if sorted(grads) != sorted(expected):
-        mismatches.append(Mismatch("vjp", f"returned gradients for {sorted(grads)}, expected "
-                                          f"{sorted(expected)}"))
-    rtol = _rtol(search, case.lengths[1])
-    for name in [name for name in expected if name in grads]:
-        spread = _spread(expected[name], _as_float64(expected32[name]), search.dtype)
-        mismatch = _compare(f"gradient {name!r}", grads[name], expected[name], rtol, spread,
-                            scale, search.ratios)
-        if mismatch:
-            mismatches.append(mismatch)
-    return mismatches
+        return mismatches + [_raised("vjp", error)]
+    return mismatches + _judged(grads, expected_grads, search)
+
+
+def _handed(values: np.ndarray, dtype: str) -> np.ndarray:
+    """``values`` as the implementation receives them: ``dtype``, or float32 holding bfloat16
+    values (NumPy has no bfloat16)."""
+    return values.astype("float32" if dtype == "bfloat16" else dtype)
+
+
+def _in_dtype(case: Case, dtype: str) -> Case:
+    """``case`` as handed to the implementation: its arrays rounded to ``dtype``, and
+    ``case.dtype`` set to it."""
+    return dataclasses.replace(case, dtype=dtype, arrays={
+        name: _handed(round_to(a, dtype), dtype) for name, a in case.arrays.items()})
+
+
+def _exact(case: Case) -> Case:
+    """``case`` with float64 copies of its (rounded) arrays: where the reference runs."""
+    return dataclasses.replace(case, arrays={name: np.asarray(a, dtype=np.float64)
+                                             for name, a in case.arrays.items()})
 
 
 # ---------------------------------------------------------------- the search
@@ -411,7 +298,6 @@ def check_implementation(
     dtype: str = "float64",
     max_examples: int = 100,
     seed: int = 0,
-    rtol: float | None = None,
     backend: str | Backend = "numpy",
     raise_on_failure: bool = True,
 ) -> Report:
@@ -432,16 +318,17 @@ def check_implementation(
         ``vjp(case, cotangent) -> {name: gradient}``; checked when given.
     supports : Supports, optional
         What the implementation supports; default: everything the reference does.
-    dtype : {'float64', 'float32', 'float16'}
-        The dtype of the arrays handed to the implementation.  The reference is
-        always float64 (at the rounded values); the tolerances are ``dtype``'s.
+    dtype : {'float64', 'float32', 'float16', 'bfloat16'}
+        The dtype the implementation computes in; the arrays handed to it have
+        this dtype, except bfloat16, which NumPy lacks: then they are float32
+        arrays holding bfloat16 values, and ``case.dtype`` says ``'bfloat16'``
+        (the torch adapter runs the module in ``torch.bfloat16``).  The
+        reference is always float64 (at the rounded values); the bound is
+        ``dtype``'s.
     max_examples : int
         Cases drawn before declaring success (shrinking a failure runs more).
     seed : int
         Seed of the search; the same seed draws the same cases.
-    rtol : float, optional
-        Override the dtype's relative tolerance (the absolute one stays
-        ``rtol * max|reference|``).
     backend : str or Backend
         Where the reference runs (:func:`condconv_ref.backends.get_backend`
         names); the implementation always gets NumPy arrays.
@@ -497,7 +384,7 @@ def check_implementation(
     count = check_positive_int("check_implementation", "max_examples", max_examples)
     seed = check_positive_int("check_implementation", "seed", seed, minimum=0)
     implementation = _implementation(forward, vjp, supports)
-    search = _Search(dtype, rtol, get_backend(backend) if isinstance(backend, str) else backend)
+    search = _Search(dtype, get_backend(backend) if isinstance(backend, str) else backend)
     # Only the search needs hypothesis; the rest of the module works without it.
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -510,7 +397,9 @@ def check_implementation(
               report_multiple_bugs=False, print_blob=False,
               suppress_health_check=list(HealthCheck))
     @hypothesis_seed(seed)
-    @given(cases(variant, implementation.supports, xp=np, dtype=dtype))
+    @given(cases(variant, implementation.supports, xp=np,
+                 dtype="float32" if dtype == "bfloat16" else dtype).map(
+        lambda case: _in_dtype(case, dtype)))
     def run(case: Case) -> None:
         search.examples += 1
         mismatches = _check_case(case, implementation, search)
@@ -530,10 +419,11 @@ def check_implementation(
         raise ValueError("check_implementation: supports admit no valid case") from None
     seconds = time.perf_counter() - started
     failure = search.failure
+    largest = max(search.passing, key=lambda c: c.units, default=None)
     report = Report(variant, dtype, failure is None, search.examples,
                     failure.case if failure else None, failure.mismatches if failure else (),
-                    max(search.ratios, default=0.0), implementation.vjp is not None, seed,
-                    seconds, note)
+                    largest.units if largest else 0.0, largest.where if largest else "",
+                    implementation.vjp is not None, seed, seconds, note)
     if failure is not None and raise_on_failure:
         raise ImplementationMismatch(report)
     return report

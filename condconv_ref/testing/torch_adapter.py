@@ -56,6 +56,15 @@ __all__ = ["torch_implementation"]
 Converter = Callable[[Any, Case], Any]
 
 
+def _readable(tensor: Any) -> Any:
+    """``tensor`` detached, and widened to float32 from bfloat16 (exactly), which NumPy cannot
+    read."""
+    import torch
+
+    tensor = tensor.detach()
+    return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+
+
 @contextmanager
 def _threads(count: int | None) -> Iterator[None]:
     """torch's intra-op thread count set to ``count`` inside the block (unchanged for None)."""
@@ -144,9 +153,9 @@ def torch_implementation(
             raise ValueError(f"torch_implementation: case arrays {unmapped} are neither mapped "
                              f"to module parameters nor inputs (mapped: {sorted(mapping)}, "
                              f"inputs: {list(inputs)})")
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        dtype = getattr(torch, case.dtype)  # bfloat16 arrives as float32 holding its values
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
                    .requires_grad_(requires_grad) for name, a in case.arrays.items()}
-        dtype = tensors["x"].dtype
         module = build(case).to(device=device, dtype=dtype)
         known = dict(module.named_parameters()) | dict(module.named_buffers())
         replaced = {}
@@ -165,7 +174,7 @@ def torch_implementation(
         import torch
 
         with torch.no_grad(), _threads(threads):
-            return run(case, requires_grad=False)[0]
+            return _readable(run(case, requires_grad=False)[0])
 
     def vjp(case: Case, cotangent: Any) -> dict[str, Any]:
         import torch
@@ -177,7 +186,7 @@ def torch_implementation(
                                         grad_outputs=torch.as_tensor(
                                             cotangent, device=output.device, dtype=output.dtype),
                                         allow_unused=True)
-        return {name: (torch.zeros_like(tensors[name]) if grad is None else grad).detach()
+        return {name: _readable(torch.zeros_like(tensors[name]) if grad is None else grad)
                 for name, grad in zip(names, grads)}
 
     return Implementation(forward, vjp, supports)
