@@ -33,13 +33,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from condconv_ref.accuracy import ELEMENTARY_ROUNDINGS
+from condconv_ref.accuracy import ELEMENTARY_ROUNDINGS, precision
 from condconv_ref.backends import to_numpy
 
 __all__ = ["depth", "forward_scale", "vjp_scale"]
 
 _MULTILINEAR = ("conv", "mix_experts", "condconv", "moe_condconv", "depthwise_condconv",
                 "cond_linear", "moe_cond_linear")
+_ROUTING_VARIANTS = ("route_sigmoid", "route_softmax")
 _LAYERS = {  # layer: (its multilinear op, its routing, routing parameter names)
     "condconv_layer": ("condconv", "sigmoid", {"weight": "route_weight", "bias": "route_bias"}),
     "depthwise_condconv_layer": ("depthwise_condconv", "sigmoid",
@@ -150,13 +151,13 @@ class _Routing(NamedTuple):
 
 
 def _sigmoid_routing(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, *,
-                     pooled: bool) -> _Routing:
+                     pooled: bool, floor: float) -> _Routing:
     pool = _pool(x, pooled=pooled)
     z, z_scale = _affine(pool.value, pool.scale, weight, bias)
     alpha = _sigmoid(z)
     slope = alpha * (1.0 - alpha)
-    return _Routing("sigmoid", alpha, slope * z_scale + alpha,
-                    {"pool": pool, "weight": weight, "slope": slope})
+    return _Routing("sigmoid", alpha, slope * z_scale + alpha + floor,
+                    {"pool": pool, "weight": weight, "slope": slope + floor})
 
 
 def _sigmoid_routing_vjp(routing: _Routing, cotangent: np.ndarray,
@@ -175,22 +176,24 @@ def _sigmoid_routing_vjp(routing: _Routing, cotangent: np.ndarray,
 
 def _softmax_routing(x: np.ndarray, fc1_weight: np.ndarray, fc2_weight: np.ndarray,
                      fc1_bias: np.ndarray | None, fc2_bias: np.ndarray | None,
-                     temperature: float) -> _Routing:
+                     temperature: float, *, floor: float) -> _Routing:
     pool = _pool(x, pooled=True)
     pre, pre_scale = _affine(pool.value, pool.scale, fc1_weight, fc1_bias)
     hidden = np.maximum(pre, 0.0)
     hidden_scale = pre_scale  # ReLU is 1-Lipschitz and exact
     logits, logits_scale = _affine(hidden, hidden_scale, fc2_weight, fc2_bias)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    scaled = shifted / temperature
-    scaled_scale = (logits_scale + logits_scale.max(axis=-1, keepdims=True)
-                    + np.abs(shifted)) / temperature + np.abs(scaled)
+    top = np.argmax(logits, axis=-1)[..., None]
+    scaled = (logits - np.take_along_axis(logits, top, axis=-1)) / temperature
+    scaled_scale = (logits_scale + np.take_along_axis(logits_scale, top, axis=-1)
+                    ) / temperature + np.abs(scaled)
     q = np.exp(scaled)
-    q_scale = q * scaled_scale + q
-    total = q.sum(axis=-1, keepdims=True)
-    total_scale = q_scale.sum(axis=-1, keepdims=True) + total
-    alpha = q / total
-    alpha_scale = q_scale / total + q * total_scale / total**2 + alpha
+    alpha = q / q.sum(axis=-1, keepdims=True)
+    # first order: d alpha_e = alpha_e (d s_e - sum_j alpha_j d s_j), so an error common to
+    # every logit cancels; exp's own rounding enters the same way, the sum and the division
+    # once each relative to alpha
+    spread = (alpha * scaled_scale).sum(axis=-1, keepdims=True)
+    alpha_scale = (alpha * ((1.0 - alpha) * scaled_scale + (spread - alpha * scaled_scale))
+                   + 2.0 * alpha * (1.0 - alpha) + alpha + floor)
     return _Routing("softmax", alpha, alpha_scale,
                     {"pool": pool, "pre": pre, "pre_scale": pre_scale, "hidden": hidden,
                      "hidden_scale": hidden_scale, "fc1_weight": fc1_weight,
@@ -201,12 +204,17 @@ def _softmax_routing_vjp(routing: _Routing, cotangent: np.ndarray,
                          cotangent_scale: np.ndarray) -> dict[str, np.ndarray]:
     alpha, alpha_scale, saved = routing.value, routing.scale, routing.saved
     temperature = saved["temperature"]
-    magnitude = np.abs(cotangent)
-    inner = (cotangent * alpha).sum(axis=-1, keepdims=True)
-    inner_scale = (magnitude * alpha_scale + cotangent_scale * alpha
+    # the cotangent less its value at the largest weight (the softmax VJP's own shift)
+    top = np.argmax(alpha, axis=-1)[..., None]
+    shifted = cotangent - np.take_along_axis(cotangent, top, axis=-1)
+    shifted_scale = (cotangent_scale + np.take_along_axis(cotangent_scale, top, axis=-1)
+                     + np.abs(shifted))
+    magnitude = np.abs(shifted)
+    inner = (shifted * alpha).sum(axis=-1, keepdims=True)
+    inner_scale = (magnitude * alpha_scale + shifted_scale * alpha
                    + magnitude * alpha).sum(axis=-1, keepdims=True)
-    difference = cotangent - inner
-    difference_scale = cotangent_scale + inner_scale + magnitude + np.abs(inner)
+    difference = shifted - inner
+    difference_scale = shifted_scale + inner_scale + magnitude + np.abs(inner)
     grad_logits = alpha * difference / temperature
     grad_logits_scale = (alpha_scale * np.abs(difference) + alpha * difference_scale
                          + alpha * np.abs(difference)) / temperature + np.abs(grad_logits)
@@ -226,16 +234,29 @@ def _softmax_routing_vjp(routing: _Routing, cotangent: np.ndarray,
 _ROUTING_VJP = {"sigmoid": _sigmoid_routing_vjp, "softmax": _softmax_routing_vjp}
 
 
-def _layer_routing(variant: str, arrays: dict[str, np.ndarray],
-                   options: dict[str, Any]) -> _Routing:
-    _, kind, names = _LAYERS[variant]
+def _routing(variant: str, arrays: dict[str, np.ndarray], options: dict[str, Any],
+             floor: float) -> _Routing:
+    """The routing of a layer, or of a routing variant itself, with its scale."""
+    kind = "sigmoid" if variant == "route_sigmoid" else (
+        "softmax" if variant == "route_softmax" else _LAYERS[variant][1])
     x = arrays["x"]
     if kind == "sigmoid":
-        return _sigmoid_routing(x, arrays["route_weight"], arrays.get("route_bias"),
-                                pooled=variant != "cond_linear_layer")
+        weight = arrays.get("route_weight", arrays.get("weight"))
+        bias = arrays.get("route_bias", arrays.get("bias") if variant == "route_sigmoid"
+                          else None)
+        return _sigmoid_routing(x, weight, bias, pooled=variant != "cond_linear_layer",
+                                floor=floor)
     return _softmax_routing(x, arrays["fc1_weight"], arrays["fc2_weight"],
                             arrays.get("fc1_bias"), arrays.get("fc2_bias"),
-                            options["temperature"])
+                            options["temperature"], floor=floor)
+
+
+def _floor(dtype: Any) -> float:
+    r"""Twice the smallest normal number of ``dtype``: added to a routing weight's scale, it
+    turns :math:`\gamma_n(u)` of the scale into at least the absolute error
+    :math:`2\lambda u` of a weight that underflowed into the subnormals, and carries it on
+    through everything the weight multiplies."""
+    return 2.0 * precision(dtype).smallest_normal
 
 
 def _layer_operands(variant: str, arrays: dict[str, np.ndarray], routing: np.ndarray
@@ -254,8 +275,8 @@ def _op_options(options: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the scales
 
 
-def forward_scale(case: Any) -> np.ndarray:
-    """The scale of every element of ``case``'s reference output.
+def forward_scale(case: Any, dtype: Any = "float64") -> np.ndarray:
+    """The scale of every element of ``case``'s reference output computed in ``dtype``.
 
     Examples
     --------
@@ -274,23 +295,18 @@ def forward_scale(case: Any) -> np.ndarray:
     arrays = _host(case.arrays)
     if case.variant in _MULTILINEAR:
         return np.asarray(_call(case.variant, _absolute(arrays), case.options))
-    if case.variant == "route_sigmoid":
-        return _sigmoid_routing(arrays["x"], arrays["weight"], arrays.get("bias"),
-                                pooled=True).scale
-    if case.variant == "route_softmax":
-        return _softmax_routing(arrays["x"], arrays["fc1_weight"], arrays["fc2_weight"],
-                                arrays.get("fc1_bias"), arrays.get("fc2_bias"),
-                                case.options["temperature"]).scale
-    if case.variant not in _LAYERS:
+    if case.variant not in _LAYERS and case.variant not in _ROUTING_VARIANTS:
         raise ValueError(f"forward_scale: no scale for variant {case.variant!r}")
-    routing = _layer_routing(case.variant, arrays, case.options)
+    routing = _routing(case.variant, arrays, case.options, _floor(dtype))
+    if case.variant in _ROUTING_VARIANTS:
+        return routing.scale
     operands = _layer_operands(case.variant, _absolute(arrays), routing.value + routing.scale)
     return np.asarray(_call(_LAYERS[case.variant][0], operands, _op_options(case.options)))
 
 
-def vjp_scale(case: Any, cotangent: Any) -> dict[str, np.ndarray]:
+def vjp_scale(case: Any, cotangent: Any, dtype: Any = "float64") -> dict[str, np.ndarray]:
     """The scale of every element of every gradient of ``case``'s reference VJP at
-    ``cotangent`` (an exact input, like the arrays).
+    ``cotangent`` (an exact input, like the arrays), computed in ``dtype``.
 
     Examples
     --------
@@ -308,22 +324,15 @@ def vjp_scale(case: Any, cotangent: Any) -> dict[str, np.ndarray]:
     if case.variant in _MULTILINEAR:
         return {name: np.asarray(g) for name, g in
                 _call_vjp(case.variant, np.abs(c), _absolute(arrays), case.options).items()}
-    if case.variant == "route_sigmoid":
-        routing = _sigmoid_routing(arrays["x"], arrays["weight"], arrays.get("bias"),
-                                   pooled=True)
-        scales = _sigmoid_routing_vjp(routing, c, exact)
-        return {name: scales[name] for name in arrays}
-    if case.variant == "route_softmax":
-        routing = _softmax_routing(arrays["x"], arrays["fc1_weight"], arrays["fc2_weight"],
-                                   arrays.get("fc1_bias"), arrays.get("fc2_bias"),
-                                   case.options["temperature"])
-        scales = _softmax_routing_vjp(routing, c, exact)
+    if case.variant in _ROUTING_VARIANTS:
+        routing = _routing(case.variant, arrays, case.options, _floor(dtype))
+        scales = _ROUTING_VJP[routing.kind](routing, c, exact)
         return {name: scales[name] for name in arrays}
     if case.variant not in _LAYERS:
         raise ValueError(f"vjp_scale: no scale for variant {case.variant!r}")
     op, _, names = _LAYERS[case.variant]
     options = _op_options(case.options)
-    routing = _layer_routing(case.variant, arrays, case.options)
+    routing = _routing(case.variant, arrays, case.options, _floor(dtype))
     absolute = _absolute(arrays)
     through_op = _call_vjp(op, np.abs(c), _layer_operands(case.variant, absolute,
                                                           routing.value + routing.scale), options)

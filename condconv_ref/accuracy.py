@@ -28,7 +28,8 @@ An element passes when
 .. math::
 
     |a_i - r_i| \le \beta_i = \bigl(\gamma_n(u) + \gamma_n(u_{64})
-        + \gamma_{4}(u_\text{in})\bigr)\, s_i + n\,(\lambda + \lambda_{64})(1 + s_i)
+        + \gamma_{4}(u_\text{in}) + u_\text{out}\bigr)\, s_i
+        + n\,(2\lambda u + 2\lambda_{64} u_{64})(1 + s_i)
 
 with
 
@@ -47,9 +48,17 @@ with
   multiplies in fewer bits than it stores (TF32: :math:`2^{-11}`; 0 for the
   others): each term is a product of at most three factors across at most two
   nested matmuls, so at most :data:`OPERAND_ROUNDINGS` such roundings;
-- :math:`\lambda` the smallest positive normal number of the precision: each
-  of the :math:`n` roundings may underflow (gradually, or flushed to zero on a
-  GPU) by at most :math:`\lambda`, carried at most by the terms' scale.
+- :math:`u_\text{out}` one final rounding of each result to a coarser storage
+  dtype (float16 results of float32 arithmetic, the library's float16 policy:
+  :math:`2^{-11}`; 0 for the others), at most :math:`u_\text{out} |r_i| \le
+  u_\text{out} s_i`;
+- :math:`\lambda` the smallest positive normal number of the precision: a
+  rounding into the subnormal range errs by at most half the subnormal
+  spacing :math:`2\lambda u`, counted whole so that it is representable
+  (:math:`2^{-1074}` in float64: IEEE gradual underflow; flush-to-zero
+  arithmetic, which errs by up to :math:`\lambda`, is outside the model);
+  each of the :math:`n` roundings may, and an underflowed intermediate is
+  carried at most by :math:`1 + s_i`.
 
 No factor is tuned: a correct computation in the precision under test is
 inside :math:`\beta` by construction (to first order in :math:`u`), and an
@@ -120,6 +129,9 @@ class Precision:
         bits than the storage dtype (TF32), else 0.
     storage : str
         The array dtype that holds results of this precision.
+    result_roundoff : float
+        One final rounding of each result to a storage dtype coarser than the
+        arithmetic (float16 results of float32 arithmetic), else 0.
 
     Examples
     --------
@@ -135,6 +147,7 @@ class Precision:
     smallest_normal: float
     operand_roundoff: float = 0.0
     storage: str = ""
+    result_roundoff: float = 0.0
 
 
 PRECISIONS: Mapping[str, Precision] = {
@@ -144,9 +157,13 @@ PRECISIONS: Mapping[str, Precision] = {
     "bfloat16": Precision("bfloat16", 2.0**-8, 2.0**-126, storage="bfloat16"),
     "tf32": Precision("tf32", 2.0**-24, 2.0**-126, operand_roundoff=2.0**-11,
                       storage="float32"),
+    "float16/float32": Precision("float16/float32", 2.0**-24, 2.0**-14, storage="float16",
+                                 result_roundoff=2.0**-11),
 }
-"""Every precision the model knows; TF32 is float32 storage and accumulation with
-10-bit-mantissa multiplies (NVIDIA tensor cores)."""
+"""Every precision the model knows.  TF32 is float32 storage and accumulation with
+10-bit-mantissa multiplies (NVIDIA tensor cores); ``float16/float32`` is the library's
+float16 policy, float32 arithmetic whose results are rounded to float16 once (an op that
+accumulated in float16 fails it)."""
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 """The array dtypes a check can run in.  A command accepts those its backend has
@@ -178,7 +195,7 @@ def precision(name: Any) -> Precision:
     >>> precision("int8")
     Traceback (most recent call last):
     ...
-    ValueError: accuracy.precision: dtype must be one of float64, float32, float16, bfloat16, tf32, got 'int8'
+    ValueError: accuracy.precision: dtype must be one of float64, float32, float16, bfloat16, tf32, float16/float32, got 'int8'
     """
     if isinstance(name, Precision):
         return name
@@ -237,8 +254,9 @@ def bound(scale: Any, depth: int, dtype: Any = "float64",
     tested, reference = precision(dtype), precision(reference_dtype)
     s = np.abs(np.asarray(scale, dtype=np.float64))
     relative = (gamma(depth, tested.unit_roundoff) + gamma(depth, reference.unit_roundoff)
-                + gamma(OPERAND_ROUNDINGS, tested.operand_roundoff))
-    underflow = depth * (tested.smallest_normal + reference.smallest_normal)
+                + gamma(OPERAND_ROUNDINGS, tested.operand_roundoff) + tested.result_roundoff)
+    underflow = depth * (tested.smallest_normal * 2 * tested.unit_roundoff
+                         + reference.smallest_normal * 2 * reference.unit_roundoff)
     return relative * s + underflow * (1.0 + s)
 
 

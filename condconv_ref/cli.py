@@ -12,7 +12,6 @@ traceback; so is a command that draws cases (``verify``, ``golden write``,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -100,7 +99,7 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"command": "verify", "backend": args.backend, "dtype": args.dtype,
                      "cases": args.cases, "seed": args.seed, "passed": not failed,
-                     "rows": [_row_json(row) for row in rows]})
+                     "rows": [row.to_json() for row in rows]})
         return 1 if failed else 0
     console = _wide_console()
     console.print(_table(rows, args))
@@ -113,21 +112,10 @@ BOUND_CAPTION = ("error/bound = max |actual - expected| / bound over every eleme
                  "1 passes.")
 
 
-def _number(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2e}"
-
 
 def _units(value: float) -> str:
     """An error in units of the bound, e.g. ``0.031``."""
     return "-" if math.isnan(value) else f"{value:.3g}"
-
-
-def _row_json(row: Row) -> dict[str, Any]:
-    """A :class:`condconv_ref.engine.Row` as JSON (infinite and NaN figures as null)."""
-    record = dataclasses.asdict(row)
-    record["status"] = row.status
-    return {name: (None if isinstance(value, float) and not math.isfinite(value) else value)
-            for name, value in record.items()}
 
 
 def _print_json(document: dict[str, Any]) -> None:
@@ -398,33 +386,32 @@ def _gpu_table(report: gpu.GPUReport) -> Table:
     where = f"{report.backend} on {device}" if device else report.backend
     table = Table(
         title=f"condconv-ref gpu-check: {where}, {report.cases} cases, seed {report.seed}",
-        caption="Against the float64 NumPy reference at the same (rounded) inputs. eps units = "
-                "max (|a - r| - rho |a|)+ / (eps sqrt(L) (|r| + max|r|)), eps of the precision "
-                "computed in, L the longest sum, rho = 2^-11 for float16's final rounding (else "
-                f"0); a row passes at <= {gpu.TOLERANCE_UNITS:g} units. repeat: a second "
+        caption="Against the float64 NumPy reference at the same (rounded) inputs. "
+                + BOUND_CAPTION + " judged as: the precision whose bound applies (float16/"
+                "float32: float32 arithmetic rounded to float16 once). repeat: a second "
                 "identical run matched bit for bit (docs/gpu.md).")
     for header, justify in (("op", "left"), ("direction", "left"), ("dtype", "left"),
-                            ("computed in", "left"), ("cases", "right"),
-                            ("max abs err", "right"), ("max rel err", "right"),
-                            ("eps units", "right"), ("repeat", "center"), ("result", "center")):
+                            ("judged as", "left"), ("cases", "right"),
+                            ("error/bound", "right"), ("worst at", "left"),
+                            ("repeat", "center"), ("result", "center")):
         table.add_column(header, justify=justify, no_wrap=header in ("op", "result"))
     repeat = {None: "-", True: "same", False: "[bold red]DIFFERS[/]"}
     for row in report.rows:
         status = row.status
-        table.add_row(row.op, row.direction, row.dtype, row.precision, str(row.cases),
-                      _number(row.max_abs_err), _number(row.max_rel_err), _number(row.eps_units),
-                      repeat[row.repeat_identical], f"[{_STATUS_STYLE[status]}]{status}[/]")
+        table.add_row(row.op, row.kind, row.dtype, row.precision, str(row.cases),
+                      _units(row.units), row.where, repeat[row.repeat_identical],
+                      f"[{_STATUS_STYLE[status]}]{status}[/]")
     return table
 
 
 def _tf32_table(report: gpu.GPUReport) -> Table:
-    table = Table(title="extra error of TF32, in float32 eps units",
+    table = Table(title="extra error of TF32, in units of float32's bound",
                   caption="factor = TF32 error / float32 error on the same cases")
     for header in ("op", "direction", "float32", "TF32", "factor"):
         table.add_column(header, justify="left" if header in ("op", "direction") else "right")
     for op, direction, plain, tf32 in report.tf32_extra():
         factor = tf32 / plain if plain else math.inf if tf32 else 1.0
-        table.add_row(op, direction, _number(plain), _number(tf32), _number(factor))
+        table.add_row(op, direction, _units(plain), _units(tf32), _units(factor))
     return table
 
 
@@ -433,11 +420,12 @@ def _print_gpu_notes(console: Console, report: gpu.GPUReport) -> None:
         console.print(f"note: {note}", markup=False, highlight=False)
     for row in report.rows:
         if row.status == "SKIP":
-            console.print(f"{row.op} / {row.direction} / {row.dtype} skipped: {row.skipped}",
+            console.print(f"{row.op} / {row.kind} / {row.dtype} skipped: {row.skipped}",
                           markup=False, highlight=False)
         elif row.status == "FAIL":
-            console.print(f"FAIL {row.op} / {row.direction} / {row.dtype} (computed in "
-                          f"{row.precision}): {row.eps_units:.3g} eps units; {row.detail}",
+            console.print(f"FAIL {row.op} / {row.kind} / {row.dtype} (judged as "
+                          f"{row.precision}): {row.units:.3g} x the bound at {row.where}; "
+                          f"{row.detail}",
                           markup=False, highlight=False)
     if report.nondeterministic:
         console.print(f"not bitwise repeatable: {', '.join(report.nondeterministic)}",

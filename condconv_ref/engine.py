@@ -23,15 +23,16 @@ differ by at most the sum of
   :math:`\langle c, f\rangle` by at most
   :math:`u_{64}\langle s_{\bar g}, |x| + h|t|\rangle`; both divided by
   :math:`h`;
-- the truncation.  For a multilinear op, :math:`P(h) = \langle c, f(x + ht)\rangle`
-  is a polynomial whose coefficients are bounded by those of
-  :math:`Q(h) = \langle |c|, f(|x| + h|t|)\rangle`, so the truncation
-  :math:`\sum_{k \ge 1} p_{2k+1} h^{2k}` is at most
-  :math:`(Q(h) - Q(-h))/2h - Q'(0)`, with :math:`Q'(0) = \langle s_{\bar g}, |t|\rangle`
-  exactly: a bound, computed.  For the others (sigmoid, softmax, the layers
-  routed by them) it is the leading term :math:`a h^2`, estimated by
-  Richardson from a second difference at :math:`h/2`:
-  :math:`|D(h) - D(h/2)|/3`, against which :math:`D(h/2)` is compared.
+- the truncation.  A multilinear op (conv, mixing, condconv, depthwise,
+  linear: at most three factors, ``x``, the experts and the routing, and a
+  bias) is a polynomial of degree at most 3 along the line
+  :math:`x + st`, so the five-point stencil
+  :math:`(8D_h - 8D_{-h} - D_{2h} + D_{-2h})/12h`, exact up to degree 4, has no
+  truncation error at all (:data:`FIVE_POINT`).  For the others (sigmoid,
+  softmax, the layers routed by them) the central difference's truncation is
+  its leading term :math:`a h^2`, estimated by Richardson from a second
+  difference at :math:`h/2`: :math:`|D(h) - D(h/2)|/3`, against which
+  :math:`D(h/2)` is compared.
 
 A ReLU (the DynamicConv routing MLP) is not differentiable at 0.  Before
 differencing, the check finds the ReLU inputs along the line
@@ -61,7 +62,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from functools import partial
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -135,7 +137,13 @@ class Row:
     most 1 passes), ``where`` the case and element it was found at,
     ``failed`` the cases beyond the bound or raising, ``detail`` the first
     failing case, ``notes`` what the check did (steps moved off a kink),
-    ``skipped`` the reason the check could not run at all.
+    ``skipped`` the reason the check could not run at all.  ``kind`` is the
+    check (``verify``) or the direction, ``forward`` or ``vjp`` (``gpu-check``);
+    ``precision`` the one the arithmetic is judged by
+    (:data:`condconv_ref.accuracy.PRECISIONS`), ``repeat_identical`` whether a
+    repeated run matched bit for bit (None: not repeated) and
+    ``baseline_units`` the same errors in units of float32's bound (TF32 rows:
+    what TF32 adds).
 
     Examples
     --------
@@ -146,11 +154,14 @@ class Row:
     'FAIL'
     >>> Row("conv", "SciPy oracle", cases=0, skipped="scipy is not installed").status
     'SKIP'
+    >>> row = Row("conv", "vjp", cases=1, units=float("inf"), failed=1)
+    >>> Row.from_json(row.to_json()) == row
+    True
     """
 
     op: str
     kind: str
-    cases: int
+    cases: int = 0
     failed: int = 0
     units: float = math.nan
     where: str = ""
@@ -158,13 +169,37 @@ class Row:
     notes: str = ""
     skipped: str = ""
     dtype: str = "float64"
+    precision: str = ""
+    repeat_identical: bool | None = None
+    baseline_units: float = math.nan
 
     @property
     def status(self) -> str:
-        """``"PASS"``, ``"FAIL"`` or ``"SKIP"``."""
+        """``"PASS"``, ``"FAIL"`` (a case beyond the bound or raising, or a repeat that
+        differed) or ``"SKIP"``."""
         if self.skipped:
             return "SKIP"
-        return "FAIL" if self.failed else "PASS"
+        return "FAIL" if self.failed or self.repeat_identical is False else "PASS"
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields and the status as strict JSON values (NaN and infinity as None);
+        :meth:`from_json` reads it back."""
+        record = {name: (None if isinstance(value, float) and not math.isfinite(value)
+                         else value) for name, value in asdict(self).items()}
+        record["units_infinite"] = math.isinf(self.units)
+        record["status"] = self.status
+        return record
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Row:
+        """A row from :meth:`to_json`'s dict."""
+        fields = {name: value for name, value in record.items()
+                  if name not in ("status", "units_infinite")}
+        for name in ("units", "baseline_units"):
+            if fields.get(name) is None:
+                fields[name] = math.inf if (name == "units"
+                                            and record.get("units_infinite")) else math.nan
+        return cls(**fields)
 
 
 def worst(comparisons: list[Comparison]) -> Comparison | None:
@@ -215,17 +250,22 @@ def round_to(values: Any, dtype: str) -> np.ndarray:
     return kept.view(np.float32).astype(np.float64)
 
 
-def expected_forward(case: Case, backend: str | Backend | None = None) -> Expected:
-    """The reference output of ``case`` in float64 on ``backend``, its scale and depth."""
+def expected_forward(case: Case, backend: str | Backend | None = None,
+                     dtype: Any = "float64") -> Expected:
+    """The reference output of ``case`` in float64 on ``backend``, and the scale and depth
+    of a computation of it in ``dtype``."""
     value = np.asarray(to_numpy(reference_forward(case, backend)), dtype=np.float64)
-    return Expected(value, _scales.forward_scale(case), _scales.depth(case, vjp=False))
+    return Expected(value, _scales.forward_scale(case, dtype), _scales.depth(case, vjp=False))
 
 
-def expected_vjp(case: Case, cotangent: Any, backend: str | Backend | None = None) -> Expected:
-    """The reference gradients of ``case`` at ``cotangent`` in float64, their scales and depth."""
+def expected_vjp(case: Case, cotangent: Any, backend: str | Backend | None = None,
+                 dtype: Any = "float64") -> Expected:
+    """The reference gradients of ``case`` at ``cotangent`` in float64, and the scales and
+    depth of a computation of them in ``dtype``."""
     value = {name: np.asarray(to_numpy(g), dtype=np.float64)
              for name, g in reference_vjp(case, cotangent, backend).items()}
-    return Expected(value, _scales.vjp_scale(case, cotangent), _scales.depth(case, vjp=True))
+    return Expected(value, _scales.vjp_scale(case, cotangent, dtype),
+                    _scales.depth(case, vjp=True))
 
 
 def judge(actual: Any, expected: Expected, dtype: Any,
@@ -280,46 +320,40 @@ def _nearest_kink(case: Case, point: Mapping[str, np.ndarray],
     return float(np.min(np.fmin(nearest, roots), initial=math.inf))
 
 
-def _rounding(case: Case, c: np.ndarray, point: Mapping[str, np.ndarray],
-              tangents: Mapping[str, np.ndarray], gradient_scale: Mapping[str, np.ndarray],
-              step: float, values: tuple[np.ndarray, np.ndarray]) -> float:
-    """Bound on the rounding error of the central difference at ``step``."""
-    depth = _scales.depth(case, vjp=False)
-    evaluations = 0.0
-    for sign in (1.0, -1.0):
-        moved = replace(case, arrays={name: a + sign * step * tangents[name]
-                                      for name, a in point.items()})
-        evaluations += float(np.sum(np.abs(c) * bound(_scales.forward_scale(moved), depth)))
+CENTRAL = ((1.0, 1.0), (-1.0, -1.0))
+"""The central difference: ``(f(x + ht) - f(x - ht)) / 2h`` as (weight, offset) pairs."""
+FIVE_POINT = ((8.0, 1.0), (-8.0, -1.0), (-1.0, 2.0), (1.0, -2.0))
+"""``(8 f(x + ht) - 8 f(x - ht) - f(x + 2ht) + f(x - 2ht)) / 12h``: exact for polynomials of
+degree up to 4 along the line."""
+
+
+def _difference(case: Case, forward: Any, c: np.ndarray, point: Mapping[str, np.ndarray],
+                tangents: Mapping[str, np.ndarray], gradient_scale: Mapping[str, np.ndarray],
+                step: float, stencil: tuple[tuple[float, float], ...],
+                backend: Backend) -> tuple[float, float]:
+    """``<c, Jt>`` by ``stencil`` at ``step`` in float64, and the bound on its rounding error:
+    each evaluation of ``f`` within :math:`\\beta_{64}` of its scale, each perturbed point
+    rounded by :math:`u_{64}|x + kht|` (which moves ``<c, f>`` by at most
+    :math:`u_{64}\\langle s_{\\bar g}, |x| + |k| h |t|\\rangle`), and the weighted sum."""
+    denominator = sum(weight * offset for weight, offset in stencil) * step
     u = PRECISIONS["float64"].unit_roundoff
-    points = u * sum(float(np.sum(gradient_scale[name] * (np.abs(a) + step * np.abs(
-        tangents[name])))) for name, a in point.items())
-    difference = np.abs(values[0]) + np.abs(values[1])
-    accumulation = gamma(c.size + 1, u) * float(np.sum(np.abs(c) * difference)) / (2 * step)
-    return (evaluations / 2 + points) / step + accumulation
-
-
-def _difference(forward: Any, c: np.ndarray, point: Mapping[str, np.ndarray],
-                tangents: Mapping[str, np.ndarray], step: float,
-                backend: Backend) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
-    values = []
-    for sign in (1.0, -1.0):
-        arrays = {name: backend.asarray(a + sign * step * tangents[name], dtype="float64")
-                  for name, a in point.items()}
-        values.append(np.asarray(to_numpy(forward(**arrays)), dtype=np.float64))
-    return float(np.sum(c * (values[0] - values[1]))) / (2 * step), (values[0], values[1])
-
-
-def _truncation_multilinear(case: Case, c: np.ndarray, point: Mapping[str, np.ndarray],
-                            tangents: Mapping[str, np.ndarray],
-                            gradient_scale: Mapping[str, np.ndarray], step: float) -> float:
-    """:math:`(Q(h) - Q(-h))/2h - Q'(0)` (module docstring): the truncation's bound."""
-    q = []
-    for sign in (1.0, -1.0):
-        arrays = {name: np.abs(a) + sign * step * np.abs(tangents[name])
-                  for name, a in point.items()}
-        q.append(float(np.sum(np.abs(c) * reference_forward(replace(case, arrays=arrays)))))
-    slope = _inner(gradient_scale, {name: np.abs(t) for name, t in tangents.items()})
-    return abs((q[0] - q[1]) / (2 * step) - slope)
+    depth = _scales.depth(case, vjp=False)
+    total, rounding, magnitude = 0.0, 0.0, 0.0
+    for weight, offset in stencil:
+        moved = {name: a + offset * step * tangents[name] for name, a in point.items()}
+        value = np.asarray(to_numpy(forward(**{name: backend.asarray(a, dtype="float64")
+                                               for name, a in moved.items()})),
+                           dtype=np.float64)
+        total += weight * float(np.sum(c * value))
+        magnitude += abs(weight) * float(np.sum(np.abs(c * value)))
+        scale = _scales.forward_scale(replace(case, arrays=moved))
+        rounding += abs(weight) * float(np.sum(np.abs(c) * bound(scale, depth)))
+        rounding += abs(weight) * u * sum(
+            float(np.sum(gradient_scale[name] * (np.abs(a) + abs(offset) * step
+                                                 * np.abs(tangents[name]))))
+            for name, a in point.items())
+    rounding += gamma(c.size + len(stencil), u) * magnitude
+    return total / denominator, rounding / abs(denominator)
 
 
 def finite_difference_check(case: Case, dtype: str, backend: str | Backend | None = None,
@@ -365,7 +399,7 @@ def finite_difference_check(case: Case, dtype: str, backend: str | Backend | Non
     if sorted(grads) != sorted(point):
         raise AssertionError(f"the VJP returned gradients for {sorted(grads)}, expected "
                              f"{sorted(point)}")
-    gradient_scale = _scales.vjp_scale(at, c)
+    gradient_scale = _scales.vjp_scale(at, c, dtype)
     identity = _Identity(at, dtype, chosen, f, c, point, grads, gradient_scale)
     units, error, allowed, note = identity.measure(tangents)
     detail = at.describe()
@@ -422,17 +456,15 @@ class _Identity:
                                                 "at its kink")
                 note = f"step {step:.2g} -> {kink / 2:.2g} to stay off a ReLU kink"
                 step = kink / 2
-        numeric, values = _difference(f, c, point, tangents, step, self.backend)
-        rounding = _rounding(at, c, point, tangents, self.gradient_scale, step, values)
-        if at.variant in _MULTILINEAR:
-            truncation = _truncation_multilinear(at, c, point, tangents, self.gradient_scale,
-                                                 step)
-            allowed = vjp_error + rounding + truncation
-        else:
-            half, half_values = _difference(f, c, point, tangents, step / 2, self.backend)
-            half_rounding = _rounding(at, c, point, tangents, self.gradient_scale, step / 2,
-                                      half_values)
-            estimate = (abs(numeric - half) + rounding + half_rounding) / 3
-            numeric, allowed = half, vjp_error + half_rounding + estimate
+        difference = partial(_difference, at, f, c, point, tangents, self.gradient_scale,
+                             backend=self.backend)
+        if at.variant in _MULTILINEAR:  # a polynomial of degree <= 3 along the line: exact
+            numeric, rounding = difference(step, FIVE_POINT)
+            allowed = vjp_error + rounding
+        else:  # the truncation's leading term, a h^2, by Richardson from h and h/2
+            coarse, coarse_rounding = difference(step, CENTRAL)
+            numeric, rounding = difference(step / 2, CENTRAL)
+            estimate = (abs(coarse - numeric) + coarse_rounding + rounding) / 3
+            allowed = vjp_error + rounding + estimate
         error = abs(analytic - numeric)
         return (0.0 if error == 0 else error / allowed), error, allowed, note

@@ -958,13 +958,14 @@ def compare_case(golden: GoldenCase, output: Any, gradients: Mapping[str, Any] |
     stored_dtype = golden.output.dtype.name
     results = [("output", output, golden.output)]
     expected = {"output": Expected(golden.output.astype(np.float64),
-                                   _scales.forward_scale(golden.case),
+                                   _scales.forward_scale(golden.case, stored_dtype),
                                    _scales.depth(golden.case, vjp=False))}
     comparisons: list[Comparison] = []
     if gradients is not None:
         expected_grads = Expected({name: g.astype(np.float64)
                                    for name, g in golden.gradients.items()},
-                                  _scales.vjp_scale(golden.case, golden.cotangent),
+                                  _scales.vjp_scale(golden.case, golden.cotangent,
+                                                    stored_dtype),
                                   _scales.depth(golden.case, vjp=True))
         if not isinstance(gradients, Mapping) or sorted(gradients) != sorted(golden.gradients):
             comparisons += judge(gradients, expected_grads, stored_dtype, stored_dtype)[:1]

@@ -19,44 +19,27 @@ The comparison
 The inputs of a case (and the cotangent of a VJP) are drawn in float64 and
 rounded to the dtype.  The float64 NumPy reference is evaluated **at the
 rounded inputs**, so the error measures the arithmetic alone, not the rounding
-of the inputs.  For each op, direction and dtype a :class:`Row` reports, over
-the cases and over every output array (every gradient of a VJP):
-
-- ``max abs err``: :math:`\max_i |a_i - r_i|`, ``a`` the GPU result, ``r`` the reference;
-- ``max rel err``: :math:`\max_i |a_i - r_i| / \max_j |r_j|`, per array, as in
-  ``condconv-ref verify``;
-- ``eps units``: the error in units of the precision's epsilon, scaled by the
-  reduction length,
-
-  .. math::
-
-      u = \max_i \frac{\max(|a_i - r_i| - \rho\,|a_i|,\ 0)}
-                      {\epsilon_p \sqrt{L}\,(|r_i| + \max_j |r_j|)}
-
-  with ``L`` the longest sum of the direction (``Case.lengths``, the same
-  ``L`` the library's tolerances use), :math:`\epsilon_p` the epsilon of the
-  precision the arithmetic carries and :math:`\rho` the unit roundoff of a
-  final rounding to a coarser storage dtype (see *dtypes*).
-
-A row passes when :math:`u \le 16` (:data:`TOLERANCE_UNITS`) on every case,
-no case raises, and (with ``determinism``) the repeated run is bitwise equal.
-With :math:`\rho = 0` that is the rule of
-:func:`condconv_ref.testing.default_tolerances` and of the golden vectors:
-:math:`|a - r| \le \mathrm{rtol}\,(|r| + \max|r|)`, ``rtol = 16 eps sqrt(L)``.
+of the inputs.  For each op, direction and dtype a
+:class:`~condconv_ref.engine.Row` reports, over the cases and over every output
+array (every gradient of a VJP), the largest error in units of the bound of
+:mod:`condconv_ref.accuracy` for the precision the arithmetic is judged by,
+and where it was: the same figure as every other command.  A row passes when
+that is at most 1 on every case, no case raises, and (with ``determinism``)
+the repeated run is bitwise equal.
 
 dtypes and precisions
 ---------------------
-=========  ===================  ================  ======================================
-dtype      computed in          :math:`\rho`      why
-=========  ===================  ================  ======================================
-float64    float64 (2^-52)      0
-float32    float32 (2^-23)      0
-float16    float32 (2^-23)      2^-11             the library's policy: float16 ops run
-                                                  in float32 and round the result to
-                                                  float16 once
-float32    TF32 (2^-10)         0                 the ``CUPY_TF32=1`` subprocess, and
-                                                  torch with cuDNN's default TF32
-=========  ===================  ================  ======================================
+=========  ===================  ======================================
+dtype      judged as            why
+=========  ===================  ======================================
+float64    float64
+float32    float32
+float16    float16/float32      the library's policy: float16 ops run
+                                in float32 and round the result to
+                                float16 once
+float32    tf32                 the ``CUPY_TF32=1`` subprocess, and
+                                torch with cuDNN's default TF32
+=========  ===================  ======================================
 
 A float16 row therefore fails if an op accumulates in float16 or rounds an
 intermediate result to float16 (relative errors of order :math:`2^{-10}`,
@@ -86,9 +69,9 @@ The same comparison on a CPU backend (what the test suite does):
 
 >>> from condconv_ref import gpu
 >>> rows = gpu.compare_backend("numpy", cases=1, dtypes=("float32",), variants=["conv"])
->>> [(row.op, row.direction, row.dtype, row.precision, row.status) for row in rows]
+>>> [(row.op, row.kind, row.dtype, row.precision, row.status) for row in rows]
 [('conv', 'forward', 'float32', 'float32', 'PASS'), ('conv', 'vjp', 'float32', 'float32', 'PASS')]
->>> rows[0].eps_units <= gpu.TOLERANCE_UNITS
+>>> rows[0].units <= 1
 True
 """
 
@@ -108,8 +91,19 @@ from typing import Any
 
 import numpy as np
 
+from condconv_ref import accuracy
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, BackendUnavailable, get_backend, to_numpy
+from condconv_ref.engine import (
+    Expected,
+    Row,
+    expected_forward,
+    expected_vjp,
+    judge,
+    round_to,
+    rounded,
+    worst,
+)
 from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing.sampling import case_seed, draw_examples
 from condconv_ref.variants import VARIANTS, Case, build_case, reference_forward, reference_vjp
@@ -119,33 +113,23 @@ __all__ = [
     "DEFAULT_CASES",
     "DIRECTIONS",
     "DTYPES",
-    "PRECISION_EPS",
     "SIZES",
-    "TOLERANCE_UNITS",
     "GPUReport",
-    "Row",
     "check",
     "compare_backend",
     "compare_torch",
     "environment",
-    "eps_units",
-    "normalized_error",
     "run_tf32_child",
 ]
 
-DTYPES = ("float32", "float16", "float64")
+DTYPES = tuple(dtype for dtype in accuracy.DTYPES if dtype != "bfloat16")
+"""The dtypes the reference runs in (CuPy has no bfloat16)."""
 DIRECTIONS = ("forward", "vjp")
 DEFAULT_CASES = 8
-TOLERANCE_UNITS = 16.0
-"""A row passes when its error is at most this many ``eps_p sqrt(L)`` units: the factor of
-:func:`condconv_ref.testing.default_tolerances`."""
 
-PRECISION_EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10,
-                 "tf32": 2.0**-10}
-"""Machine epsilon of each precision the arithmetic may carry (TF32 keeps 10 mantissa bits)."""
-
-COMPUTED_IN = {"float64": "float64", "float32": "float32", "float16": "float32"}
-"""The precision each dtype's arithmetic carries under the library's precision policy."""
+COMPUTED_IN = {"float64": "float64", "float32": "float32", "float16": "float16/float32"}
+"""The precision each dtype's arithmetic is judged by (:data:`condconv_ref.accuracy.PRECISIONS`):
+under the library's policy float16 ops run in float32 and round each result to float16 once."""
 
 SIZES = {"max_batch": 4, "max_groups": 3, "max_channels_per_group": 8, "max_out_per_group": 8,
          "max_size": 12}
@@ -156,171 +140,7 @@ TORCH_OP = "torch conv2d"
 _TF32_CHILD = "--tf32-child"
 
 
-# ---------------------------------------------------------------- the error measure
-
-
-def _pairs(actual: Any, reference: Any) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``(name, actual, reference)`` as NumPy arrays, for two arrays or two dicts of arrays."""
-    if isinstance(reference, Mapping):
-        if sorted(actual) != sorted(reference):
-            raise AssertionError(f"gradients for {sorted(actual)}, expected {sorted(reference)}")
-        return [(name, to_numpy(actual[name]), to_numpy(reference[name])) for name in reference]
-    return [("output", to_numpy(actual), to_numpy(reference))]
-
-
-def _normalized(actual: np.ndarray, reference: np.ndarray, length: int, rounding: float) -> float:
-    a = np.asarray(actual, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
-    if a.shape != r.shape:
-        raise AssertionError(f"shape {a.shape}, expected {r.shape}")
-    if a.size == 0:
-        return 0.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        excess = np.maximum(np.abs(a - r) - rounding * np.abs(a), 0.0)
-        ratio = excess / (math.sqrt(length) * (np.abs(r) + np.max(np.abs(r))))
-    ratio = np.where(excess == 0.0, 0.0, ratio)
-    return float(np.max(np.nan_to_num(ratio, nan=math.inf)))
-
-
-def normalized_error(actual: Any, reference: Any, *, length: int, dtype: str = "float64") -> float:
-    r"""The error of ``actual`` against ``reference`` with the precision left out.
-
-    .. math::
-
-        n = \max_i \frac{\max(|a_i - r_i| - \rho\,|a_i|,\ 0)}{\sqrt{L}\,(|r_i| + \max_j |r_j|)}
-
-    over every element of every array, ``L = length``, and :math:`\rho` the
-    unit roundoff of a final rounding to ``dtype`` when ``dtype`` is stored
-    coarser than it is computed (float16: :math:`2^{-11}`; otherwise 0).
-    :func:`eps_units` divides it by a precision's epsilon.  A NaN error counts
-    as infinite; elements equal to the reference count 0 (all-zero references
-    included).
-
-    Parameters
-    ----------
-    actual, reference : array or dict of str to array
-        Any arrays (copied to NumPy, compared in float64); dicts must have the
-        same keys.
-    length : int
-        The longest sum that produced the results, >= 1.
-    dtype : str
-        The storage dtype of ``actual``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> round(normalized_error(np.array([1.0 + 2**-20, 0.5]), np.array([1.0, 0.5]), length=4)
-    ...       * 2**20, 6)
-    0.25
-    """
-    length = check_positive_int("normalized_error", "length", length)
-    rounding = 0.0
-    if COMPUTED_IN.get(dtype, dtype) != dtype:
-        rounding = PRECISION_EPS[dtype] / 2
-    return max((_normalized(a, r, length, rounding) for _, a, r in _pairs(actual, reference)),
-               default=0.0)
-
-
-def eps_units(actual: Any, reference: Any, *, length: int, dtype: str = "float64",
-              precision: str | None = None) -> float:
-    r"""The error of ``actual`` in units of ``precision``'s epsilon scaled by ``sqrt(length)``.
-
-    :func:`normalized_error` divided by :math:`\epsilon_p`, ``precision``
-    defaulting to the one ``dtype`` is computed in (:data:`COMPUTED_IN`:
-    float16 in float32).  A result passes the check at most
-    :data:`TOLERANCE_UNITS` units.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> reference = np.array([1.0, -2.0])
-    >>> eps_units(reference + 2**-22, reference, length=1, dtype="float32")  # 2 eps / (1 + 2)
-    0.6666666666666666
-    """
-    chosen = precision or COMPUTED_IN.get(dtype, dtype)
-    if chosen not in PRECISION_EPS:
-        raise ValueError(f"eps_units: precision must be one of {sorted(PRECISION_EPS)}, "
-                         f"got {chosen!r}")
-    return normalized_error(actual, reference, length=length, dtype=dtype) / PRECISION_EPS[chosen]
-
-
 # ---------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class Row:
-    """One op, direction and dtype over every case.
-
-    Attributes
-    ----------
-    op, direction, dtype : str
-        A variant (or ``"torch conv2d"``), ``"forward"`` or ``"vjp"``, and the
-        dtype of the inputs and results.
-    precision : str
-        The precision the arithmetic is judged by, a key of :data:`PRECISION_EPS`.
-    cases : int
-        Cases run.
-    max_abs_err, max_rel_err, max_normalized_err : float
-        The largest errors over the cases that ran (NaN when none did); see
-        the module docstring and :func:`normalized_error`.
-    errors : int
-        Cases that raised.
-    repeat_identical : bool or None
-        Whether the repeated run matched bit for bit on every case; None when
-        not repeated.
-    detail : str
-        The first raising case, else the worst case, else the first case whose
-        repeat differed.
-    skipped : str
-        Why the row could not run (e.g. a backend without float16).
-
-    Examples
-    --------
-    >>> from condconv_ref import gpu
-    >>> row = gpu.Row("conv", "forward", "float32", "float32", cases=1,
-    ...               max_normalized_err=2**-22)
-    >>> row.eps_units, row.status, gpu.Row.from_json(row.to_json()) == row
-    (2.0, 'PASS', True)
-    >>> gpu.Row("conv", "vjp", "float16", "float32", skipped="no float16").status
-    'SKIP'
-    """
-
-    op: str
-    direction: str
-    dtype: str
-    precision: str
-    cases: int = 0
-    max_abs_err: float = math.nan
-    max_rel_err: float = math.nan
-    max_normalized_err: float = math.nan
-    errors: int = 0
-    repeat_identical: bool | None = None
-    detail: str = ""
-    skipped: str = ""
-
-    @property
-    def eps_units(self) -> float:
-        """``max_normalized_err`` in units of the precision's epsilon."""
-        return self.max_normalized_err / PRECISION_EPS[self.precision]
-
-    @property
-    def status(self) -> str:
-        """``"SKIP"``, ``"FAIL"`` (a case raised, was beyond tolerance or not repeatable), or
-        ``"PASS"``."""
-        if self.skipped:
-            return "SKIP"
-        if self.errors or self.repeat_identical is False or not self.eps_units <= TOLERANCE_UNITS:
-            return "FAIL"
-        return "PASS"
-
-    def to_json(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (:meth:`from_json` reads it back)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, fields: Mapping[str, Any]) -> Row:
-        """A row from :meth:`to_json`'s dict."""
-        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -352,7 +172,7 @@ class GPUReport:
     ...                    tf32=False, torch=False)
     >>> report.backend, report.passed, report.failures, report.nondeterministic
     ('numpy', True, (), ())
-    >>> [(row.direction, row.repeat_identical) for row in report.rows], report.tf32_extra()
+    >>> [(row.kind, row.repeat_identical) for row in report.rows], report.tf32_extra()
     ([('forward', True), ('vjp', True)], [])
     """
 
@@ -377,22 +197,20 @@ class GPUReport:
     @property
     def nondeterministic(self) -> tuple[str, ...]:
         """``"op direction dtype"`` of every row whose repeated run differed."""
-        return tuple(f"{row.op} {row.direction} {row.dtype}" for row in self.rows
+        return tuple(f"{row.op} {row.kind} {row.dtype}" for row in self.rows
                      if row.repeat_identical is False)
 
     def tf32_extra(self) -> list[tuple[str, str, float, float]]:
         """``(op, direction, float32 units, TF32 units)`` per TF32 row with a float32 twin.
 
-        Both errors are in float32 epsilon units (the TF32 row's normalized
-        error over :math:`2^{-23}`), so their ratio is the factor TF32 adds.
+        Both errors are in units of float32's bound (the TF32 row's
+        ``baseline_units``), so their ratio is the factor TF32 adds.
         """
-        plain = {(row.op, row.direction): row for row in self.rows
+        plain = {(row.op, row.kind): row for row in self.rows
                  if row.dtype == "float32" and row.precision == "float32" and not row.skipped}
-        eps32 = PRECISION_EPS["float32"]
-        return [(row.op, row.direction, plain[row.op, row.direction].eps_units,
-                 row.max_normalized_err / eps32)
+        return [(row.op, row.kind, plain[row.op, row.kind].units, row.baseline_units)
                 for row in self.rows
-                if row.precision == "tf32" and not row.skipped and (row.op, row.direction) in plain]
+                if row.precision == "tf32" and not row.skipped and (row.op, row.kind) in plain]
 
 
 # ---------------------------------------------------------------- cases
@@ -414,15 +232,6 @@ def _variant_cases(variants: Sequence[str], count: int, seed: int,
             for variant in variants}
 
 
-def _rounded(case: Case, dtype: str) -> Case:
-    """``case`` with float64 arrays holding the values of its arrays rounded to ``dtype``."""
-    return replace(case, arrays={name: _round(a, dtype) for name, a in case.arrays.items()})
-
-
-def _round(a: np.ndarray, dtype: str) -> np.ndarray:
-    return np.asarray(a, dtype=dtype).astype(np.float64)
-
-
 # ---------------------------------------------------------------- measuring one case
 
 Runner = Callable[[Case, np.ndarray], tuple[Any, dict[str, Any]]]
@@ -431,46 +240,45 @@ Runner = Callable[[Case, np.ndarray], tuple[Any, dict[str, Any]]]
 
 @dataclass(frozen=True)
 class _Measured:
-    abs_err: float
-    rel_err: float
-    normalized: float
-    worst: str
+    units: float
+    where: str
     identical: bool | None
+    baseline_units: float = math.nan
+
+
+def _host_arrays(result: Any) -> list[np.ndarray]:
+    items = result.values() if isinstance(result, Mapping) else [result]
+    return [np.asarray(to_numpy(a)) for a in items]
 
 
 def _bitwise_equal(first: Any, second: Any) -> bool:
-    pairs = _pairs(first, second)
+    pairs = zip(_host_arrays(first), _host_arrays(second))
     return all(a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-               for _, a, b in pairs)
+               for a, b in pairs)
 
 
-def _measure(actual: Any, reference: Any, length: int, dtype: str,
-             repeat: Any = None) -> _Measured:
-    pairs = _pairs(actual, reference)
-    abs_errs, rel_errs, normalized = [], [], []
-    for name, a, r in pairs:
-        difference = np.abs(a.astype(np.float64) - r) if a.size else np.zeros(1)
-        scale = float(np.max(np.abs(r))) if r.size else 0.0
-        abs_errs.append(float(np.max(np.nan_to_num(difference, nan=math.inf))))
-        rel_errs.append(abs_errs[-1] / scale if scale else (0.0 if abs_errs[-1] == 0 else math.inf))
-        normalized.append(normalized_error(a, r, length=length, dtype=dtype))
-    worst = int(np.argmax(normalized))
+def _measure(actual: Any, expected: Expected, precision: str, repeat: Any = None) -> _Measured:
+    found = worst(judge(actual, expected, precision))
+    units = math.inf if found is None or found.reason else found.units
+    baseline = math.nan
+    if precision == "tf32" and found is not None:
+        baseline_found = worst(judge(actual, expected, "float32"))
+        baseline = math.inf if baseline_found.reason else baseline_found.units
     identical = None if repeat is None else _bitwise_equal(actual, repeat)
-    return _Measured(max(abs_errs), max(rel_errs), normalized[worst], pairs[worst][0], identical)
+    return _Measured(units, found.where if found else "", identical, baseline)
 
 
-def _measure_case(case: Case, dtype: str, runner: Runner,
+def _measure_case(case: Case, dtype: str, precision: str, runner: Runner,
                   repeat: bool) -> tuple[_Measured, _Measured]:
     """Forward and VJP of ``runner`` on ``case`` rounded to ``dtype``, against float64 NumPy."""
-    rounded = _rounded(case, dtype)
-    output = reference_forward(rounded)
-    cotangent = case.cotangent(tuple(output.shape), dtype).astype(np.float64)
-    gradients = reference_vjp(rounded, cotangent)
-    first = runner(rounded, cotangent)
-    second = runner(rounded, cotangent) if repeat else (None, None)
-    forward, backward = case.lengths
-    return (_measure(first[0], output, forward, dtype, second[0]),
-            _measure(first[1], gradients, backward, dtype, second[1]))
+    at = rounded(case, dtype)
+    output = expected_forward(at, dtype=precision)
+    cotangent = round_to(case.cotangent(tuple(output.value.shape)), dtype)
+    gradients = expected_vjp(at, cotangent, dtype=precision)
+    first = runner(at, cotangent)
+    second = runner(at, cotangent) if repeat else (None, None)
+    return (_measure(first[0], output, precision, second[0]),
+            _measure(first[1], gradients, precision, second[1]))
 
 
 def _host(result: Any, dtype: str, what: str) -> np.ndarray:
@@ -495,10 +303,6 @@ def _reference_runner(backend: Backend, dtype: str) -> Runner:
 # ---------------------------------------------------------------- rows
 
 
-def _describe(index: int, case: Case, worst: str) -> str:
-    return f"case {index} ({worst}): {case.describe()}"
-
-
 def _rows(op: str, dtype: str, precision: str, cases: Sequence[Case], runner: Runner,
           repeat: bool, advance: Callable[[], None]) -> tuple[Row, Row]:
     """The forward and VJP rows of ``runner`` over ``cases``."""
@@ -506,7 +310,7 @@ def _rows(op: str, dtype: str, precision: str, cases: Sequence[Case], runner: Ru
     errors, first_error = 0, ""
     for index, case in enumerate(cases):
         try:
-            pair = _measure_case(case, dtype, runner, repeat)
+            pair = _measure_case(case, dtype, precision, runner, repeat)
         except MemoryBudgetError:  # the case is too large for the budget, not wrong: stop
             raise
         except Exception as error:  # an op that raises fails this case, the check goes on
@@ -521,27 +325,23 @@ def _rows(op: str, dtype: str, precision: str, cases: Sequence[Case], runner: Ru
                  for d, direction in enumerate(DIRECTIONS))
 
 
-def _largest(values: list[float]) -> float:
-    return max(values) if values else math.nan
-
-
 def _row(op: str, direction: str, dtype: str, precision: str, cases: Sequence[Case],
          measured: list[tuple[int, _Measured]], errors: int, first_error: str,
          repeat: bool) -> Row:
-    detail = first_error
-    if measured and not detail:
-        index, worst = max(measured, key=lambda item: item[1].normalized)
-        detail = _describe(index, cases[index], worst.worst)
+    detail, units, where, baseline = first_error, math.nan, "", math.nan
+    if measured:
+        index, largest = max(measured, key=lambda item: item[1].units)
+        units, where = largest.units, f"case {index}, {largest.where}"
+        baseline = max(m.baseline_units for _, m in measured)
+        detail = detail or f"case {index} ({largest.where}): {cases[index].describe()}"
     differing = [index for index, m in measured if m.identical is False]
     if differing:
         plural = "s" if len(differing) > 1 else ""
         detail += f"; the repeat differs bitwise in case{plural} {', '.join(map(str, differing))}"
-    return Row(op, direction, dtype, precision, cases=len(cases),
-               max_abs_err=_largest([m.abs_err for _, m in measured]),
-               max_rel_err=_largest([m.rel_err for _, m in measured]),
-               max_normalized_err=_largest([m.normalized for _, m in measured]),
-               errors=errors, repeat_identical=(not differing) if repeat else None,
-               detail=detail)
+    beyond = sum(not m.units <= 1 for _, m in measured)
+    return Row(op, direction, cases=len(cases), failed=errors + beyond, units=units,
+               where=where, detail=detail, dtype=dtype, precision=precision,
+               repeat_identical=(not differing) if repeat else None, baseline_units=baseline)
 
 
 def _supports(backend: Backend, dtype: str) -> str:
@@ -574,7 +374,8 @@ def compare_backend(backend: str | Backend = "numpy", *, cases: int = DEFAULT_CA
                     seed: int = 0, dtypes: Sequence[str] = DTYPES,
                     variants: Sequence[str] | None = None, determinism: bool = True,
                     sizes: Mapping[str, int] | None = None,
-                    progress: Progress | None = None) -> list[Row]:
+                    progress: Progress | None = None,
+                    precision: str | None = None) -> list[Row]:
     """Run every variant's reference on ``backend`` in each dtype against float64 NumPy.
 
     Parameters
@@ -595,6 +396,9 @@ def compare_backend(backend: str | Backend = "numpy", *, cases: int = DEFAULT_CA
         Bounds for :func:`~condconv_ref.testing.conv_configs`; default :data:`SIZES`.
     progress : callable, optional
         ``progress(description, done, total)`` after every case.
+    precision : str, optional
+        Judge every row by this precision (``"tf32"`` in the TF32 subprocess)
+        instead of the dtype's own (:data:`COMPUTED_IN`).
 
     Returns
     -------
@@ -614,7 +418,7 @@ def compare_backend(backend: str | Backend = "numpy", *, cases: int = DEFAULT_CA
     >>> from condconv_ref import gpu
     >>> rows = gpu.compare_backend("array_api_strict", cases=1, dtypes=("float16", "float64"),
     ...                            variants=["mix_experts"], determinism=False)
-    >>> [(row.direction, row.dtype, row.status, row.skipped) for row in rows]
+    >>> [(row.kind, row.dtype, row.status, row.skipped) for row in rows]
     ... # doctest: +NORMALIZE_WHITESPACE
     [('forward', 'float16', 'SKIP', 'array_api_strict has no float16'),
      ('forward', 'float64', 'PASS', ''),
@@ -631,14 +435,14 @@ def compare_backend(backend: str | Backend = "numpy", *, cases: int = DEFAULT_CA
     for variant in variants:
         by_dtype = []
         for dtype in dtypes:
-            judged = COMPUTED_IN[dtype]
+            judged = precision or COMPUTED_IN[dtype]
             reason = _supports(chosen, dtype)
             if reason:
                 advance = stage(f"{variant} {dtype}")
                 for _ in range(count):
                     advance()
-                by_dtype.append(tuple(Row(variant, d, dtype, judged, skipped=reason)
-                                      for d in DIRECTIONS))
+                by_dtype.append(tuple(Row(variant, d, dtype=dtype, precision=judged,
+                                          skipped=reason) for d in DIRECTIONS))
                 continue
             by_dtype.append(_rows(variant, dtype, judged, drawn[variant],
                                   _reference_runner(chosen, dtype), determinism,
@@ -753,12 +557,13 @@ def _tf32_child(argv: Sequence[str]) -> int:
     parser.add_argument("--variant", action="append", dest="variants")
     args = parser.parse_args(argv)
     backend = get_backend(args.backend)
-    rows = compare_backend(backend, cases=args.cases, seed=args.seed, dtypes=("float32",),
-                           variants=args.variants, determinism=False, sizes=args.sizes)
     if backend.name == "cupy":
         in_effect, why = _cupy_tf32_in_effect()
     else:
         in_effect, why = False, f"backend {backend.name} has no TF32 mode"
+    rows = compare_backend(backend, cases=args.cases, seed=args.seed, dtypes=("float32",),
+                           variants=args.variants, determinism=False, sizes=args.sizes,
+                           precision="tf32")
     print(json.dumps({"tf32": in_effect, "why": why, "cupy_tf32": os.environ.get("CUPY_TF32"),
                       "rows": [row.to_json() for row in rows]}))
     return 0
@@ -773,8 +578,8 @@ def run_tf32_child(backend: str = "cupy", *, cases: int = DEFAULT_CASES, seed: i
     The subprocess is ``python -m condconv_ref.gpu --tf32-child --backend B
     --cases N --seed S [--sizes JSON] [--variant V ...]``; it prints one JSON
     line ``{"tf32": bool, "why": str, "cupy_tf32": str, "rows": [...]}``.  Its rows are judged
-    by precision ``tf32`` when it confirms TF32 was in effect, else by
-    float32.
+    by precision ``tf32`` (with ``baseline_units`` under float32's bound); :func:`check`
+    keeps them only when the subprocess confirms TF32 was in effect.
 
     Returns
     -------
@@ -793,13 +598,13 @@ def run_tf32_child(backend: str = "cupy", *, cases: int = DEFAULT_CASES, seed: i
 
     Examples
     --------
-    The subprocess on the CPU, where NumPy has no TF32 mode, so its rows stay
-    float32:
+    The subprocess on the CPU, where NumPy has no TF32 mode (so :func:`check`
+    would leave its rows out):
 
     >>> from condconv_ref import gpu
     >>> rows, in_effect, why = gpu.run_tf32_child("numpy", cases=1, variants=["conv"])
-    >>> [(row.op, row.direction, row.precision) for row in rows]
-    [('conv', 'forward', 'float32'), ('conv', 'vjp', 'float32')]
+    >>> [(row.op, row.kind, row.precision) for row in rows]
+    [('conv', 'forward', 'tf32'), ('conv', 'vjp', 'tf32')]
     >>> in_effect, why
     (False, 'backend numpy has no TF32 mode')
     """
@@ -821,8 +626,6 @@ def run_tf32_child(backend: str = "cupy", *, cases: int = DEFAULT_CASES, seed: i
     except json.JSONDecodeError as error:
         raise RuntimeError(f"the TF32 subprocess printed no JSON ({error})") from None
     rows = [Row.from_json(fields) for fields in result["rows"]]
-    if result["tf32"]:
-        rows = [replace(row, precision="tf32") for row in rows]
     return rows, bool(result["tf32"]), result["why"]
 
 
@@ -895,7 +698,7 @@ def compare_torch(device: str = "cuda", *, cases: int = DEFAULT_CASES, seed: int
 
     >>> from condconv_ref import gpu
     >>> rows = gpu.compare_torch("cpu", cases=1)
-    >>> [(row.direction, row.precision, row.status) for row in rows], rows[0].op
+    >>> [(row.kind, row.precision, row.status) for row in rows], rows[0].op
     ([('forward', 'float32', 'PASS'), ('vjp', 'float32', 'PASS')], 'torch conv2d')
     """
     try:
@@ -968,10 +771,10 @@ def check(cases: int = DEFAULT_CASES, seed: int = 0, dtypes: Sequence[str] = DTY
     >>> from condconv_ref import gpu
     >>> report = gpu.check(backend="numpy", cases=1, dtypes=("float32", "float16"),
     ...                    variants=["cond_linear_layer"], torch=False)
-    >>> report.passed, [(row.direction, row.dtype, row.precision) for row in report.rows]
+    >>> report.passed, [(row.kind, row.dtype, row.precision) for row in report.rows]
     ... # doctest: +NORMALIZE_WHITESPACE
-    (True, [('forward', 'float32', 'float32'), ('forward', 'float16', 'float32'),
-            ('vjp', 'float32', 'float32'), ('vjp', 'float16', 'float32')])
+    (True, [('forward', 'float32', 'float32'), ('forward', 'float16', 'float16/float32'),
+            ('vjp', 'float32', 'float32'), ('vjp', 'float16', 'float16/float32')])
     >>> report.notes
     ('TF32 rows left out: backend numpy has no TF32 mode',)
 

@@ -218,9 +218,25 @@ def stable_softmax_vjp(cotangent: Any, probabilities: Any, temperature: float, *
     the Jacobian-vector form of :math:`(\mathrm{diag}\,\alpha - \alpha\alpha^\top)/T`.
     Only products of :math:`\alpha \in [0, 1]` with the cotangent appear, so it
     is as stable as the forward (entries are bounded by :math:`2\max|\bar\alpha| / T`).
+
+    The cotangent is first shifted by its value :math:`\bar\alpha_m` at the
+    largest weight, which changes nothing exactly (the rows of the Jacobian sum
+    to zero, :math:`\sum_e \partial\alpha_e/\partial z = 0`) but keeps the
+    result accurate when the softmax saturates: unshifted, the dominant entry
+    :math:`\alpha_m(\bar\alpha_m - \langle\bar\alpha,\alpha\rangle)
+    \approx \alpha_m \sum_{j \ne m}\alpha_j(\bar\alpha_m - \bar\alpha_j)` is a
+    difference of two numbers of size :math:`|\bar\alpha|` whose result is
+    :math:`1 - \alpha_m` times smaller, and loses that many digits; shifted,
+    :math:`\bar\alpha_m - \bar\alpha_m = 0` exactly and the inner product is
+    made of the small weights alone.
     """
-    inner = xp.sum(cotangent * probabilities, axis=-1, keepdims=True)
-    return probabilities * (cotangent - inner) / temperature
+    largest = probabilities == xp.max(probabilities, axis=-1, keepdims=True)
+    ties = xp.sum(xp.astype(largest, cotangent.dtype), axis=-1, keepdims=True)
+    pivot = xp.sum(xp.where(largest, cotangent, xp.zeros_like(cotangent)), axis=-1,
+                   keepdims=True) / ties
+    shifted = cotangent - pivot
+    inner = xp.sum(shifted * probabilities, axis=-1, keepdims=True)
+    return probabilities * (shifted - inner) / temperature
 
 
 def _affine(inputs: Any, weight: Any, bias: Any, *, xp: ModuleType) -> Any:

@@ -400,7 +400,7 @@ def equivalence_check(op: str, kind: str, f: Callable[..., Any], g: Callable[...
         other = bind(g, given)(**args)
         actual = bind(f, given)(**args)
         _kept(actual, args["x"])
-        expected = Expected(_host(other), _scales.forward_scale(given),
+        expected = Expected(_host(other), _scales.forward_scale(given, case.dtype),
                             _scales.depth(given, vjp=False))
         return _measure(judge(actual, expected, case.dtype, case.dtype), given.describe())
 
@@ -435,7 +435,7 @@ def vjp_equivalence_check(op: str, kind: str, f: Callable[..., Any], f_vjp: Call
         other = bind(g_vjp, given, vjp=True)(cotangent, **args)
         actual = bind(f_vjp, given, vjp=True)(cotangent, **args)
         _kept(actual, args["x"])
-        expected = Expected(_host(other), _scales.vjp_scale(given, cotangent),
+        expected = Expected(_host(other), _scales.vjp_scale(given, cotangent, case.dtype),
                             _scales.depth(given, vjp=True))
         return _measure(judge(actual, expected, case.dtype, case.dtype), given.describe())
 
@@ -509,7 +509,8 @@ def oracle_check(op: str, f: Callable[..., Any], inputs: Callable[[Case], Varian
         oracle_value = oracle({name: np.asarray(a) for name, a in given.arrays.items()},
                               given.config)
         expected = Expected(np.asarray(oracle_value, dtype=np.float64),
-                            _scales.forward_scale(given), _scales.depth(given, vjp=False))
+                            _scales.forward_scale(given, case.dtype),
+                            _scales.depth(given, vjp=False))
         actual = bind(f, given)(**args)
         _kept(actual, args["x"])
         return _measure(judge(actual, expected, case.dtype), given.describe())

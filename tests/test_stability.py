@@ -157,6 +157,9 @@ def test_sigmoid_routing_is_finite_and_exact_for_extreme_logits(backend, dtype, 
 @given(logits=extreme_logits, temperature=temperatures)
 # Close large logits: dividing by T before shifting would cost ~|z|/T eps in alpha.
 @example(logits=[1e4, 1e4 - 1.0], temperature=0.7)
+# alpha_0 ~ 2e-44 and its gradient ~3e-46: subnormal in float32, and the quotient by T
+# underflows after the division; the second row saturates below longdouble's epsilon.
+@example(logits=[0.0, 6440.0], temperature=64.0)
 def test_softmax_routing_is_finite_and_exact_for_extreme_logits_and_temperatures(
         backend, dtype, logits, temperature):
     dtype_on(backend, dtype)
@@ -178,17 +181,27 @@ def test_softmax_routing_is_finite_and_exact_for_extreme_logits_and_temperatures
     assert_matches_reference(routing, alpha, np.ones_like(z), dtype, "route_softmax")
     sums = to_numpy(routing).astype(np.float64).sum(axis=1)
     assert np.abs(sums - 1).max() <= 8 * EPS[dtype] * len(logits)
-    inner = (cotangent * alpha).sum(axis=1, keepdims=True)
-    grad_z = alpha * (cotangent - inner) / temperature
+    # The exact gradient is unchanged by shifting the cotangent by a constant per row
+    # (the softmax Jacobian's rows sum to zero); shifted by its value at the largest
+    # weight, <c, alpha> no longer cancels against c_m when the softmax saturates, which
+    # even extended precision loses (1 - alpha_m below its epsilon).
+    top = np.argmax(alpha, axis=1)[:, None]
+    shifted = (cotangent - np.take_along_axis(cotangent, top, axis=1)).astype(np.longdouble)
+    inner = (shifted * alpha).sum(axis=1, keepdims=True)
+    grad_z = (alpha * (shifted - inner) / temperature).astype(np.float64)
     # Rounding model of grad_z_e = alpha_e (c_e - <c, alpha>) / T: exp(-u) carries a
     # relative error of about u eps, u = (max z - z) / T, and an alpha that underflows
     # into the subnormals an absolute one of up to the smallest subnormal.  With
     # a_e = alpha_e (1 + u_e) + subnormal / eps, the error of alpha_e in units of eps,
-    # |d grad_z_e| <~ eps (a_e (|c_e| + <|c|, alpha>) + alpha_e <a, |c|>) / T.
+    # |d grad_z_e| <~ eps (a_e (|c_e| + <|c|, alpha>) + alpha_e <a, |c|>) / T, plus one
+    # more smallest subnormal for the quotient by T, itself rounded into the subnormals
+    # after the division (so not divided by T).
     condition = 1 + (z.max(axis=1, keepdims=True) - z) / temperature
-    budget = alpha * condition + np.finfo(dtype).smallest_subnormal / EPS[dtype]
+    subnormal = np.finfo(dtype).smallest_subnormal / EPS[dtype]
+    budget = alpha * condition + subnormal
     terms_z = (budget * (np.abs(cotangent) + (np.abs(cotangent) * alpha).sum(axis=1, keepdims=True))
                + alpha * (budget * np.abs(cotangent)).sum(axis=1, keepdims=True)) / temperature
+    terms_z = terms_z + subnormal
     assert_matches_reference(grads["fc2_weight"], grad_z.T @ x, terms_z.T @ np.abs(x), dtype,
                              "route_softmax_vjp fc2_weight")
     assert_matches_reference(grads["x"], (grad_z @ fc2_weight) * (x > 0),

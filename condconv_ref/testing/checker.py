@@ -233,7 +233,7 @@ def _judged(actual: Any, expected: Any, search: _Search) -> list[Comparison]:
 def _check_case(case: Case, implementation: Implementation, search: _Search) -> list[Comparison]:
     """Every mismatch of ``implementation`` on ``case`` (already rounded to the dtype)."""
     reference = _exact(case)
-    expected = expected_forward(reference, search.backend)
+    expected = expected_forward(reference, search.backend, search.dtype)
     try:
         actual = implementation.forward(case)
     except MemoryBudgetError:
@@ -244,7 +244,7 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
     if implementation.vjp is None:
         return mismatches
     cotangent = round_to(case.cotangent(expected.value.shape), search.dtype)
-    expected_grads = expected_vjp(reference, cotangent, search.backend)
+    expected_grads = expected_vjp(reference, cotangent, search.backend, search.dtype)
     try:
         grads = implementation.vjp(case, _handed(cotangent, search.dtype))
     except MemoryBudgetError:
