@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -108,6 +108,7 @@ __all__ = [
     "compare",
     "compare_all",
     "gamma",
+    "jsonable",
     "precision",
 ]
 
@@ -306,6 +307,10 @@ class Comparison:
         """Within the bound everywhere (``units <= 1``), and comparable at all."""
         return not self.reason and self.units <= 1.0
 
+    def to_json(self) -> dict[str, Any]:
+        """The fields, ``passed`` and the one-line message as strict JSON values."""
+        return jsonable({**asdict(self), "passed": self.passed, "message": str(self)})
+
     @property
     def where(self) -> str:
         """``what`` and the worst index, e.g. ``"gradient 'x' [0, 2]"``."""
@@ -324,6 +329,25 @@ class Comparison:
                 f"{self.actual:.9g}, reference {self.reference:.9g}, |diff| "
                 f"{abs(self.actual - self.reference):.3g} = {self.units:.3g} x bound "
                 f"{self.bound:.3g}")
+
+
+def jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with NaN and infinite floats as None (strict JSON), tuples as lists.
+
+    Examples
+    --------
+    >>> from condconv_ref.accuracy import jsonable
+    >>> jsonable({"units": float("inf"), "index": (0, 1), "what": "output"})
+    {'units': None, 'index': [0, 1], 'what': 'output'}
+    """
+    def value(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, (tuple, list)):
+            return [value(element) for element in item]
+        return item
+
+    return {name: value(item) for name, item in record.items()}
 
 
 def _as_real(what: str, value: Any) -> np.ndarray | Comparison:

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from condconv_ref import __version__, golden, gpu, verify
 from condconv_ref.backends import BACKEND_NAMES, BackendUnavailable, get_backend
+from condconv_ref.accuracy import jsonable
 from condconv_ref.engine import Row
 from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing import checker
@@ -205,6 +206,8 @@ def add_golden(subcommands: argparse._SubParsersAction) -> None:
     check.add_argument("--backend", default="numpy", metavar="NAME",
                        help="where the reference recomputes the cases: "
                             f"{', '.join(BACKEND_NAMES)} (default: %(default)s)")
+    check.add_argument("--json", action="store_true",
+                       help="print the results as JSON instead of a table")
     check.set_defaults(handler=_golden_verify)
 
 
@@ -249,13 +252,22 @@ def _golden_verify(args: argparse.Namespace) -> int:
               f"({count} problem{'s' if count > 1 else ''}); nothing was recomputed",
               file=sys.stderr)
         return 1
+    failed = len(report.failures)
+    if args.json:
+        _print_json({"command": "golden verify", "directory": str(report.directory),
+                     "dtype": report.dtype, "compared": report.compared, "passed": not failed,
+                     "results": [jsonable({"file": r.file, "variant": r.variant,
+                                           "passed": r.passed, "units": r.units,
+                                           "where": r.where,
+                                           "mismatches": [m.to_json() for m in r.mismatches]})
+                                 for r in report.results]})
+        return 1 if failed else 0
     console = _wide_console()
     console.print(_golden_table(report))
     for result in report.failures:
         for mismatch in result.mismatches:
             console.print(f"FAIL {result.file} ({result.variant}): {mismatch}", markup=False,
                           highlight=False)
-    failed = len(report.failures)
     if failed:
         console.print(f"[bold red]{failed} of {len(report.results)} cases failed[/]")
     else:
@@ -314,6 +326,8 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
                         help="seed of the cases (default: %(default)s)")
     parser.add_argument("--forward-only", action="store_true",
                         help="do not check the factory's vjp")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as JSON instead of text")
     parser.set_defaults(handler=_check)
 
 
@@ -325,7 +339,10 @@ def _check(args: argparse.Namespace) -> int:
     report = checker.check_implementation(implementation, variant=args.variant, dtype=args.dtype,
                                           max_examples=args.examples, seed=args.seed,
                                           raise_on_failure=False)
-    print(report)
+    if args.json:
+        _print_json({"command": "check", "target": args.target, **report.to_json()})
+    else:
+        print(report)
     return 0 if report.passed else 1
 
 

@@ -69,7 +69,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from condconv_ref import _scales
-from condconv_ref.accuracy import PRECISIONS, Comparison, bound, compare_all, gamma
+from condconv_ref.accuracy import PRECISIONS, Comparison, bound, compare_all, gamma, jsonable
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.variants import VARIANTS, Case, bind, reference_forward, reference_vjp
 
@@ -184,11 +184,8 @@ class Row:
     def to_json(self) -> dict[str, Any]:
         """The fields and the status as strict JSON values (NaN and infinity as None);
         :meth:`from_json` reads it back."""
-        record = {name: (None if isinstance(value, float) and not math.isfinite(value)
-                         else value) for name, value in asdict(self).items()}
-        record["units_infinite"] = math.isinf(self.units)
-        record["status"] = self.status
-        return record
+        return jsonable({**asdict(self), "units_infinite": math.isinf(self.units),
+                         "status": self.status})
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> Row:

@@ -58,7 +58,7 @@ import numpy as np
 
 from condconv_ref._cases import Supports
 from condconv_ref._validate import check_positive_int
-from condconv_ref.accuracy import DTYPES, Comparison
+from condconv_ref.accuracy import DTYPES, Comparison, jsonable
 from condconv_ref.backends import Backend, get_backend
 from condconv_ref.engine import expected_forward, expected_vjp, judge, round_to
 from condconv_ref.memory import MemoryBudgetError
@@ -148,6 +148,19 @@ class Report:
     seed: int = 0
     seconds: float = 0.0
     note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as strict JSON values: the verdict, the figure, and the minimal
+        failing case (its shapes, options and one-line description) with every mismatch."""
+        record = jsonable({name: getattr(self, name) for name in (
+            "variant", "dtype", "passed", "examples", "units", "where", "checked_vjp", "seed",
+            "seconds", "note")})
+        record["mismatches"] = [mismatch.to_json() for mismatch in self.mismatches]
+        record["case"] = None if self.case is None else {
+            "description": self.case.describe(),
+            "shapes": {name: list(shape) for name, shape in self.case.shapes.items()},
+            "options": jsonable(self.case.options)}
+        return record
 
     def __str__(self) -> str:
         what = "forward and VJP" if self.checked_vjp else "forward"
