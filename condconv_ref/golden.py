@@ -75,7 +75,7 @@ from condconv_ref import __version__
 from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.memory import MemoryBudgetError
-from condconv_ref import _scales
+from condconv_ref import _scales, accuracy
 from condconv_ref.accuracy import Comparison, precision
 from condconv_ref.engine import Expected, judge, worst
 from condconv_ref.testing import Supports
@@ -111,8 +111,9 @@ __all__ = [
 FORMAT = "condconv-ref golden vectors"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-DTYPES = ("float64", "float32")
-"""The dtypes a golden set is written in: those ``.npy`` files hold in every language."""
+DTYPES = tuple(dtype for dtype in accuracy.DTYPES if dtype in ("float64", "float32"))
+"""The dtypes a golden set is written in: those of the model that ``.npy`` readers in every
+language hold."""
 DEFAULT_VARIANTS = LAYER_VARIANTS
 """The variants :func:`write` writes when none are named: those users check."""
 
