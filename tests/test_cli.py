@@ -69,6 +69,22 @@ def test_verify_command_prints_every_row_and_exits_0(capsys):
     assert f"all {len(verify.CHECKS)} checks passed" in out
 
 
+def test_verify_at_its_defaults_passes(capsys):
+    """What a new user runs first: the README's ``condconv-ref verify``, no options (it
+    reported a false FAIL on a cancelling sum before the derived bound)."""
+    assert main(["verify"]) == 0
+    assert f"all {len(verify.CHECKS)} checks passed" in _text(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_verify_passes_200_cases_where_flat_tolerances_failed(seed):
+    """Seed 1 failed cond_linear's MoE equivalence on a cancelling sum, seed 2 the softmax
+    routing's finite differences on a saturated softmax; both are correct."""
+    rows = verify.run(cases=200, seed=seed)
+    assert [row.status for row in rows] == ["PASS"] * len(rows), [
+        f"{row.op} / {row.kind}: {row.detail}" for row in rows if row.status != "PASS"]
+
+
 def test_same_seed_reruns_the_same_cases_and_another_seed_does_not():
     def errors(seed):
         return [(row.units, row.where) for row in verify.run(cases=1, seed=seed)]
