@@ -17,8 +17,14 @@ errors it inherits to first order plus its own rounding (:math:`|\phi|(|u|)`,
 the step on absolute values).  Inputs are exact (they are given in the
 precision under test), so their scale is 0.  Sigmoid:
 :math:`s_\alpha = \sigma'(z)\,s_z + \alpha`; softmax of
-:math:`d = (l - \max l)/T`: :math:`s_q = q\,s_d + q` for :math:`q = e^d`, then
-the quotient rule; ReLU is 1-Lipschitz, :math:`s_h = s_a`.  A layer feeds
+:math:`d = (l - \max l)/T`, whose first-order error
+:math:`\delta\alpha_e = \alpha_e(\delta d_e - \sum_j \alpha_j \delta d_j)` cancels what
+every logit shares: :math:`s_{\alpha_e} = \alpha_e\bigl((1 - \alpha_e)s_{d_e}
++ \sum_{j \ne e}\alpha_j s_{d_j}\bigr) + 2\alpha_e(1 - \alpha_e) + \alpha_e`; its VJP
+shifts the cotangent by its value at the largest weight first, as the reference does;
+ReLU is 1-Lipschitz, :math:`s_h = s_a`.  Every routing weight's scale also gets a floor
+of twice the smallest normal number of the precision under test, so a weight that
+underflowed into the subnormals carries its absolute error through all it multiplies.  A layer feeds
 :math:`|\alpha| + s_\alpha` to its multilinear op on absolute values, as the op
 is linear in the routing.
 

@@ -148,7 +148,7 @@ int main(int argc, char** argv) {
         const Array& expected = arrays.at("output");
         const Result actual = cond_linear_layer(arrays);
         // The golden bound (condconv_ref.accuracy), for float64 vectors and a float64 layer:
-        // |a - r| <= beta = 2 gamma_n(u) s + 2 n lambda u (1 + s), u = 2^-53, lambda = 2^-1022,
+        // |a - r| <= beta = 2 gamma_n(u) s + 2 n (2 lambda u) (1 + s), u = 2^-53, lambda = 2^-1022,
         // n = L + 4 with L the longest sum of the forward pass (E * F_in here; the
         // manifest's "lengths"[0]) and 4 roundings for exp and the division of the sigmoid.
         const double n = double(arrays.at("experts").shape[0] * arrays.at("x").shape[1]) + 4.0;
@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
         double worst = 0.0;  // the largest |a - r| / beta: at most 1 passes
         for (std::size_t j = 0; ok && j < expected.data.size(); ++j) {
             const double s = actual.scale.data[j];
-            const double beta = 2.0 * gamma(n, u) * s + 2.0 * n * lambda * u * (1.0 + s);
+            const double beta = 2.0 * gamma(n, u) * s + 2.0 * n * ((2.0 * lambda) * u) * (1.0 + s);
             worst = std::fmax(worst, std::fabs(actual.y.data[j] - expected.data[j]) / beta);
         }
         ok = ok && worst <= 1.0;
