@@ -29,10 +29,11 @@ differ by at most the sum of
   :math:`x + st`, so the five-point stencil
   :math:`(8D_h - 8D_{-h} - D_{2h} + D_{-2h})/12h`, exact up to degree 4, has no
   truncation error at all (:data:`FIVE_POINT`).  For the others (sigmoid,
-  softmax, the layers routed by them) the central difference's truncation is
-  its leading term :math:`a h^2`, estimated by Richardson from a second
-  difference at :math:`h/2`: :math:`|D(h) - D(h/2)|/3`, against which
-  :math:`D(h/2)` is compared.
+  softmax, the layers routed by them) the central difference errs by
+  :math:`a h^2 + O(h^4)`: Richardson's :math:`(4D(h/2) - D(h))/3` removes the
+  :math:`a h^2` term, and the correction it applied,
+  :math:`|D(h/2) - D(h)|/3`, a term of order :math:`h^2`, bounds the
+  :math:`O(h^4)` that remains (with the two differences' rounding).
 
 A ReLU (the DynamicConv routing MLP) is not differentiable at 0.  Before
 differencing, the check finds the ReLU inputs along the line
@@ -458,10 +459,12 @@ class _Identity:
         if at.variant in _MULTILINEAR:  # a polynomial of degree <= 3 along the line: exact
             numeric, rounding = difference(step, FIVE_POINT)
             allowed = vjp_error + rounding
-        else:  # the truncation's leading term, a h^2, by Richardson from h and h/2
+        else:  # Richardson: (4 D(h/2) - D(h)) / 3 removes the truncation's a h^2 term
             coarse, coarse_rounding = difference(step, CENTRAL)
-            numeric, rounding = difference(step / 2, CENTRAL)
-            estimate = (abs(coarse - numeric) + coarse_rounding + rounding) / 3
-            allowed = vjp_error + rounding + estimate
+            fine, fine_rounding = difference(step / 2, CENTRAL)
+            numeric = (4 * fine - coarse) / 3
+            rounding = (4 * fine_rounding + coarse_rounding) / 3
+            correction = abs(fine - coarse) / 3  # what it removed: bounds what remains
+            allowed = vjp_error + rounding + correction
         error = abs(analytic - numeric)
         return (0.0 if error == 0 else error / allowed), error, allowed, note
