@@ -54,7 +54,10 @@ def mix(routing: Any, experts: Any, *, xp: ModuleType) -> Any:
 
 
 def mix_vjp(cotangent: Any, routing: Any, experts: Any, *, xp: ModuleType) -> dict[str, Any]:
-    """``{"routing": ᾱ, "experts": W̄}`` of :func:`mix` (derivation in :func:`condconv_ref.mix_experts`)."""
+    """``{"routing": ᾱ, "experts": W̄}``, the VJP of :func:`mix`.
+
+    Derived in :func:`condconv_ref.mix_experts`.
+    """
     flat_experts = xp.reshape(experts, (experts.shape[0], -1))
     flat_cotangent = xp.reshape(cotangent, (routing.shape[0], -1))
     return {

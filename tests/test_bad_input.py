@@ -219,7 +219,8 @@ LAYER_CASES = [
          {"stride": 0}),
 ]
 
-# depthwise_condconv: x (2, 3, 6), experts (E=2, C·m=6, 1, 3) for m = 2, routing (2, 2), bias (2, 6)
+# depthwise_condconv: x (2, 3, 6), experts (E=2, C·m=6, 1, 3) for m = 2, routing (2, 2),
+# bias (2, 6)
 def _depthwise(x=(2, 3, 6), experts=(2, 6, 1, 3), routing=(2, 2), bias=(2, 6)):
     return _condconv(x, experts, routing, bias)
 
@@ -238,7 +239,8 @@ def _depthwise_layer_case(id, message, **shapes):
 
 
 DEPTHWISE_CASES = [
-    _depthwise_case("multiplier-0", ValueError, "depth_multiplier must be >= 1", depth_multiplier=0),
+    _depthwise_case("multiplier-0", ValueError, "depth_multiplier must be >= 1",
+                    depth_multiplier=0),
     _depthwise_case("multiplier--1", ValueError, "depth_multiplier must be >= 1",
                     depth_multiplier=-1),
     _depthwise_case("multiplier-float", TypeError, "depth_multiplier must be an int",
@@ -339,7 +341,7 @@ def _softmax(**shapes):
 
 
 def _dynamic(x=(2, 3, 4), dtypes=None, **shapes):
-    """x and the params of dynamic_conv_layer: experts (E=4, 2, 3, 3), bias (4, 2), the fc layers."""
+    """x and the params of dynamic_conv_layer: experts (E=4, 2, 3, 3), bias (4, 2), fc layers."""
     shapes = {"experts": (4, 2, 3, 3), "bias": (4, 2)} | {
         k: v for k, v in _SOFTMAX.items() if k != "x"} | shapes
     dtypes = dtypes or {}
@@ -391,7 +393,8 @@ DYNAMIC_CASES = [
          r"params is missing the required keys \['fc2_weight'\]"),
     ]),
     _dynamic_case("x-rank", _dynamic(x=(2, 3)), ValueError, r"x has 2 dims, expected 3 or 4 or 5"),
-    _dynamic_case("params-not-mapping", lambda b: (ones(b, 2, 3, 4), list(_dynamic()(b)[1].values())),
+    _dynamic_case("params-not-mapping",
+                  lambda b: (ones(b, 2, 3, 4), list(_dynamic()(b)[1].values())),
                   TypeError, r"params must be a mapping"),
     _dynamic_case("fc1-bias-dtype", _dynamic(dtypes={"fc1_bias": "float32"}), TypeError,
                   r"fc1_bias has dtype"),
