@@ -4,6 +4,21 @@ Every op is written once against the Python array API standard and runs on
 any compliant namespace (NumPy, CuPy, torch, array-api-strict).  Each op
 ``f`` has a hand-derived ``f_vjp(cotangent, *args)`` that returns a dict of
 gradients keyed by argument name.
+
+Which module is which (data flows down only: layers, engines, validation):
+
+* ops, one public module each: ``conv``, ``routing``, ``condconv``,
+  ``depthwise``, ``linear``, ``dynamic``.  Each op resolves the namespace and
+  validates its arguments once, then calls the layers below.
+* plumbing shared by the ops: ``_layer`` (routing computed from ``x`` → op,
+  and the VJP through both paths) and ``_mixing`` (expert mixing → conv, and
+  its VJP; CondConv's validation).
+* engines on validated arrays: ``_im2col`` (any grouped convolution),
+  ``_flat`` (the flat-axis depthwise convolution), ``_routing`` (pooling,
+  stable sigmoid and softmax, the routings), and ``_conv_parts`` (padding,
+  kernel offsets) under both convolution engines.
+* at the bottom: ``_validate`` (the checks, the one namespace resolution,
+  :class:`~condconv_ref._validate.ConvOptions`) and ``memory`` (the budget).
 """
 
 from condconv_ref.condconv import (

@@ -42,9 +42,9 @@ import numpy as np
 from condconv_ref.accuracy import ELEMENTARY_ROUNDINGS, precision
 from condconv_ref.backends import to_numpy
 
-__all__ = ["depth", "forward_scale", "vjp_scale"]
+__all__ = ["MULTILINEAR", "depth", "forward_scale", "vjp_scale"]
 
-_MULTILINEAR = ("conv", "mix_experts", "condconv", "moe_condconv", "depthwise_condconv",
+MULTILINEAR = ("conv", "mix_experts", "condconv", "moe_condconv", "depthwise_condconv",
                 "cond_linear", "moe_cond_linear")
 _ROUTING_VARIANTS = ("route_sigmoid", "route_softmax")
 _LAYERS = {  # layer: (its multilinear op, its routing, routing parameter names)
@@ -299,7 +299,7 @@ def forward_scale(case: Any, dtype: Any = "float64") -> np.ndarray:
     array([[0.485]])
     """
     arrays = _host(case.arrays)
-    if case.variant in _MULTILINEAR:
+    if case.variant in MULTILINEAR:
         return np.asarray(_call(case.variant, _absolute(arrays), case.options))
     if case.variant not in _LAYERS and case.variant not in _ROUTING_VARIANTS:
         raise ValueError(f"forward_scale: no scale for variant {case.variant!r}")
@@ -327,7 +327,7 @@ def vjp_scale(case: Any, cotangent: Any, dtype: Any = "float64") -> dict[str, np
     arrays = _host(case.arrays)
     c = np.asarray(to_numpy(cotangent), dtype=np.float64)
     exact = np.zeros_like(c)
-    if case.variant in _MULTILINEAR:
+    if case.variant in MULTILINEAR:
         return {name: np.asarray(g) for name, g in
                 _call_vjp(case.variant, np.abs(c), _absolute(arrays), case.options).items()}
     if case.variant in _ROUTING_VARIANTS:

@@ -1,8 +1,12 @@
-"""Input validation shared by every public op.
+"""Input validation shared by every public op: the bottom layer of the package.
 
-Every public function validates its arguments here, once, before any work
-starts.  Messages name the public function and the argument, and say what was
-expected and what was received, e.g.::
+Every public function validates its arguments with these checks, once, at the
+public boundary, before any work starts.  :func:`namespace` is the one place
+in the package that resolves an array namespace (each public call resolves it
+exactly once); :class:`ConvOptions` is the one type that carries a
+convolution's options, and :func:`conv_geometry` resolves it per spatial axis.
+Messages name the public function and the argument, and say what was expected
+and what was received, e.g.::
 
     condconv: experts has 4 dims, expected 5 for 2-D input (E, O, I/groups, kh, kw)
 
@@ -24,6 +28,7 @@ import array_api_compat
 
 __all__ = [
     "ConvGeometry",
+    "ConvOptions",
     "PADDING_MODES",
     "check_finite_positive",
     "check_groups",
@@ -32,6 +37,7 @@ __all__ = [
     "check_positive_int",
     "check_shape",
     "conv_geometry",
+    "itemsize",
     "namespace",
     "public_op",
     "spatial_tuple",
@@ -78,6 +84,11 @@ def namespace(fn: str, **arrays: Any) -> ModuleType:
                 f"{first_device}; all arrays must be on one device"
             )
     return xp
+
+
+def itemsize(a: Any, *, xp: ModuleType) -> int:
+    """Bytes per element of the floating array ``a``."""
+    return xp.finfo(a.dtype).bits // 8
 
 
 def check_nonempty(fn: str, **arrays: Any) -> None:
@@ -163,6 +174,26 @@ def spatial_tuple(fn: str, name: str, value: Any, nd: int, minimum: int) -> tupl
     if any(v < minimum for v in items):
         raise ValueError(f"{fn}: {name} must be >= {minimum} in every spatial dim, got {value!r}")
     return tuple(int(v) for v in items)
+
+
+@dataclass(frozen=True)
+class ConvOptions:
+    """A convolution's options as the caller gave them (:func:`condconv_ref.conv` documents them).
+
+    :meth:`geometry` validates them against the shapes of one call.
+    """
+
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: Any = 1
+    padding_mode: Any = "zeros"
+
+    def geometry(self, fn: str, spatial: Sequence[int], kernel: Sequence[int]) -> ConvGeometry:
+        """The options validated and resolved per spatial axis (:func:`conv_geometry`)."""
+        return conv_geometry(fn, spatial, kernel, stride=self.stride, padding=self.padding,
+                             dilation=self.dilation, groups=self.groups,
+                             padding_mode=self.padding_mode)
 
 
 @dataclass(frozen=True)
@@ -272,16 +303,11 @@ def _is_array(a: Any) -> bool:
 
 
 def _is_float16(a: Any) -> bool:
-    try:
-        xp = array_api_compat.array_namespace(a)
-    except TypeError:
-        return False
-    return hasattr(xp, "float16") and a.dtype == xp.float16
+    """Whether ``a`` is float16, read from its dtype's name (``float16``, ``torch.float16``).
 
-
-def _astype(a: Any, name: str) -> Any:
-    xp = array_api_compat.array_namespace(a)
-    return xp.astype(a, getattr(xp, name))
+    No namespace is resolved here: :func:`namespace` does that once per call.
+    """
+    return str(a.dtype).rpartition(".")[2] == "float16"
 
 
 def _map_arrays(value: Any, convert: Callable[[Any], Any]) -> Any:
@@ -329,10 +355,16 @@ def public_op(function: F) -> F:
                   if _is_array(a)]
         if not arrays or not all(_is_float16(a) for a in arrays):
             return function(*args, **kwargs)
+        # float16 only: one more resolution, to convert (the op resolves its own once).
+        try:
+            xp = array_api_compat.array_namespace(*arrays)
+        except TypeError:  # several namespaces: the op's call to namespace() says so
+            return function(*args, **kwargs)
+
         def widen(a: Any) -> Any:
-            return _map_arrays(a, lambda a: _astype(a, "float32"))
+            return _map_arrays(a, lambda a: xp.astype(a, xp.float32))
 
         result = function(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
-        return _map_arrays(result, lambda a: _astype(a, "float16"))
+        return _map_arrays(result, lambda a: xp.astype(a, xp.float16))
 
     return boundary  # type: ignore[return-value]

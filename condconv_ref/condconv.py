@@ -1,33 +1,42 @@
 r"""CondConv (Yang et al., 2019): expert mixing, the conditional convolution, the layer.
 
 Shapes: ``x`` (B, C, \*spatial), ``experts`` (E, O, C/groups, \*k),
-``bias`` (E, O), ``routing`` (B, E).  Every op sits beside its VJP.
+``bias`` (E, O), ``routing`` (B, E).  Every op sits beside its VJP.  Each
+resolves the namespace and validates its arguments once, then runs the shared
+plumbing on them: the mixing of :mod:`condconv_ref._mixing`, the im2col
+engine of :mod:`condconv_ref._im2col` and, for the layer, the routing of
+:mod:`condconv_ref._layer`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
-
+from condconv_ref._im2col import im2col_conv, im2col_conv_vjp
+from condconv_ref._layer import SIGMOID, check_sigmoid_router, layer, layer_params, layer_vjp
+from condconv_ref._mixing import (
+    check_condconv,
+    mix,
+    mix_vjp,
+    mixed_conv,
+    mixed_conv_vjp,
+    moe_memory,
+)
 from condconv_ref._validate import (
     ConvGeometry,
-    check_groups,
+    ConvOptions,
     check_ndim,
     check_nonempty,
     check_shape,
-    conv_geometry,
-    kernel_layout,
+    itemsize,
     namespace,
     public_op,
 )
-from condconv_ref.conv import _conv, _conv_vjp, _itemsize, _working_memory
 from condconv_ref.memory import check_memory
-from condconv_ref.routing import _route_sigmoid, _route_sigmoid_vjp
 
 __all__ = [
     "condconv",
@@ -44,8 +53,9 @@ __all__ = [
 # ---------------------------------------------------------------- mix_experts
 
 
-def _mix_prepare(fn: str, routing: Any, experts: Any, cotangent: Any = None) -> ModuleType:
-    xp = namespace(fn, routing=routing, experts=experts, cotangent=cotangent)
+def _check_mix(fn: str, routing: Any, experts: Any, cotangent: Any = None, *,
+               xp: ModuleType) -> None:
+    """Validate a :func:`mix_experts` (``cotangent``: :func:`mix_experts_vjp`) call."""
     check_ndim(fn, "routing", routing, 2, "(B, E)")
     if experts.ndim < 1 or experts.shape[0] < 1:
         raise ValueError(f"{fn}: experts has shape {tuple(experts.shape)}, expected (E, *s) with E >= 1")
@@ -59,22 +69,7 @@ def _mix_prepare(fn: str, routing: Any, experts: Any, cotangent: Any = None) -> 
     parts = {"mixed experts (B, *s)": mixed}
     if cotangent is not None:
         parts["experts gradient"] = math.prod(experts.shape)
-    check_memory(fn, experts, parts)
-    return xp
-
-
-def _mix(routing: Any, experts: Any, *, xp: ModuleType) -> Any:
-    flat = xp.reshape(experts, (experts.shape[0], -1))
-    return xp.reshape(routing @ flat, (routing.shape[0],) + tuple(experts.shape[1:]))
-
-
-def _mix_vjp(cotangent: Any, routing: Any, experts: Any, *, xp: ModuleType) -> dict[str, Any]:
-    flat_experts = xp.reshape(experts, (experts.shape[0], -1))
-    flat_cotangent = xp.reshape(cotangent, (routing.shape[0], -1))
-    return {
-        "routing": flat_cotangent @ xp.matrix_transpose(flat_experts),
-        "experts": xp.reshape(xp.matrix_transpose(routing) @ flat_cotangent, experts.shape),
-    }
+    check_memory(fn, itemsize(experts, xp=xp), parts)
 
 
 @public_op
@@ -102,8 +97,9 @@ def mix_experts(routing: Any, experts: Any) -> Any:
     >>> mix_experts(np.array([[1.0, 0.5]]), np.array([[2.0, 4.0], [10.0, 20.0]]))
     array([[ 7., 14.]])
     """
-    xp = _mix_prepare("mix_experts", routing, experts)
-    return _mix(routing, experts, xp=xp)
+    xp = namespace("mix_experts", routing=routing, experts=experts)
+    _check_mix("mix_experts", routing, experts, xp=xp)
+    return mix(routing, experts, xp=xp)
 
 
 @public_op
@@ -122,76 +118,12 @@ def mix_experts_vjp(cotangent: Any, routing: Any, experts: Any) -> dict[str, Any
     (array([[1., 1.]]), array([[1. , 1. ],
            [0.5, 0.5]]))
     """
-    xp = _mix_prepare("mix_experts_vjp", routing, experts, cotangent)
-    return _mix_vjp(cotangent, routing, experts, xp=xp)
+    xp = namespace("mix_experts_vjp", routing=routing, experts=experts, cotangent=cotangent)
+    _check_mix("mix_experts_vjp", routing, experts, cotangent, xp=xp)
+    return mix_vjp(cotangent, routing, experts, xp=xp)
 
 
 # ---------------------------------------------------------------- condconv
-
-
-def _condconv_prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
-                      options: dict[str, Any], cotangent: Any = None, *,
-                      memory: Callable[..., dict[str, int]] | None = None,
-                      ) -> tuple[ModuleType, ConvGeometry]:
-    """Validate a CondConv call.
-
-    ``memory(x, experts, geometry, itemsize, vjp=...)`` estimates the working
-    memory; the default is :func:`_condconv_memory` of the mixed form (the
-    E-conv form and variants with their own kernel pass theirs).
-    """
-    xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
-    check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
-    nd = x.ndim - 2
-    batch, channels = x.shape[:2]
-    check_ndim(fn, "experts", experts, nd + 3, kernel_layout(nd, "E, O, I/groups"))
-    n_experts, out_channels, in_per_group = experts.shape[:3]
-    if n_experts < 1:
-        raise ValueError(f"{fn}: experts has E={n_experts}, expected E >= 1")
-    check_ndim(fn, "routing", routing, 2, "(B, E)")
-    check_shape(fn, "routing", routing, (batch, n_experts),
-                f"(B, E) with B={batch} from x and E={n_experts} from experts")
-    if bias is not None:
-        check_shape(fn, "bias", bias, (n_experts, out_channels), "(E, O)")
-    geometry = conv_geometry(fn, x.shape[2:], experts.shape[3:], **options)
-    check_groups(fn, "experts", channels, out_channels, in_per_group, geometry.groups)
-    if cotangent is not None:
-        check_shape(fn, "cotangent", cotangent, (batch, out_channels) + geometry.out,
-                    "(B, O, *out), the output shape")
-    check_nonempty(fn, x=x, experts=experts, routing=routing, bias=bias)
-    estimate = partial(_condconv_memory, moe=False) if memory is None else memory
-    check_memory(fn, x, estimate(x, experts, geometry, _itemsize(x, xp=xp),
-                                 vjp=cotangent is not None))
-    return xp, geometry
-
-
-def _condconv_memory(x: Any, experts: Any, geometry: ConvGeometry, itemsize: int, *, vjp: bool,
-                     moe: bool) -> dict[str, int]:
-    """Elements of the largest arrays a CondConv call allocates (see :mod:`condconv_ref.memory`).
-
-    The mixed form adds the per-example kernels to one convolution's needs; the
-    mixture-of-experts form keeps the E expert outputs instead.
-    """
-    batch, n_experts = x.shape[0], experts.shape[0]
-    if moe:
-        parts = _working_memory(tuple(x.shape), tuple(experts.shape[1:]), geometry, itemsize,
-                                vjp=vjp)
-        parts["expert outputs"] = (n_experts * batch * experts.shape[1]
-                                   * math.prod(geometry.out))
-    else:
-        kernels = (batch,) + tuple(experts.shape[1:])
-        parts = _working_memory(tuple(x.shape), kernels, geometry, itemsize, vjp=vjp)
-        parts["mixed kernels (B, O, C/groups, *k)"] = math.prod(kernels)
-    if vjp:
-        parts["experts gradient"] = math.prod(experts.shape)
-    return parts
-
-
-_moe_memory = partial(_condconv_memory, moe=True)
-
-
-def _mixed(experts: Any, routing: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any]:
-    kernel = _mix(routing, experts, xp=xp)
-    return kernel, (None if bias is None else _mix(routing, bias, xp=xp))
 
 
 @public_op
@@ -252,12 +184,11 @@ def condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride: An
     <BLANKLINE>
            [[3., 3., 3.]]])
     """
-    xp, geometry = _condconv_prepare(
-        "condconv", x, experts, routing, bias,
-        dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-             padding_mode=padding_mode))
-    kernel, mixed_bias = _mixed(experts, routing, bias, xp=xp)
-    return _conv(x, kernel, mixed_bias, geometry, xp=xp)
+    fn = "condconv"
+    xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias)
+    geometry = check_condconv(fn, x, experts, routing, bias,
+                              ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
+    return mixed_conv(x, experts, routing, bias, geometry, im2col_conv, xp=xp)
 
 
 @public_op
@@ -282,32 +213,12 @@ def condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any =
     (array([[6., 6.]]), array([[3., 3.],
            [0., 0.]]))
     """
-    xp, geometry = _condconv_prepare(
-        "condconv_vjp", x, experts, routing, bias,
-        dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-             padding_mode=padding_mode),
-        cotangent=cotangent)
-    return _condconv_vjp(cotangent, x, experts, routing, bias, geometry, xp=xp)
-
-
-def _condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any,
-                  geometry: ConvGeometry, *, xp: ModuleType) -> dict[str, Any]:
-    kernel, mixed_bias = _mixed(experts, routing, bias, xp=xp)
-    conv_grads = _conv_vjp(cotangent, x, kernel, mixed_bias, geometry, xp=xp)
-    return _mixed_vjp(conv_grads, experts, routing, bias, xp=xp)
-
-
-def _mixed_vjp(conv_grads: dict[str, Any], experts: Any, routing: Any, bias: Any, *,
-               xp: ModuleType) -> dict[str, Any]:
-    """Chain a per-example conv's ``kernel``/``bias`` gradients back through :func:`_mixed`."""
-    kernel_grads = _mix_vjp(conv_grads["kernel"], routing, experts, xp=xp)
-    grads = {"x": conv_grads["x"], "experts": kernel_grads["experts"],
-             "routing": kernel_grads["routing"]}
-    if bias is not None:
-        bias_grads = _mix_vjp(conv_grads["bias"], routing, bias, xp=xp)
-        grads["routing"] = grads["routing"] + bias_grads["routing"]
-        grads["bias"] = bias_grads["experts"]
-    return grads
+    fn = "condconv_vjp"
+    xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
+    geometry = check_condconv(fn, x, experts, routing, bias,
+                              ConvOptions(stride, padding, dilation, groups, padding_mode),
+                              cotangent, xp=xp)
+    return mixed_conv_vjp(cotangent, x, experts, routing, bias, geometry, im2col_conv_vjp, xp=xp)
 
 
 # ---------------------------------------------------------------- mixture of experts
@@ -317,7 +228,8 @@ def _expert_outputs(x: Any, experts: Any, bias: Any, geometry: ConvGeometry, *,
                     xp: ModuleType) -> list[Any]:
     """conv(x, W_e) + β_e for every expert e, each (B, O, *out)."""
     return [
-        _conv(x, experts[e, ...], None if bias is None else bias[e, ...], geometry, xp=xp)
+        im2col_conv(x, experts[e, ...], None if bias is None else bias[e, ...], geometry,
+                    xp=xp)
         for e in range(experts.shape[0])
     ]
 
@@ -358,10 +270,11 @@ def moe_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride
     >>> bool(np.allclose(moe_condconv(x, experts, routing), condconv(x, experts, routing)))
     True
     """
-    xp, geometry = _condconv_prepare(
-        "moe_condconv", x, experts, routing, bias,
-        dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-             padding_mode=padding_mode), memory=_moe_memory)
+    fn = "moe_condconv"
+    xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias)
+    geometry = check_condconv(fn, x, experts, routing, bias,
+                              ConvOptions(stride, padding, dilation, groups, padding_mode),
+                              xp=xp, memory=moe_memory)
     nd = x.ndim - 2
     outputs = _expert_outputs(x, experts, bias, geometry, xp=xp)
     y = _per_example(routing, 0, nd, xp=xp) * outputs[0]
@@ -385,11 +298,11 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
     >>> grads["routing"]
     array([[6., 6.]])
     """
-    xp, geometry = _condconv_prepare(
-        "moe_condconv_vjp", x, experts, routing, bias,
-        dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-             padding_mode=padding_mode),
-        cotangent=cotangent, memory=_moe_memory)
+    fn = "moe_condconv_vjp"
+    xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
+    geometry = check_condconv(fn, x, experts, routing, bias,
+                              ConvOptions(stride, padding, dilation, groups, padding_mode),
+                              cotangent, xp=xp, memory=moe_memory)
     nd = x.ndim - 2
     non_batch = tuple(range(1, nd + 2))
     outputs = _expert_outputs(x, experts, bias, geometry, xp=xp)
@@ -397,8 +310,9 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
     expert_grads, bias_grads, routing_grads = [], [], []
     for e, output in enumerate(outputs):
         routing_grads.append(xp.sum(cotangent * output, axis=non_batch))
-        grads = _conv_vjp(_per_example(routing, e, nd, xp=xp) * cotangent, x, experts[e, ...],
-                          None if bias is None else bias[e, ...], geometry, xp=xp)
+        grads = im2col_conv_vjp(_per_example(routing, e, nd, xp=xp) * cotangent, x,
+                                experts[e, ...], None if bias is None else bias[e, ...],
+                                geometry, xp=xp)
         grad_x = grad_x + grads["x"]
         expert_grads.append(grads["kernel"])
         if bias is not None:
@@ -412,22 +326,12 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
 
 # ---------------------------------------------------------------- the layer
 
-_LAYER_KEYS = {"experts": True, "bias": False, "route_weight": True, "route_bias": False}
 
-
-def _layer_params(fn: str, params: Any,
-                  keys: Mapping[str, bool] = _LAYER_KEYS) -> dict[str, Any]:
-    """Check ``params`` against ``keys`` (name -> required); absent optional keys map to None."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{fn}: params must be a mapping of arrays, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(keys))
-    if unknown:
-        raise ValueError(f"{fn}: params has unknown keys {unknown}, expected keys from "
-                         f"{sorted(keys)}")
-    missing = sorted(k for k, required in keys.items() if required and params.get(k) is None)
-    if missing:
-        raise ValueError(f"{fn}: params is missing the required keys {missing}")
-    return {k: params.get(k) for k in keys}
+def _check_layer(fn: str, x: Any, p: dict[str, Any], options: ConvOptions,
+                 cotangent: Any = None, *, xp: ModuleType) -> ConvGeometry:
+    """Validate a :func:`condconv_layer` (``cotangent``: its VJP) call; return its geometry."""
+    check_sigmoid_router(fn, x, p)
+    return check_condconv(fn, x, p["experts"], None, p["bias"], options, cotangent, xp=xp)
 
 
 @public_op
@@ -470,26 +374,11 @@ def condconv_layer(x: Any, params: Mapping[str, Any], *, stride: Any = 1, paddin
     (5, 4, 8, 8)
     """
     fn = "condconv_layer"
-    p = _layer_params(fn, params)
-    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                   padding_mode=padding_mode)
-    routing = _layer_routing(fn, x, p)
-    xp, geometry = _condconv_prepare(fn, x, p["experts"], routing, p["bias"], options)
-    kernel, mixed_bias = _mixed(p["experts"], routing, p["bias"], xp=xp)
-    return _conv(x, kernel, mixed_bias, geometry, xp=xp)
-
-
-def _layer_routing(fn: str, x: Any, p: dict[str, Any]) -> Any:
-    xp = namespace(fn, x=x, **{k: v for k, v in p.items()})
-    check_nonempty(fn, x=x, **p)
-    check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
-    check_ndim(fn, "route_weight", p["route_weight"], 2, "(E, C)")
-    n_experts = p["experts"].shape[0] if p["experts"].ndim else 0
-    check_shape(fn, "route_weight", p["route_weight"], (n_experts, x.shape[1]),
-                f"(E, C) with E={n_experts} from experts and C={x.shape[1]} from x")
-    if p["route_bias"] is not None:
-        check_shape(fn, "route_bias", p["route_bias"], (n_experts,), "(E,)")
-    return _route_sigmoid(x, p["route_weight"], p["route_bias"], xp=xp)
+    p = layer_params(fn, params)
+    xp = namespace(fn, x=x, **p)
+    geometry = _check_layer(fn, x, p, ConvOptions(stride, padding, dilation, groups, padding_mode),
+                            xp=xp)
+    return layer(x, p, SIGMOID, partial(mixed_conv, geometry=geometry, conv=im2col_conv), xp=xp)
 
 
 @public_op
@@ -513,24 +402,9 @@ def condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *, str
     ['experts', 'route_weight', 'x']
     """
     fn = "condconv_layer_vjp"
-    p = _layer_params(fn, params)
-    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                   padding_mode=padding_mode)
-    routing = _layer_routing(fn, x, p)
-    xp, geometry = _condconv_prepare(fn, x, p["experts"], routing, p["bias"], options,
-                                     cotangent=cotangent)
-    grads = _condconv_vjp(cotangent, x, p["experts"], routing, p["bias"], geometry, xp=xp)
-    return _layer_vjp(grads, x, p)
-
-
-def _layer_vjp(grads: dict[str, Any], x: Any, p: dict[str, Any]) -> dict[str, Any]:
-    """Chain an op's gradients through the sigmoid routing into the layer's ``x`` and params."""
-    route_grads = _route_sigmoid_vjp(grads["routing"], x, p["route_weight"], p["route_bias"],
-                                     xp=array_api_compat.array_namespace(x))
-    result = {"x": grads["x"] + route_grads["x"], "experts": grads["experts"],
-              "route_weight": route_grads["weight"]}
-    if p["bias"] is not None:
-        result["bias"] = grads["bias"]
-    if p["route_bias"] is not None:
-        result["route_bias"] = route_grads["bias"]
-    return result
+    p = layer_params(fn, params)
+    xp = namespace(fn, x=x, **p, cotangent=cotangent)
+    geometry = _check_layer(fn, x, p, ConvOptions(stride, padding, dilation, groups, padding_mode),
+                            cotangent, xp=xp)
+    return layer_vjp(cotangent, x, p, SIGMOID,
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=im2col_conv_vjp), xp=xp)

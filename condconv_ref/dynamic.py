@@ -5,6 +5,10 @@ The layer is CondConv whose routing is an attention over the experts,
 (:func:`route_softmax`), annealed from a high temperature early in training
 (:func:`temperature_schedule`).  Shapes: ``x`` (B, C, \*spatial), ``experts``
 (E, O, C/groups, \*k), ``bias`` (E, O), ``fc1_weight`` (H, C), ``fc2_weight`` (E, H).
+
+The layer is the shared layer plumbing (:mod:`condconv_ref._layer`) with a
+softmax router, around the mixing and the im2col engine that :func:`condconv`
+runs.
 """
 
 from __future__ import annotations
@@ -12,24 +16,27 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
+from functools import partial
 from types import ModuleType
 from typing import Any
 
+from condconv_ref._im2col import im2col_conv, im2col_conv_vjp
+from condconv_ref._layer import Router, layer, layer_params, layer_vjp
+from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_vjp
+from condconv_ref._routing import (
+    SoftmaxRouting,
+    check_softmax_routing,
+    softmax_routing,
+    softmax_routing_vjp,
+)
 from condconv_ref._validate import (
     ConvGeometry,
+    ConvOptions,
     check_finite_positive,
     check_ndim,
     kernel_layout,
     namespace,
     public_op,
-)
-from condconv_ref.condconv import _condconv_prepare, _condconv_vjp, _layer_params, _mixed
-from condconv_ref.conv import _conv, _options
-from condconv_ref.routing import (
-    _route_softmax,
-    _route_softmax_vjp,
-    _softmax_prepare,
-    _SoftmaxRouting,
 )
 
 __all__ = ["dynamic_conv_layer", "dynamic_conv_layer_vjp", "temperature_schedule"]
@@ -38,25 +45,45 @@ _DYNAMIC_KEYS = {"experts": True, "bias": False, "fc1_weight": True, "fc1_bias":
                  "fc2_weight": True, "fc2_bias": False}
 
 
-def _prepare(fn: str, x: Any, params: Any, temperature: Any, options: dict[str, Any],
-             cotangent: Any = None,
-             ) -> tuple[ModuleType, ConvGeometry, dict[str, Any], float, _SoftmaxRouting]:
-    """Validate everything once; return the namespace, geometry, params, T and the routing."""
-    p = _layer_params(fn, params, _DYNAMIC_KEYS)
-    namespace(fn, x=x, **p, cotangent=cotangent)
+def _check_dynamic(fn: str, x: Any, p: dict[str, Any], temperature: Any, options: ConvOptions,
+                   cotangent: Any = None, *, xp: ModuleType) -> tuple[ConvGeometry, float]:
+    """Validate a :func:`dynamic_conv_layer` (``cotangent``: its VJP) call; return geometry, T."""
     check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
     check_ndim(fn, "experts", p["experts"], x.ndim + 1, kernel_layout(x.ndim - 2, "E, O, I/groups"))
-    xp, temperature = _softmax_prepare(fn, x, p["fc1_weight"], p["fc2_weight"], p["fc1_bias"],
-                                       p["fc2_bias"], temperature)
+    temperature = check_softmax_routing(fn, x, p["fc1_weight"], p["fc2_weight"], p["fc1_bias"],
+                                        p["fc2_bias"], temperature, xp=xp)
     n_experts = p["experts"].shape[0]
     if p["fc2_weight"].shape[0] != n_experts:
         raise ValueError(f"{fn}: fc2_weight has shape {tuple(p['fc2_weight'].shape)}, expected "
                          f"(E, H) with E={n_experts} from experts")
-    forward = _route_softmax(x, p["fc1_weight"], p["fc2_weight"], p["fc1_bias"], p["fc2_bias"],
-                             temperature, xp=xp)
-    xp, geometry = _condconv_prepare(fn, x, p["experts"], forward.routing, p["bias"], options,
-                                     cotangent=cotangent)
-    return xp, geometry, p, temperature, forward
+    geometry = check_condconv(fn, x, p["experts"], None, p["bias"], options, cotangent, xp=xp)
+    return geometry, temperature
+
+
+def _route_softmax(x: Any, p: dict[str, Any], *, temperature: float,
+                   xp: ModuleType) -> tuple[Any, SoftmaxRouting]:
+    forward = softmax_routing(x, p["fc1_weight"], p["fc2_weight"], p["fc1_bias"], p["fc2_bias"],
+                              temperature, xp=xp)
+    return forward.routing, forward
+
+
+def _route_softmax_vjp(grads: dict[str, Any], x: Any, p: dict[str, Any],
+                       forward: SoftmaxRouting, *, temperature: float,
+                       xp: ModuleType) -> dict[str, Any]:
+    """Chain the op's gradients through the softmax routing into the layer's ``x`` and params."""
+    route_grads = softmax_routing_vjp(grads["routing"], tuple(x.shape), p["fc1_weight"],
+                                      p["fc2_weight"], p["fc1_bias"], p["fc2_bias"], forward,
+                                      temperature, xp=xp)
+    result = {"x": grads["x"] + route_grads.pop("x"), "experts": grads["experts"], **route_grads}
+    if p["bias"] is not None:
+        result["bias"] = grads["bias"]
+    return result
+
+
+def _softmax_router(temperature: float) -> Router:
+    """Dynamic Convolution's router at temperature ``temperature``."""
+    return Router(partial(_route_softmax, temperature=temperature),
+                  partial(_route_softmax_vjp, temperature=temperature))
 
 
 @public_op
@@ -117,10 +144,13 @@ def dynamic_conv_layer(x: Any, params: Mapping[str, Any], *, temperature: float 
     >>> bool(np.allclose(y, condconv(x, params["experts"], routing, padding=1)))
     True
     """
-    options = _options(stride, padding, dilation, groups, padding_mode)
-    xp, geometry, p, _, forward = _prepare("dynamic_conv_layer", x, params, temperature, options)
-    kernel, mixed_bias = _mixed(p["experts"], forward.routing, p["bias"], xp=xp)
-    return _conv(x, kernel, mixed_bias, geometry, xp=xp)
+    fn = "dynamic_conv_layer"
+    p = layer_params(fn, params, _DYNAMIC_KEYS)
+    xp = namespace(fn, x=x, **p)
+    geometry, temperature = _check_dynamic(
+        fn, x, p, temperature, ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
+    return layer(x, p, _softmax_router(temperature),
+                 partial(mixed_conv, geometry=geometry, conv=im2col_conv), xp=xp)
 
 
 @public_op
@@ -150,17 +180,14 @@ def dynamic_conv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
     array([[1.5, 1.5],
            [1.5, 1.5]])
     """
-    options = _options(stride, padding, dilation, groups, padding_mode)
-    xp, geometry, p, temperature, forward = _prepare(
-        "dynamic_conv_layer_vjp", x, params, temperature, options, cotangent=cotangent)
-    grads = _condconv_vjp(cotangent, x, p["experts"], forward.routing, p["bias"], geometry, xp=xp)
-    route_grads = _route_softmax_vjp(grads["routing"], tuple(x.shape), p["fc1_weight"],
-                                     p["fc2_weight"], p["fc1_bias"], p["fc2_bias"], forward,
-                                     temperature, xp=xp)
-    result = {"x": grads["x"] + route_grads.pop("x"), "experts": grads["experts"], **route_grads}
-    if p["bias"] is not None:
-        result["bias"] = grads["bias"]
-    return result
+    fn = "dynamic_conv_layer_vjp"
+    p = layer_params(fn, params, _DYNAMIC_KEYS)
+    xp = namespace(fn, x=x, **p, cotangent=cotangent)
+    geometry, temperature = _check_dynamic(
+        fn, x, p, temperature, ConvOptions(stride, padding, dilation, groups, padding_mode),
+        cotangent, xp=xp)
+    return layer_vjp(cotangent, x, p, _softmax_router(temperature),
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=im2col_conv_vjp), xp=xp)
 
 
 def temperature_schedule(step: float, *, start: float = 30.0, end: float = 1.0,

@@ -86,7 +86,7 @@ __all__ = [
     "worst",
 ]
 
-_MULTILINEAR = _scales._MULTILINEAR
+_MULTILINEAR = _scales.MULTILINEAR
 _RELU_ROUTED = ("route_softmax", "dynamic_conv_layer")
 _KINK_FLOOR = 1e-3
 

@@ -39,10 +39,18 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._validate import check_ndim, check_nonempty, check_shape, namespace, public_op
-from condconv_ref.condconv import _layer_params, _layer_vjp, _mix, _mix_vjp
+from condconv_ref._layer import SIGMOID, layer, layer_params, layer_vjp
+from condconv_ref._mixing import mix, mix_vjp
+from condconv_ref._routing import affine, affine_vjp
+from condconv_ref._validate import (
+    check_ndim,
+    check_nonempty,
+    check_shape,
+    itemsize,
+    namespace,
+    public_op,
+)
 from condconv_ref.memory import check_memory
-from condconv_ref.routing import _affine, _affine_vjp, _route_sigmoid
 
 __all__ = [
     "cond_linear",
@@ -77,17 +85,16 @@ def _check_cotangent(fn: str, cotangent: Any, x: Any, experts: Any) -> None:
                     "(B, F_out), the output shape")
 
 
-def _prepare(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
-             cotangent: Any = None) -> ModuleType:
-    xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
+def _check_cond_linear(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
+                       cotangent: Any = None, *, xp: ModuleType) -> None:
+    """Validate a :func:`cond_linear` (``cotangent``: its VJP) call, or of its MoE form."""
     _check_operands(fn, x, experts, bias)
     check_ndim(fn, "routing", routing, 2, "(B, E)")
     check_shape(fn, "routing", routing, (x.shape[0], experts.shape[0]),
                 f"(B, E) with B={x.shape[0]} from x and E={experts.shape[0]} from experts")
     _check_cotangent(fn, cotangent, x, experts)
     check_nonempty(fn, x=x, experts=experts, routing=routing, bias=bias)
-    check_memory(fn, x, _working_memory(x, experts, vjp=cotangent is not None))
-    return xp
+    check_memory(fn, itemsize(x, xp=xp), _working_memory(x, experts, vjp=cotangent is not None))
 
 
 def _working_memory(x: Any, experts: Any, *, vjp: bool) -> dict[str, int]:
@@ -167,7 +174,7 @@ def _cond_linear_mixed(x: Any, experts: Any, routing: Any, bias: Any, *,
                        xp: ModuleType) -> Any:
     """Mixed-weight form: M_b = Σ_e α_be W_e, then y_b = M_b x_b."""
     batch, in_features = x.shape
-    weights = _mix(routing, experts, xp=xp)
+    weights = mix(routing, experts, xp=xp)
     y = xp.reshape(weights @ xp.reshape(x, (batch, in_features, 1)), (batch, experts.shape[1]))
     return _add_mixed_bias(y, routing, bias)
 
@@ -175,10 +182,10 @@ def _cond_linear_mixed(x: Any, experts: Any, routing: Any, bias: Any, *,
 def _cond_linear_mixed_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any, *,
                            xp: ModuleType) -> dict[str, Any]:
     batch, in_features = x.shape
-    weights = _mix(routing, experts, xp=xp)
+    weights = mix(routing, experts, xp=xp)
     column = xp.reshape(cotangent, (batch, experts.shape[1], 1))
     grad_weights = column * xp.reshape(x, (batch, 1, in_features))  # M̄_b = ȳ_b x_bᵀ
-    grads = _mix_vjp(grad_weights, routing, experts, xp=xp)
+    grads = mix_vjp(grad_weights, routing, experts, xp=xp)
     grads["x"] = xp.reshape(xp.matrix_transpose(weights) @ column, (batch, in_features))
     return _with_bias_grads(grads, cotangent, routing, bias, xp=xp)
 
@@ -257,7 +264,8 @@ def cond_linear(x: Any, experts: Any, routing: Any, bias: Any = None) -> Any:
     ...             bias=np.array([[0.0, 1.0], [2.0, 2.0]]))
     array([[3., 6.]])
     """
-    xp = _prepare("cond_linear", x, experts, routing, bias)
+    xp = namespace("cond_linear", x=x, experts=experts, routing=routing, bias=bias)
+    _check_cond_linear("cond_linear", x, experts, routing, bias, xp=xp)
     return _cond_linear(x, experts, routing, bias, xp=xp)
 
 
@@ -282,7 +290,8 @@ def cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
     >>> grads["x"], grads["routing"]
     (array([[2., 2.]]), array([[3., 6.]]))
     """
-    xp = _prepare("cond_linear_vjp", x, experts, routing, bias, cotangent)
+    xp = namespace("cond_linear_vjp", x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
+    _check_cond_linear("cond_linear_vjp", x, experts, routing, bias, cotangent, xp=xp)
     return _cond_linear_vjp(cotangent, x, experts, routing, bias, xp=xp)
 
 
@@ -291,7 +300,7 @@ def cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
 
 def _moe_expert_output(x: Any, experts: Any, bias: Any, e: int, *, xp: ModuleType) -> Any:
     """W_e x_b + β_e for every example, (B, F_out)."""
-    return _affine(x, experts[e, ...], None if bias is None else bias[e, ...], xp=xp)
+    return affine(x, experts[e, ...], None if bias is None else bias[e, ...], xp=xp)
 
 
 @public_op
@@ -326,7 +335,8 @@ def moe_cond_linear(x: Any, experts: Any, routing: Any, bias: Any = None) -> Any
     ...                  cond_linear(x, experts, routing, bias)))
     True
     """
-    xp = _prepare("moe_cond_linear", x, experts, routing, bias)
+    xp = namespace("moe_cond_linear", x=x, experts=experts, routing=routing, bias=bias)
+    _check_cond_linear("moe_cond_linear", x, experts, routing, bias, xp=xp)
     y = routing[:, 0:1] * _moe_expert_output(x, experts, bias, 0, xp=xp)
     for e in range(1, experts.shape[0]):
         y = y + routing[:, e:e + 1] * _moe_expert_output(x, experts, bias, e, xp=xp)
@@ -347,14 +357,15 @@ def moe_cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
     ...                     np.array([[1.0, 0.5]]))["routing"]
     array([[3., 6.]])
     """
-    xp = _prepare("moe_cond_linear_vjp", x, experts, routing, bias, cotangent)
+    xp = namespace("moe_cond_linear_vjp", x=x, experts=experts, routing=routing, bias=bias, cotangent=cotangent)
+    _check_cond_linear("moe_cond_linear_vjp", x, experts, routing, bias, cotangent, xp=xp)
     grad_x = xp.zeros_like(x)
     expert_grads, bias_grads, routing_grads = [], [], []
     for e in range(experts.shape[0]):
         output = _moe_expert_output(x, experts, bias, e, xp=xp)
         routing_grads.append(xp.sum(cotangent * output, axis=1))
         grad_output = routing[:, e:e + 1] * cotangent
-        grad_input, grad_expert = _affine_vjp(grad_output, x, experts[e, ...], xp=xp)
+        grad_input, grad_expert = affine_vjp(grad_output, x, experts[e, ...], xp=xp)
         grad_x = grad_x + grad_input
         expert_grads.append(grad_expert)
         bias_grads.append(xp.sum(grad_output, axis=0))
@@ -368,11 +379,9 @@ def moe_cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
 # ---------------------------------------------------------------- the layer
 
 
-def _layer_prepare(fn: str, x: Any, params: Any,
-                   cotangent: Any = None) -> tuple[ModuleType, dict[str, Any], Any]:
-    """Validate x and params; return the namespace, the params and the routing."""
-    p = _layer_params(fn, params)
-    xp = namespace(fn, x=x, cotangent=cotangent, **p)
+def _check_layer(fn: str, x: Any, p: dict[str, Any], cotangent: Any = None, *,
+                 xp: ModuleType) -> None:
+    """Validate a :func:`cond_linear_layer` (``cotangent``: its VJP) call."""
     _check_operands(fn, x, p["experts"], p["bias"])
     n_experts, in_features = p["experts"].shape[0], x.shape[1]
     check_ndim(fn, "route_weight", p["route_weight"], 2, "(E, F_in)")
@@ -382,8 +391,8 @@ def _layer_prepare(fn: str, x: Any, params: Any,
         check_shape(fn, "route_bias", p["route_bias"], (n_experts,), "(E,)")
     _check_cotangent(fn, cotangent, x, p["experts"])
     check_nonempty(fn, x=x, **p)
-    check_memory(fn, x, _working_memory(x, p["experts"], vjp=cotangent is not None))
-    return xp, p, _route_sigmoid(x, p["route_weight"], p["route_bias"], xp=xp)
+    check_memory(fn, itemsize(x, xp=xp),
+                 _working_memory(x, p["experts"], vjp=cotangent is not None))
 
 
 @public_op
@@ -427,8 +436,11 @@ def cond_linear_layer(x: Any, params: Mapping[str, Any]) -> Any:
     >>> cond_linear_layer(np.array([[1.0, -1.0]]), params)
     array([[ 2., -2.]])
     """
-    xp, p, routing = _layer_prepare("cond_linear_layer", x, params)
-    return _cond_linear(x, p["experts"], routing, p["bias"], xp=xp)
+    fn = "cond_linear_layer"
+    p = layer_params(fn, params)
+    xp = namespace(fn, x=x, **p)
+    _check_layer(fn, x, p, xp=xp)
+    return layer(x, p, SIGMOID, _cond_linear, xp=xp)
 
 
 @public_op
@@ -451,6 +463,8 @@ def cond_linear_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any]) -> 
     >>> sorted(grads), grads["x"]
     (['experts', 'route_weight', 'x'], array([[2., 2.]]))
     """
-    xp, p, routing = _layer_prepare("cond_linear_layer_vjp", x, params, cotangent)
-    grads = _cond_linear_vjp(cotangent, x, p["experts"], routing, p["bias"], xp=xp)
-    return _layer_vjp(grads, x, p)
+    fn = "cond_linear_layer_vjp"
+    p = layer_params(fn, params)
+    xp = namespace(fn, x=x, cotangent=cotangent, **p)
+    _check_layer(fn, x, p, cotangent, xp=xp)
+    return layer_vjp(cotangent, x, p, SIGMOID, _cond_linear_vjp, xp=xp)

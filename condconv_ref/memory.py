@@ -11,7 +11,7 @@ work that would exhaust the machine.
 Convolutions do not need the columns of the whole batch at once: they build
 them in windows (groups of examples, or output rows of one example) of at most
 a quarter of the budget (and never more than their default size,
-``condconv_ref.conv._WINDOW_BYTES``), so a small budget makes them process in more,
+``condconv_ref._im2col._WINDOW_BYTES``), so a small budget makes them process in more,
 smaller windows rather than fail; only what cannot be split (the output, the
 padded input, one output row's columns) must fit.
 
@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import Any
-
-import array_api_compat
 
 from condconv_ref._validate import check_positive_int
 
@@ -147,16 +144,14 @@ def _size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_memory(fn: str, like: Any, parts: dict[str, int]) -> None:
+def check_memory(fn: str, itemsize: int, parts: dict[str, int]) -> None:
     """Raise :class:`MemoryBudgetError` if ``parts`` exceed the budget.
 
     ``parts`` maps a description of each large array the call will allocate
-    to its number of elements, each of the size of an element of ``like``.
+    to its number of elements, each ``itemsize`` bytes.
     """
     if _budget is None:
         return
-    xp = array_api_compat.array_namespace(like)
-    itemsize = xp.finfo(like.dtype).bits // 8
     total = itemsize * sum(parts.values())
     if total <= _budget:
         return

@@ -339,7 +339,7 @@ def test_saturated_softmax_vjp_is_accurate_in_float32(seed, index, monkeypatch):
     """Shifted by the cotangent at the largest weight, the float32 VJP of a saturated softmax
     stays within the bound; the unshifted form, c_m - <c, alpha> cancelling to 1 - alpha_m
     times its size, does not (it even flipped the sign of <vjp(c), t> here)."""
-    from condconv_ref import routing
+    from condconv_ref import _routing
 
     given = rounded(verify.route_softmax_inputs(_saturated(seed, index)), "float32")
     cotangent = round_to(given.cotangent((given.x.shape[0],
@@ -349,7 +349,7 @@ def test_saturated_softmax_vjp_is_accurate_in_float32(seed, index, monkeypatch):
     arrays = given.arrays_on("numpy", "float32")
     shifted = worst(judge(run(cotangent.astype("float32"), **arrays), expected, "float32"))
     assert shifted.passed, shifted
-    monkeypatch.setattr(routing, "stable_softmax_vjp", _unshifted_softmax_vjp)
+    monkeypatch.setattr(_routing, "stable_softmax_vjp", _unshifted_softmax_vjp)
     unshifted = worst(judge(run(cotangent.astype("float32"), **arrays), expected, "float32"))
     assert not unshifted.passed, unshifted
 

@@ -1,14 +1,19 @@
 """Bad input raises ValueError or TypeError whose message names the function and the argument.
 
-Each case is run through the forward function and through its VJP.  The VJP
-gets a well-formed cotangent placeholder: validation reports the bad argument
-before it compares the cotangent with the output shape.
+One table covers every public op taking arrays.  Each case is run through the
+forward function and through its VJP.  The VJP gets a cotangent placeholder
+(of the output's shape where a case names it): validation reports the bad
+argument before it compares the cotangent with the output shape.  One more
+test checks that every VJP rejects a cotangent of the wrong shape or dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import math
+import re
 
 import numpy as np
 import pytest
@@ -29,7 +34,10 @@ def foreign(backend, *shape):
 
 @dataclass(frozen=True)
 class Case:
-    """``op(*args(backend), **options)`` must raise ``error`` matching ``'^op: ' + pattern``."""
+    """``op(*args(backend), **options)`` must raise ``error`` matching ``'^op: ' + pattern``.
+
+    The VJP gets a cotangent of shape ``cotangent`` first.
+    """
 
     op: str
     id: str
@@ -37,12 +45,13 @@ class Case:
     error: type
     pattern: str
     options: dict = None
+    cotangent: tuple = (1,)
 
     def call(self, backend, vjp: bool):
         fn = getattr(condconv_ref, self.op + ("_vjp" if vjp else ""))
         args = self.args(backend)
         if vjp:
-            args = (ones(backend, 1),) + args
+            args = (ones(backend, *self.cotangent),) + args
         return fn(*args, **(self.options or {}))
 
 
@@ -210,8 +219,192 @@ LAYER_CASES = [
          {"stride": 0}),
 ]
 
+# depthwise_condconv: x (2, 3, 6), experts (E=2, C·m=6, 1, 3) for m = 2, routing (2, 2),
+# bias (2, 6)
+def _depthwise(x=(2, 3, 6), experts=(2, 6, 1, 3), routing=(2, 2), bias=(2, 6)):
+    return _condconv(x, experts, routing, bias)
+
+
+def _depthwise_case(id, error, message, args=_depthwise(), **options):
+    """A case whose ``message`` appears anywhere in the error, after the function's name."""
+    return Case("depthwise_condconv", id, args, error, ".*" + re.escape(message),
+                {"depth_multiplier": 2} | options, cotangent=(2, 6, 4))
+
+
+def _depthwise_layer_case(id, message, **shapes):
+    shapes = {"experts": (2, 6, 1, 3), "route_weight": (2, 3), "bias": None,
+              "route_bias": None} | shapes
+    return Case("depthwise_condconv_layer", id, _layer(x=(2, 3, 6), **shapes), ValueError,
+                ".*" + re.escape(message), {"depth_multiplier": 2}, cotangent=(2, 6, 4))
+
+
+DEPTHWISE_CASES = [
+    _depthwise_case("multiplier-0", ValueError, "depth_multiplier must be >= 1",
+                    depth_multiplier=0),
+    _depthwise_case("multiplier--1", ValueError, "depth_multiplier must be >= 1",
+                    depth_multiplier=-1),
+    _depthwise_case("multiplier-float", TypeError, "depth_multiplier must be an int",
+                    depth_multiplier=2.0),
+    _depthwise_case("multiplier-bool", TypeError, "depth_multiplier must be an int",
+                    depth_multiplier=True),
+    _depthwise_case("multiplier-mismatch", ValueError,
+                    "experts has shape (2, 6, 1, 3), expected (2, 9, 1, 3)", depth_multiplier=3),
+    _depthwise_case("grouped-experts", ValueError,
+                    "experts has shape (2, 3, 2, 3), expected (2, 6, 1, 3)",
+                    _depthwise(experts=(2, 3, 2, 3))),
+    _depthwise_case("experts-ndim", ValueError, "experts has 5 dims, expected 4",
+                    _depthwise(experts=(2, 6, 1, 3, 3))),
+    _depthwise_case("x-ndim", ValueError, "x has 2 dims", _depthwise(x=(2, 3))),
+    _depthwise_case("routing-experts", ValueError, "routing has shape (2, 3)",
+                    _depthwise(routing=(2, 3))),
+    _depthwise_case("routing-batch", ValueError, "routing has shape (1, 2)",
+                    _depthwise(routing=(1, 2))),
+    _depthwise_case("bias-shape", ValueError, "bias has shape (2, 3), expected (2, 6)",
+                    _depthwise(bias=(2, 3))),
+    _depthwise_case("kernel-too-large", ValueError, "dilated kernel extent 7",
+                    _depthwise(experts=(2, 6, 1, 7))),
+    _depthwise_layer_case("route-weight", "route_weight has shape (2, 4), expected (2, 3)",
+                          route_weight=(2, 4)),
+    _depthwise_layer_case("experts", "experts has shape (2, 3, 1, 3), expected (2, 6, 1, 3)",
+                          experts=(2, 3, 1, 3)),
+    _depthwise_layer_case("route-bias", "route_bias has shape (3,)", route_bias=(3,)),
+    _depthwise_layer_case("unknown-key", "params has unknown keys ['gate']", gate=(2,)),
+    _depthwise_layer_case("missing-experts", "params is missing the required keys ['experts']",
+                          experts=None),
+]
+
+
+# cond_linear / moe_cond_linear: x (2, 4), experts (E=3, 5, 4), routing (2, 3), bias (3, 5)
+def _linear(x=(2, 4), experts=(3, 5, 4), routing=(2, 3), bias=(3, 5), routing_dtype="float64"):
+    return lambda b: (ones(b, *x), ones(b, *experts), ones(b, *routing, dtype=routing_dtype),
+                      None if bias is None else ones(b, *bias))
+
+
+def _linear_cases(op):
+    return [Case(op, id, args, error, pattern, cotangent=(2, 5)) for id, args, error, pattern in [
+        ("x-features", _linear(x=(2, 6)), ValueError,
+         r"experts has shape \(3, 5, 4\), expected \(3, 5, 6\) \(E, F_out, F_in\) "
+         r"with F_in=6 from x"),
+        ("x-rank", _linear(x=(2, 4, 1)), ValueError, r"x has 3 dims, expected 2 \(B, F_in\)"),
+        ("experts-rank", _linear(experts=(3, 20)), ValueError,
+         r"experts has 2 dims, expected 3 \(E, F_out, F_in\)"),
+        ("no-experts", _linear(experts=(0, 5, 4), routing=(2, 0), bias=None), ValueError,
+         r"experts has E=0, expected E >= 1"),
+        ("routing-experts", _linear(routing=(2, 4)), ValueError,
+         r"routing has shape \(2, 4\), expected \(2, 3\) \(B, E\) with B=2 from x and "
+         r"E=3 from experts"),
+        ("routing-batch", _linear(routing=(1, 3)), ValueError,
+         r"routing has shape \(1, 3\), expected \(2, 3\)"),
+        ("bias-shape", _linear(bias=(3, 4)), ValueError,
+         r"bias has shape \(3, 4\), expected \(3, 5\) \(E, F_out\)"),
+        ("mixed-dtype", _linear(routing_dtype="float32"), TypeError,
+         r"routing has dtype .*float32.* but x has .*float64"),
+        ("x-list", lambda b: ([[1.0] * 4] * 2,) + _linear()(b)[1:], TypeError,
+         r"x must be an array"),
+    ]]
+
+
+def _linear_layer(x=(2, 4), **shapes):
+    shapes = {"experts": (3, 5, 4), "route_weight": (3, 4), "bias": (3, 5),
+              "route_bias": (3,)} | shapes
+    return _layer(x=x, **shapes)
+
+
+LINEAR_LAYER_CASES = [Case("cond_linear_layer", id, args, error, pattern, cotangent=(2, 5))
+                      for id, args, error, pattern in [
+    ("route-weight-features", _linear_layer(route_weight=(3, 5)), ValueError,
+     r"route_weight has shape \(3, 5\), expected \(3, 4\) \(E, F_in\) with E=3 "
+     r"from experts and F_in=4 from x"),
+    ("route-weight-rank", _linear_layer(route_weight=(12,)), ValueError,
+     r"route_weight has 1 dims, expected 2 \(E, F_in\)"),
+    ("route-bias-shape", _linear_layer(route_bias=(4,)), ValueError,
+     r"route_bias has shape \(4,\), expected \(3,\) \(E,\)"),
+    ("experts-features", _linear_layer(experts=(3, 5, 6)), ValueError,
+     r"experts has shape \(3, 5, 6\), expected \(3, 5, 4\)"),
+    ("missing-experts", _linear_layer(experts=None), ValueError,
+     r"params is missing the required keys \['experts'\]"),
+    ("unknown-key", _linear_layer(fc1_weight=(2, 4)), ValueError,
+     r"params has unknown keys \['fc1_weight'\]"),
+    ("params-not-mapping", lambda b: (ones(b, 2, 4), [ones(b, 3, 5, 4)]), TypeError,
+     r"params must be a mapping"),
+]]
+
+
+# route_softmax: x (2, 3, 4), fc1_weight (H=5, 3), fc2_weight (E=4, 5), fc1_bias (5,), fc2_bias (4,)
+_SOFTMAX = {"x": (2, 3, 4), "fc1_weight": (5, 3), "fc2_weight": (4, 5), "fc1_bias": (5,),
+            "fc2_bias": (4,)}
+
+
+def _softmax(**shapes):
+    shapes = _SOFTMAX | shapes
+    return lambda b: tuple(ones(b, *shape) for shape in shapes.values())
+
+
+def _dynamic(x=(2, 3, 4), dtypes=None, **shapes):
+    """x and the params of dynamic_conv_layer: experts (E=4, 2, 3, 3), bias (4, 2), fc layers."""
+    shapes = {"experts": (4, 2, 3, 3), "bias": (4, 2)} | {
+        k: v for k, v in _SOFTMAX.items() if k != "x"} | shapes
+    dtypes = dtypes or {}
+    return lambda b: (ones(b, *x), {k: ones(b, *s, dtype=dtypes.get(k, "float64"))
+                                    for k, s in shapes.items() if s is not None})
+
+
+def _dynamic_case(id, args, error, pattern, **options):
+    return Case("dynamic_conv_layer", id, args, error, pattern, options, cotangent=(2, 2, 2))
+
+
+BAD_TEMPERATURES = [(0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
+                    (math.nan, ValueError), ("1.0", TypeError), (None, TypeError)]
+
+DYNAMIC_CASES = [
+    *(Case("route_softmax", f"temperature-{t}", lambda b: _softmax()(b)[:3], error,
+           r"temperature must be",
+           {"temperature": t}, cotangent=(2, 4)) for t, error in BAD_TEMPERATURES),
+    *(_dynamic_case(f"temperature-{t}", _dynamic(), error, r"temperature must be", temperature=t)
+      for t, error in BAD_TEMPERATURES),
+    *(Case("route_softmax", id, _softmax(**shapes), ValueError, pattern, cotangent=(2, 4))
+      for id, shapes, pattern in [
+          ("hidden-0", {"fc1_weight": (0, 3), "fc2_weight": (4, 0)},
+           r"fc1_weight has shape \(0, 3\), a hidden width of H=0; expected \(H, C\) with H >= 1"),
+          ("fc1-channels", {"fc1_weight": (5, 2)},
+           r"fc1_weight has shape \(5, 2\), expected \(5, 3\) \(H, C\) with C=3"),
+          ("fc2-hidden", {"fc2_weight": (4, 6)},
+           r"fc2_weight has shape \(4, 6\), expected \(4, 5\) \(E, H\) with H=5"),
+          ("no-experts", {"fc2_weight": (0, 5)}, r"fc2_weight has shape \(0, 5\), E=0 experts"),
+          ("fc1-bias", {"fc1_bias": (4,)}, r"fc1_bias has shape \(4,\), expected \(5,\)"),
+          ("fc2-bias", {"fc2_bias": (5,)}, r"fc2_bias has shape \(5,\), expected \(4,\)"),
+          ("fc1-rank", {"fc1_weight": (5, 3, 1)}, r"fc1_weight has 3 dims, expected 2"),
+          ("x-rank", {"x": (2, 3, 1, 1, 1, 1)}, r"x has 6 dims, expected 2 or 3 or 4 or 5"),
+      ]),
+    *(_dynamic_case(id, _dynamic(**shapes), error, pattern) for id, shapes, error, pattern in [
+        ("hidden-0", {"fc1_weight": (0, 3), "fc2_weight": (4, 0)}, ValueError,
+         r"fc1_weight has shape \(0, 3\), a hidden width of H=0"),
+        ("fc2-experts", {"fc2_weight": (3, 5), "fc2_bias": (3,)}, ValueError,
+         r"fc2_weight has shape \(3, 5\), expected \(E, H\) with E=4 from experts"),
+        ("fc1-channels", {"fc1_weight": (5, 2)}, ValueError,
+         r"fc1_weight has shape \(5, 2\), expected \(5, 3\)"),
+        ("experts-channels", {"experts": (4, 2, 2, 3)}, ValueError,
+         r"experts has 2 input channels per group, expected 3"),
+        ("experts-rank", {"experts": (4, 2, 3)}, ValueError, r"experts has 3 dims, expected 4"),
+        ("bias-shape", {"bias": (4, 3)}, ValueError, r"bias has shape \(4, 3\), expected \(4, 2\)"),
+        ("unknown-key", {"route_weight": (4, 5)}, ValueError,
+         r"params has unknown keys \['route_weight'\]"),
+        ("missing-fc2", {"fc2_weight": None}, ValueError,
+         r"params is missing the required keys \['fc2_weight'\]"),
+    ]),
+    _dynamic_case("x-rank", _dynamic(x=(2, 3)), ValueError, r"x has 2 dims, expected 3 or 4 or 5"),
+    _dynamic_case("params-not-mapping",
+                  lambda b: (ones(b, 2, 3, 4), list(_dynamic()(b)[1].values())),
+                  TypeError, r"params must be a mapping"),
+    _dynamic_case("fc1-bias-dtype", _dynamic(dtypes={"fc1_bias": "float32"}), TypeError,
+                  r"fc1_bias has dtype"),
+]
+
+
 CASES = (CONV_CASES + ROUTING_CASES + MIX_CASES + _condconv_cases("condconv")
-         + _condconv_cases("moe_condconv") + LAYER_CASES)
+         + _condconv_cases("moe_condconv") + LAYER_CASES + DEPTHWISE_CASES
+         + _linear_cases("cond_linear") + _linear_cases("moe_cond_linear") + LINEAR_LAYER_CASES
+         + DYNAMIC_CASES)
 
 
 @pytest.mark.parametrize("vjp", [False, True], ids=["forward", "vjp"])
@@ -222,28 +415,58 @@ def test_bad_input_raises_with_a_message_naming_function_and_argument(backend, c
         case.call(backend, vjp)
 
 
-# A VJP's cotangent must have the forward output's shape: (op, valid args, output shape).
+@dataclass(frozen=True)
+class CotangentCase:
+    """Valid ``args`` of ``op``, whose output has ``output_shape``; ``wrong`` is a cotangent shape
+    its VJP must reject with ``pattern`` (default: the output's shape with one more in its last
+    axis, rejected as ``cotangent has shape <wrong>, expected <output_shape>``)."""
+
+    op: str
+    args: Callable[[Any], tuple]
+    output_shape: tuple
+    options: dict = None
+    wrong: tuple = None
+    pattern: str = None
+
+    @property
+    def wrong_shape(self):
+        return self.wrong or self.output_shape[:-1] + (self.output_shape[-1] + 1,)
+
+    @property
+    def message(self):
+        return self.pattern or re.escape(f"cotangent has shape {self.wrong_shape}, "
+                                         f"expected {self.output_shape}")
+
+
 COTANGENT_CASES = [
-    ("conv", _conv(), (2, 4, 3)),
-    ("route_sigmoid", lambda b: (ones(b, 2, 3, 4), ones(b, 5, 3)), (2, 5)),
-    ("mix_experts", lambda b: (ones(b, 2, 3), ones(b, 3, 4, 5)), (2, 4, 5)),
-    ("condconv", _condconv(), (2, 4, 3)),
-    ("moe_condconv", _condconv(), (2, 4, 3)),
-    ("condconv_layer", _layer(), (2, 4, 3)),
+    CotangentCase("conv", _conv(), (2, 4, 3)),
+    CotangentCase("route_sigmoid", lambda b: (ones(b, 2, 3, 4), ones(b, 5, 3)), (2, 5)),
+    CotangentCase("route_softmax", lambda b: _softmax()(b)[:3], (2, 4), wrong=(2, 3)),
+    CotangentCase("mix_experts", lambda b: (ones(b, 2, 3), ones(b, 3, 4, 5)), (2, 4, 5)),
+    CotangentCase("condconv", _condconv(), (2, 4, 3)),
+    CotangentCase("moe_condconv", _condconv(), (2, 4, 3)),
+    CotangentCase("condconv_layer", _layer(), (2, 4, 3)),
+    CotangentCase("depthwise_condconv", _depthwise(), (2, 6, 4), {"depth_multiplier": 2},
+                  wrong=(2, 3, 4)),
+    CotangentCase("cond_linear", _linear(), (2, 5), wrong=(2, 4),
+                  pattern=r"cotangent has shape \(2, 4\), expected \(2, 5\) \(B, F_out\), "
+                          r"the output shape"),
+    CotangentCase("cond_linear_layer", _linear_layer(bias=None, route_bias=None), (2, 5),
+                  wrong=(10,), pattern=r"cotangent has 1 dims"),
+    CotangentCase("dynamic_conv_layer", _dynamic(), (2, 2, 2)),
 ]
 
 
-@pytest.mark.parametrize(("op", "args", "output_shape"), COTANGENT_CASES,
-                         ids=[case[0] for case in COTANGENT_CASES])
-def test_vjp_rejects_a_cotangent_of_the_wrong_shape(backend, op, args, output_shape):
-    forward, vjp = getattr(condconv_ref, op), getattr(condconv_ref, op + "_vjp")
-    assert tuple(forward(*args(backend)).shape) == output_shape
-    wrong = output_shape[:-1] + (output_shape[-1] + 1,)
-    with pytest.raises(ValueError, match=rf"^{op}_vjp: cotangent has shape {wrong}".replace(
-            "(", r"\(").replace(")", r"\)")):
-        vjp(ones(backend, *wrong), *args(backend))
-    with pytest.raises(TypeError, match=rf"^{op}_vjp: cotangent has dtype"):
-        vjp(ones(backend, *output_shape, dtype="float32"), *args(backend))
+@pytest.mark.parametrize("case", COTANGENT_CASES, ids=[case.op for case in COTANGENT_CASES])
+def test_vjp_rejects_a_cotangent_of_the_wrong_shape_or_dtype(backend, case):
+    forward = getattr(condconv_ref, case.op)
+    vjp = getattr(condconv_ref, case.op + "_vjp")
+    options = case.options or {}
+    assert tuple(forward(*case.args(backend), **options).shape) == case.output_shape
+    with pytest.raises(ValueError, match=rf"^{case.op}_vjp: {case.message}"):
+        vjp(ones(backend, *case.wrong_shape), *case.args(backend), **options)
+    with pytest.raises(TypeError, match=rf"^{case.op}_vjp: cotangent has dtype"):
+        vjp(ones(backend, *case.output_shape, dtype="float32"), *case.args(backend), **options)
 
 
 def test_arrays_on_two_devices_are_rejected(backend):

@@ -42,8 +42,8 @@ from condconv_ref import (
     depthwise_condconv_vjp,
 )
 
-conv_module = importlib.import_module("condconv_ref.conv")
-depthwise_module = importlib.import_module("condconv_ref.depthwise")
+im2col_module = importlib.import_module("condconv_ref._im2col")
+flat_module = importlib.import_module("condconv_ref._flat")
 
 WINDOW_BYTES = 2**20
 # (op, B, C = O, spatial, k, padding_mode, per-example kernel); float32 inputs of 256 KiB,
@@ -107,8 +107,8 @@ def test_peak_extra_memory_is_a_small_multiple_of_inputs_and_outputs(backend, ca
     args, cotangent = make_arrays(backend, op, batch, channels, spatial, k, per_example)
     options = {"padding": k // 2, "padding_mode": padding_mode}
     whole_batch_columns = array_bytes(args["x"]) * k ** len(spatial)
-    monkeypatch.setattr(conv_module, "_WINDOW_BYTES", WINDOW_BYTES)
-    monkeypatch.setattr(depthwise_module, "_CHUNK_BYTES", WINDOW_BYTES)
+    monkeypatch.setattr(im2col_module, "_WINDOW_BYTES", WINDOW_BYTES)
+    monkeypatch.setattr(flat_module, "_CHUNK_BYTES", WINDOW_BYTES)
     window_allowance = 2 * WINDOW_BYTES
 
     # Warm up on a small input: first calls allocate one-off caches and imports.
