@@ -108,6 +108,7 @@ __all__ = [
     "compare",
     "compare_all",
     "gamma",
+    "gradient_keys",
     "jsonable",
     "precision",
 ]
@@ -420,6 +421,27 @@ def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,
                       int(np.count_nonzero(units > 1)), int(expected.size))
 
 
+def gradient_keys(actual: Any, reference: Mapping[str, Any]) -> Comparison | None:
+    """A failing comparison of ``"vjp"`` when ``actual`` is not a mapping with exactly
+    ``reference``'s gradient names; None when it is.
+
+    Examples
+    --------
+    >>> from condconv_ref.accuracy import gradient_keys
+    >>> gradient_keys({"x": 1}, {"x": 2}) is None
+    True
+    >>> gradient_keys([1], {"x": 2}).reason
+    'returned a list, expected a mapping of argument name to gradient'
+    """
+    if not isinstance(actual, Mapping):
+        return Comparison("vjp", reason=f"returned a {type(actual).__name__}, expected a "
+                                        f"mapping of argument name to gradient")
+    if sorted(actual, key=str) != sorted(reference):
+        return Comparison("vjp", reason=f"returned gradients for {sorted(map(str, actual))}, "
+                                        f"expected {sorted(reference)}")
+    return None
+
+
 def compare_all(actual: Any, reference: Any, scale: Any, *, depth: int,
                 dtype: Any = "float64", reference_dtype: Any = "float64") -> list[Comparison]:
     """:func:`compare` an output, or every gradient of a VJP (dicts keyed by argument name).
@@ -440,14 +462,10 @@ def compare_all(actual: Any, reference: Any, scale: Any, *, depth: int,
     if not isinstance(reference, Mapping):
         return [compare("output", actual, reference, scale, depth=depth, dtype=dtype,
                         reference_dtype=reference_dtype)]
+    keys = gradient_keys(actual, reference)
     if not isinstance(actual, Mapping):
-        return [Comparison("vjp", reason=f"returned a {type(actual).__name__}, expected a "
-                                         f"mapping of argument name to gradient")]
-    found: list[Comparison] = []
-    if sorted(actual, key=str) != sorted(reference):
-        found.append(Comparison("vjp", reason=f"returned gradients for "
-                                              f"{sorted(map(str, actual))}, expected "
-                                              f"{sorted(reference)}"))
+        return [keys]
+    found = [keys] if keys else []
     found += [compare(f"gradient {name!r}", actual[name], reference[name], scale[name],
                       depth=depth, dtype=dtype, reference_dtype=reference_dtype)
               for name in reference if name in actual]

@@ -86,7 +86,6 @@ __all__ = [
     "worst",
 ]
 
-_MULTILINEAR = _scales.MULTILINEAR
 _RELU_ROUTED = ("route_softmax", "dynamic_conv_layer")
 _KINK_FLOOR = 1e-3
 
@@ -285,7 +284,7 @@ def _inner(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     return float(sum(np.sum(a[name] * b[name]) for name in b))
 
 
-def _relu_inputs(case: Case, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+def _relu_inputs(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """The inputs of the routing MLP's ReLU at ``arrays``."""
     x = arrays["x"]
     pooled = x.mean(axis=tuple(range(2, x.ndim)))
@@ -293,12 +292,12 @@ def _relu_inputs(case: Case, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return pre + arrays["fc1_bias"] if "fc1_bias" in arrays else pre
 
 
-def _nearest_kink(case: Case, point: Mapping[str, np.ndarray],
+def _nearest_kink(point: Mapping[str, np.ndarray],
                   tangents: Mapping[str, np.ndarray], step: float) -> float:
     """The smallest :math:`|s|` at which a ReLU input along ``point + s * tangents`` is 0
     (the inputs are quadratic in ``s``); infinity where none is."""
     def at(s: float) -> np.ndarray:
-        return _relu_inputs(case, {name: a + s * tangents.get(name, 0.0)
+        return _relu_inputs({name: a + s * tangents.get(name, 0.0)
                                    for name, a in point.items()})
 
     middle, plus, minus = at(0.0), at(step), at(-step)
@@ -447,7 +446,7 @@ class _Identity:
         step = u ** (1 / 3) * 2 ** (1 / 3) * max(1.0, largest_x) / largest_t
         note = ""
         if at.variant in _RELU_ROUTED:
-            kink = _nearest_kink(at, point, tangents, step)
+            kink = _nearest_kink(point, tangents, step)
             if kink <= step:
                 if kink < _KINK_FLOOR * step:
                     return math.nan, 0.0, 0.0, ("skipped: a ReLU input of the routing MLP is "
@@ -456,7 +455,7 @@ class _Identity:
                 step = kink / 2
         difference = partial(_difference, at, f, c, point, tangents, self.gradient_scale,
                              backend=self.backend)
-        if at.variant in _MULTILINEAR:  # a polynomial of degree <= 3 along the line: exact
+        if at.variant in _scales.MULTILINEAR:  # a polynomial of degree <= 3 along the line: exact
             numeric, rounding = difference(step, FIVE_POINT)
             allowed = vjp_error + rounding
         else:  # Richardson: (4 D(h/2) - D(h)) / 3 removes the truncation's a h^2 term

@@ -64,11 +64,10 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from condconv_ref import __version__
@@ -76,8 +75,8 @@ from condconv_ref._validate import check_positive_int
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.memory import MemoryBudgetError
 from condconv_ref import _scales, accuracy
-from condconv_ref.accuracy import Comparison, precision
-from condconv_ref.engine import Expected, judge, worst
+from condconv_ref.accuracy import Comparison, compare, gradient_keys, precision
+from condconv_ref.engine import worst
 from condconv_ref.testing import Supports
 from condconv_ref.testing.checker import Implementation
 from condconv_ref.testing.sampling import case_seed, draw_examples
@@ -957,37 +956,27 @@ def compare_case(golden: GoldenCase, output: Any, gradients: Mapping[str, Any] |
     'output'
     """
     stored_dtype = golden.output.dtype.name
-    results = [("output", output, golden.output)]
-    expected = {"output": Expected(golden.output.astype(np.float64),
-                                   _scales.forward_scale(golden.case, stored_dtype),
-                                   _scales.depth(golden.case, vjp=False))}
+    pairs = [("output", output, golden.output, _scales.forward_scale(golden.case, stored_dtype),
+              _scales.depth(golden.case, vjp=False))]
     comparisons: list[Comparison] = []
     if gradients is not None:
-        expected_grads = Expected({name: g.astype(np.float64)
-                                   for name, g in golden.gradients.items()},
-                                  _scales.vjp_scale(golden.case, golden.cotangent,
-                                                    stored_dtype),
-                                  _scales.depth(golden.case, vjp=True))
-        if not isinstance(gradients, Mapping) or sorted(gradients) != sorted(golden.gradients):
-            comparisons += judge(gradients, expected_grads, stored_dtype, stored_dtype)[:1]
+        keys = gradient_keys(gradients, golden.gradients)
+        comparisons += [keys] if keys else []
         if isinstance(gradients, Mapping):
-            for name in golden.gradients:
-                if name in gradients:
-                    results.append((name, gradients[name], golden.gradients[name]))
-                    expected[name] = Expected(expected_grads.value[name],
-                                              expected_grads.scale[name], expected_grads.depth)
-    for name, actual, stored in results:
-        what = "output" if name == "output" else f"gradient {name!r}"
+            scales = _scales.vjp_scale(golden.case, golden.cotangent, stored_dtype)
+            depth = _scales.depth(golden.case, vjp=True)
+            pairs += [(f"gradient {name!r}", gradients[name], stored, scales[name], depth)
+                      for name, stored in golden.gradients.items() if name in gradients]
+    for what, actual, stored, scale, depth in pairs:
         found = _dtype_name(actual)
-        if require_dtype and found != stored.dtype.name:
+        if require_dtype and found != stored_dtype:
             comparisons.append(Comparison(what, reason=f"has dtype {found or type(actual)}, "
-                                                       f"expected {stored.dtype.name}"))
+                                                       f"expected {stored_dtype}"))
             continue
-        dtype = _coarser(stored_dtype, found) if found in ("float64", "float32", "float16",
-                                                           "bfloat16") else stored_dtype
-        comparisons += [replace(c, what=what)
-                        for c in judge(actual, expected[name], dtype, stored_dtype)]
-    largest = worst([c for c in comparisons if not c.reason]) if comparisons else None
+        dtype = _coarser(stored_dtype, found) if found in accuracy.DTYPES else stored_dtype
+        comparisons.append(compare(what, actual, stored, scale, depth=depth, dtype=dtype,
+                                   reference_dtype=stored_dtype))
+    largest = worst([c for c in comparisons if not c.reason])
     return CaseResult(golden.index, golden.file, golden.variant,
                       largest.units if largest else math.nan, largest.where if largest else "",
                       tuple(c for c in comparisons if not c.passed))

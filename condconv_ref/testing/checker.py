@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import sys
 import time
 import traceback
@@ -60,7 +59,7 @@ from condconv_ref._cases import Supports
 from condconv_ref._validate import check_positive_int
 from condconv_ref.accuracy import DTYPES, Comparison, jsonable
 from condconv_ref.backends import Backend, get_backend
-from condconv_ref.engine import expected_forward, expected_vjp, judge, round_to
+from condconv_ref.engine import expected_forward, expected_vjp, judge, round_to, rounded
 from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.variants import LAYER_VARIANTS, VARIANTS, Case
 
@@ -245,7 +244,7 @@ def _judged(actual: Any, expected: Any, search: _Search) -> list[Comparison]:
 
 def _check_case(case: Case, implementation: Implementation, search: _Search) -> list[Comparison]:
     """Every mismatch of ``implementation`` on ``case`` (already rounded to the dtype)."""
-    reference = _exact(case)
+    reference = rounded(case, search.dtype)  # float64 arrays at the values handed over
     expected = expected_forward(reference, search.backend, search.dtype)
     try:
         actual = implementation.forward(case)
@@ -278,12 +277,6 @@ def _in_dtype(case: Case, dtype: str) -> Case:
     ``case.dtype`` set to it."""
     return dataclasses.replace(case, dtype=dtype, arrays={
         name: _handed(round_to(a, dtype), dtype) for name, a in case.arrays.items()})
-
-
-def _exact(case: Case) -> Case:
-    """``case`` with float64 copies of its (rounded) arrays: where the reference runs."""
-    return dataclasses.replace(case, arrays={name: np.asarray(a, dtype=np.float64)
-                                             for name, a in case.arrays.items()})
 
 
 # ---------------------------------------------------------------- the search
