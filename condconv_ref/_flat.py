@@ -5,7 +5,7 @@ kernel offset reads one long contiguous slice of the row (:class:`_Flat`), so
 a depthwise convolution (C/groups = 1) is one (m, K) @ (K, positions) matmul
 per row, the rows taken in chunks whose columns stay in cache.
 :func:`flat_depthwise_conv` and :func:`flat_depthwise_conv_vjp` run it on
-validated arguments; :func:`flat_depthwise_memory` estimates what a call
+validated arguments; :func:`flat_memory` estimates what a call
 allocates.  Shapes: ``x`` (B, C, \*spatial), filters (B, C·m, 1, \*k), bias
 (B, C·m), output (B, C·m, \*out).
 """
@@ -24,7 +24,7 @@ from condconv_ref._conv_parts import bias_broadcast, kernel_offsets, pad, pad_vj
 from condconv_ref._validate import ConvGeometry
 from condconv_ref.memory import window_bytes
 
-__all__ = ["flat_depthwise_conv", "flat_depthwise_conv_vjp", "flat_depthwise_memory"]
+__all__ = ["flat_depthwise_conv", "flat_depthwise_conv_vjp", "flat_memory"]
 
 
 @dataclass(frozen=True)
@@ -339,24 +339,25 @@ def _chunk_vjp(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
             _scatter_flat(grad_columns[:, None, ...], flat, xp=xp))
 
 
-def flat_depthwise_memory(x: Any, experts: Any, geometry: ConvGeometry, itemsize: int, *,
-                      vjp: bool) -> dict[str, int]:
-    """Elements of the largest arrays the flat path allocates (see :mod:`condconv_ref.memory`).
+def flat_memory(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], geometry: ConvGeometry,
+                itemsize: int, *, vjp: bool) -> dict[str, int]:
+    """Elements of the largest arrays the flat form allocates (see :mod:`condconv_ref.memory`).
 
-    The output (or x̄), the mixed filters (and their gradient) and one chunk's
-    columns: :data:`_CHUNK_BYTES`, or one row's when a single row is larger.
+    ``kernel_shape`` is (O, 1, *k) or per example (B, O, 1, *k).  The output
+    (or x̄ and the per-example filter gradient) and one chunk's columns:
+    :data:`_CHUNK_BYTES`, or one row's when a single row is larger.
     """
-    batch, channels = x.shape[:2]
-    filters = batch * math.prod(experts.shape[1:])
-    flat = _layout(x, experts, geometry)
-    multiplier = experts.shape[1] // channels
+    nd = len(geometry.out)
+    batch, channels = x_shape[:2]
+    out_channels, kernel_spatial = kernel_shape[-nd - 2], tuple(kernel_shape[-nd:])
+    padded = tuple(n + before + after for n, (before, after) in zip(x_shape[2:], geometry.padding))
+    flat = _flat_layout(padded, kernel_spatial, geometry)
+    multiplier = out_channels // channels
     chunk = min(batch * channels, _rows_per_chunk(flat, multiplier, itemsize))
-    parts = {"mixed filters (B, C·m, K)": filters,
-             "columns of one chunk of rows": chunk * _row_elements(flat, multiplier)}
+    parts = {"columns of one chunk of rows": chunk * _row_elements(flat, multiplier)}
     if vjp:
-        parts.update({"x gradient": math.prod(x.shape), "filter gradient": filters,
-                      "experts gradient": math.prod(experts.shape)})
+        parts.update({"x gradient": math.prod(x_shape),
+                      "filter gradient (B, O, K)": batch * out_channels * len(flat.offsets)})
     else:
-        parts["output"] = batch * experts.shape[1] * math.prod(geometry.out)
+        parts["output"] = batch * out_channels * math.prod(geometry.out)
     return parts
-

@@ -18,7 +18,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._im2col import im2col_memory
+from condconv_ref._conv_engine import conv_memory
 from condconv_ref._validate import (
     ConvGeometry,
     ConvOptions,
@@ -144,13 +144,13 @@ def condconv_memory(x: Any, experts: Any, geometry: ConvGeometry, itemsize: int,
     """
     batch, n_experts = x.shape[0], experts.shape[0]
     if moe:
-        parts = im2col_memory(tuple(x.shape), tuple(experts.shape[1:]), geometry, itemsize,
+        parts = conv_memory(tuple(x.shape), tuple(experts.shape[1:]), geometry, itemsize,
                               vjp=vjp)
         parts["expert outputs"] = (n_experts * batch * experts.shape[1]
                                    * math.prod(geometry.out))
     else:
         kernels = (batch,) + tuple(experts.shape[1:])
-        parts = im2col_memory(tuple(x.shape), kernels, geometry, itemsize, vjp=vjp)
+        parts = conv_memory(tuple(x.shape), kernels, geometry, itemsize, vjp=vjp)
         parts["mixed kernels (B, O, C/groups, *k)"] = math.prod(kernels)
     if vjp:
         parts["experts gradient"] = math.prod(experts.shape)

@@ -16,7 +16,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._im2col import im2col_conv, im2col_conv_vjp
+from condconv_ref._conv_engine import run_conv, run_conv_vjp
 from condconv_ref._layer import SIGMOID, check_sigmoid_router, layer, layer_params, layer_vjp
 from condconv_ref._mixing import (
     check_condconv,
@@ -188,7 +188,7 @@ def condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *, stride: An
     xp = namespace(fn, x=x, experts=experts, routing=routing, bias=bias)
     geometry = check_condconv(fn, x, experts, routing, bias,
                               ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
-    return mixed_conv(x, experts, routing, bias, geometry, im2col_conv, xp=xp)
+    return mixed_conv(x, experts, routing, bias, geometry, run_conv, xp=xp)
 
 
 @public_op
@@ -218,7 +218,7 @@ def condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any =
     geometry = check_condconv(fn, x, experts, routing, bias,
                               ConvOptions(stride, padding, dilation, groups, padding_mode),
                               cotangent, xp=xp)
-    return mixed_conv_vjp(cotangent, x, experts, routing, bias, geometry, im2col_conv_vjp, xp=xp)
+    return mixed_conv_vjp(cotangent, x, experts, routing, bias, geometry, run_conv_vjp, xp=xp)
 
 
 # ---------------------------------------------------------------- mixture of experts
@@ -228,7 +228,7 @@ def _expert_outputs(x: Any, experts: Any, bias: Any, geometry: ConvGeometry, *,
                     xp: ModuleType) -> list[Any]:
     """conv(x, W_e) + β_e for every expert e, each (B, O, *out)."""
     return [
-        im2col_conv(x, experts[e, ...], None if bias is None else bias[e, ...], geometry,
+        run_conv(x, experts[e, ...], None if bias is None else bias[e, ...], geometry,
                     xp=xp)
         for e in range(experts.shape[0])
     ]
@@ -310,7 +310,7 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
     expert_grads, bias_grads, routing_grads = [], [], []
     for e, output in enumerate(outputs):
         routing_grads.append(xp.sum(cotangent * output, axis=non_batch))
-        grads = im2col_conv_vjp(_per_example(routing, e, nd, xp=xp) * cotangent, x,
+        grads = run_conv_vjp(_per_example(routing, e, nd, xp=xp) * cotangent, x,
                                 experts[e, ...], None if bias is None else bias[e, ...],
                                 geometry, xp=xp)
         grad_x = grad_x + grads["x"]
@@ -378,7 +378,7 @@ def condconv_layer(x: Any, params: Mapping[str, Any], *, stride: Any = 1, paddin
     xp = namespace(fn, x=x, **p)
     geometry = _check_layer(fn, x, p, ConvOptions(stride, padding, dilation, groups, padding_mode),
                             xp=xp)
-    return layer(x, p, SIGMOID, partial(mixed_conv, geometry=geometry, conv=im2col_conv), xp=xp)
+    return layer(x, p, SIGMOID, partial(mixed_conv, geometry=geometry, conv=run_conv), xp=xp)
 
 
 @public_op
@@ -407,4 +407,4 @@ def condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *, str
     geometry = _check_layer(fn, x, p, ConvOptions(stride, padding, dilation, groups, padding_mode),
                             cotangent, xp=xp)
     return layer_vjp(cotangent, x, p, SIGMOID,
-                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=im2col_conv_vjp), xp=xp)
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp), xp=xp)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._im2col import im2col_conv, im2col_conv_vjp, im2col_memory
+from condconv_ref._conv_engine import conv_memory, run_conv, run_conv_vjp
 from condconv_ref._validate import (
     ConvGeometry,
     ConvOptions,
@@ -53,7 +53,7 @@ def _check_conv(fn: str, x: Any, kernel: Any, bias: Any, options: ConvOptions,
                     "(B, O, *out), the shape of the output")
     check_nonempty(fn, x=x, kernel=kernel, bias=bias)
     size = itemsize(x, xp=xp)
-    check_memory(fn, size, im2col_memory(tuple(x.shape), tuple(kernel.shape), geometry, size,
+    check_memory(fn, size, conv_memory(tuple(x.shape), tuple(kernel.shape), geometry, size,
                                          vjp=cotangent is not None))
     return geometry
 
@@ -113,7 +113,7 @@ def conv(x: Any, kernel: Any, bias: Any = None, *, stride: Any = 1, padding: Any
     xp = namespace("conv", x=x, kernel=kernel, bias=bias)
     geometry = _check_conv("conv", x, kernel, bias,
                            ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
-    return im2col_conv(x, kernel, bias, geometry, xp=xp)
+    return run_conv(x, kernel, bias, geometry, xp=xp)
 
 
 @public_op
@@ -166,4 +166,4 @@ def conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any = None, *, stride: A
     geometry = _check_conv("conv_vjp", x, kernel, bias,
                            ConvOptions(stride, padding, dilation, groups, padding_mode),
                            cotangent, xp=xp)
-    return im2col_conv_vjp(cotangent, x, kernel, bias, geometry, xp=xp)
+    return run_conv_vjp(cotangent, x, kernel, bias, geometry, xp=xp)

@@ -25,7 +25,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._flat import flat_depthwise_conv, flat_depthwise_conv_vjp, flat_depthwise_memory
+from condconv_ref._conv_engine import run_conv, run_conv_vjp
 from condconv_ref._layer import SIGMOID, check_sigmoid_router, layer, layer_params, layer_vjp
 from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_vjp
 from condconv_ref._validate import (
@@ -69,7 +69,7 @@ def _check_depthwise(fn: str, x: Any, experts: Any, routing: Any, bias: Any,
                 f"(E, C·m, 1, *k) with C={channels} from x and m={multiplier} "
                 "from depth_multiplier")
     return check_condconv(fn, x, experts, routing, bias, replace(options, groups=channels),
-                          cotangent, xp=xp, memory=flat_depthwise_memory)
+                          cotangent, xp=xp)
 
 
 # ---------------------------------------------------------------- public ops
@@ -142,7 +142,7 @@ def depthwise_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *,
     geometry = _check_depthwise(fn, x, experts, routing, bias, depth_multiplier,
                                 ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
                                 xp=xp)
-    return mixed_conv(x, experts, routing, bias, geometry, flat_depthwise_conv, xp=xp)
+    return mixed_conv(x, experts, routing, bias, geometry, run_conv, xp=xp)
 
 
 @public_op
@@ -208,7 +208,7 @@ def depthwise_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, b
                                 ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
                                 cotangent, xp=xp)
     return mixed_conv_vjp(cotangent, x, experts, routing, bias, geometry,
-                          flat_depthwise_conv_vjp, xp=xp)
+                          run_conv_vjp, xp=xp)
 
 
 # ---------------------------------------------------------------- the layer
@@ -265,7 +265,7 @@ def depthwise_condconv_layer(x: Any, params: Mapping[str, Any], *, depth_multipl
     geometry = _check_depthwise(fn, x, p["experts"], None, p["bias"], depth_multiplier,
                                 ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
                                 xp=xp)
-    return layer(x, p, SIGMOID, partial(mixed_conv, geometry=geometry, conv=flat_depthwise_conv),
+    return layer(x, p, SIGMOID, partial(mixed_conv, geometry=geometry, conv=run_conv),
                  xp=xp)
 
 
@@ -298,5 +298,5 @@ def depthwise_condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, An
                                 ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
                                 cotangent, xp=xp)
     return layer_vjp(cotangent, x, p, SIGMOID,
-                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=flat_depthwise_conv_vjp),
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp),
                      xp=xp)

@@ -20,7 +20,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._im2col import im2col_conv, im2col_conv_vjp
+from condconv_ref._conv_engine import run_conv, run_conv_vjp
 from condconv_ref._layer import Router, layer, layer_params, layer_vjp
 from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_vjp
 from condconv_ref._routing import (
@@ -150,7 +150,7 @@ def dynamic_conv_layer(x: Any, params: Mapping[str, Any], *, temperature: float 
     geometry, temperature = _check_dynamic(
         fn, x, p, temperature, ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
     return layer(x, p, _softmax_router(temperature),
-                 partial(mixed_conv, geometry=geometry, conv=im2col_conv), xp=xp)
+                 partial(mixed_conv, geometry=geometry, conv=run_conv), xp=xp)
 
 
 @public_op
@@ -187,7 +187,7 @@ def dynamic_conv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
         fn, x, p, temperature, ConvOptions(stride, padding, dilation, groups, padding_mode),
         cotangent, xp=xp)
     return layer_vjp(cotangent, x, p, _softmax_router(temperature),
-                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=im2col_conv_vjp), xp=xp)
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp), xp=xp)
 
 
 def temperature_schedule(step: float, *, start: float = 30.0, end: float = 1.0,

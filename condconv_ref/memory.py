@@ -103,7 +103,7 @@ def set_memory_budget(nbytes: int | None) -> int | None:
     ...     conv(np.ones((1, 1, 1000)), np.ones((1, 1, 3)))
     ... except MemoryBudgetError as error:
     ...     print(str(error).split(";")[0])
-    conv: needs about 8.1 KiB of working memory, more than the memory budget of 1.0 KiB
+    conv: needs about 31.2 KiB of working memory, more than the memory budget of 1.0 KiB
     >>> _ = set_memory_budget(previous)
     """
     global _budget
