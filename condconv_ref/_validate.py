@@ -59,7 +59,7 @@ def namespace(fn: str, **arrays: Any) -> ModuleType:
     """
     present = {name: a for name, a in arrays.items() if a is not None}
     for name, a in present.items():
-        if not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float, complex)):
+        if not _is_array(a):
             raise TypeError(f"{fn}: {name} must be an array, got {_describe(a)}")
     try:
         xp = array_api_compat.array_namespace(*present.values())
@@ -71,7 +71,8 @@ def namespace(fn: str, **arrays: Any) -> ModuleType:
     first_name, first = next(iter(present.items()))
     first_device = array_api_compat.device(first)
     for name, a in present.items():
-        if not xp.isdtype(a.dtype, "real floating"):
+        if not _cached(_REAL_FLOATING, (xp, type(a.dtype), a.dtype),
+                       lambda: bool(xp.isdtype(a.dtype, "real floating"))):
             raise TypeError(f"{fn}: {name} has dtype {a.dtype}, expected a real floating dtype")
         if a.dtype != first.dtype:
             raise TypeError(
@@ -190,10 +191,39 @@ class ConvOptions:
     padding_mode: Any = "zeros"
 
     def geometry(self, fn: str, spatial: Sequence[int], kernel: Sequence[int]) -> ConvGeometry:
-        """The options validated and resolved per spatial axis (:func:`conv_geometry`)."""
+        """The options validated and resolved per spatial axis (:func:`conv_geometry`).
+
+        Options made of plain ints, strings, tuples and lists are resolved
+        once per shape and remembered (a property test calls with the same
+        few options thousands of times); anything else is resolved every time.
+        """
+        fields = (self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
+        if not all(_plain(value) for value in fields):
+            return self._resolve(fn, spatial, kernel)
+        # repr tells 1 from True and 1.0, which compare (and hash) equal.
+        key = (fn, tuple(spatial), tuple(kernel), repr(fields))
+        geometry = _GEOMETRIES.get(key)
+        if geometry is None:
+            geometry = self._resolve(fn, spatial, kernel)
+            if len(_GEOMETRIES) >= 1024:
+                _GEOMETRIES.clear()
+            _GEOMETRIES[key] = geometry
+        return geometry
+
+    def _resolve(self, fn: str, spatial: Sequence[int], kernel: Sequence[int]) -> ConvGeometry:
         return conv_geometry(fn, spatial, kernel, stride=self.stride, padding=self.padding,
                              dilation=self.dilation, groups=self.groups,
                              padding_mode=self.padding_mode)
+
+
+_GEOMETRIES: dict[tuple[Any, ...], ConvGeometry] = {}
+"""Resolved geometries of plain options, by function, shapes and the options' repr."""
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is an int, a str, or a tuple or list of plain values (exact types)."""
+    kind = type(value)
+    return kind is int or kind is str or (kind in (tuple, list) and all(map(_plain, value)))
 
 
 @dataclass(frozen=True)
@@ -298,8 +328,34 @@ def kernel_layout(nd: int, prefix: str) -> str:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Per-type and per-dtype answers of the checks every public call makes: these
+# depend only on the type (or dtype), and computing them is most of the fixed
+# cost of a small call.
+_ARRAY_TYPES: dict[type, bool] = {}
+_FLOAT16_DTYPES: dict[Any, bool] = {}
+_REAL_FLOATING: dict[tuple[ModuleType, type, Any], bool] = {}
+
+
 def _is_array(a: Any) -> bool:
-    return array_api_compat.is_array_api_obj(a) and not isinstance(a, (bool, int, float, complex))
+    kind = type(a)
+    known = _ARRAY_TYPES.get(kind)
+    if known is not None:
+        return known
+    answer = array_api_compat.is_array_api_obj(a) and not isinstance(a, (bool, int, float, complex))
+    if not kind.__module__.startswith("jax"):  # JAX's float0 arrays are not arrays: per value
+        _ARRAY_TYPES[kind] = answer
+    return answer
+
+
+def _cached(table: dict[Any, bool], key: Any, compute: Callable[[], bool]) -> bool:
+    """``table[key]``, computed once; an unhashable key is computed every time."""
+    try:
+        return table[key]
+    except KeyError:
+        answer = table[key] = compute()
+        return answer
+    except TypeError:
+        return compute()
 
 
 def _is_float16(a: Any) -> bool:
@@ -307,7 +363,10 @@ def _is_float16(a: Any) -> bool:
 
     No namespace is resolved here: :func:`namespace` does that once per call.
     """
-    return str(a.dtype).rpartition(".")[2] == "float16"
+    # Keyed with the dtype's type first: dtypes of different libraries must not
+    # be compared (array-api-strict warns when they are).
+    return _cached(_FLOAT16_DTYPES, (type(a.dtype), a.dtype),
+                   lambda: str(a.dtype).rpartition(".")[2] == "float16")
 
 
 def _map_arrays(value: Any, convert: Callable[[Any], Any]) -> Any:
@@ -317,6 +376,44 @@ def _map_arrays(value: Any, convert: Callable[[Any], Any]) -> Any:
     if isinstance(value, Mapping):
         return {k: convert(v) if _is_array(v) else v for k, v in value.items()}
     return value
+
+
+def _binder(fn: str, signature: inspect.Signature
+            ) -> Callable[[tuple[Any, ...], dict[str, Any]], list[Any]]:
+    """``bind(args, kwargs)``: the values given, after checking the call against ``signature``.
+
+    Raises ``TypeError`` naming ``fn`` for a call the signature rejects, or a
+    required argument given as ``None``.  A call that names its arguments as
+    the signature allows is checked with set arithmetic;
+    ``Signature.bind`` (several times slower) only words the error.
+    """
+    parameters = signature.parameters.values()
+    positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    keywords = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = {p.name for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY, p.KEYWORD_ONLY)}
+    simple = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in parameters)
+
+    def slow(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return signature.bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise TypeError(f"{fn}: {exc}") from None
+
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        names = positional[:len(args)]
+        if (not simple or len(args) > len(positional) or not kwargs.keys() <= keywords
+                or not kwargs.keys().isdisjoint(names)
+                or not required <= kwargs.keys() | set(names)):
+            given = slow(args, kwargs)
+        else:
+            given = {**dict(zip(names, args)), **kwargs}
+        for name, value in given.items():
+            if value is None and name in required:
+                raise TypeError(f"{fn}: {name} is required, got None")
+        return list(given.values())
+
+    return bind
 
 
 def public_op(function: F) -> F:
@@ -336,21 +433,11 @@ def public_op(function: F) -> F:
     The op itself validates everything else, with :func:`namespace` first.
     """
     fn = function.__name__
-    signature = inspect.signature(function)
-    required = [name for name, p in signature.parameters.items()
-                if p.default is inspect.Parameter.empty
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY, p.KEYWORD_ONLY)]
+    bind = _binder(fn, inspect.signature(function))
 
     @functools.wraps(function)
     def boundary(*args: Any, **kwargs: Any) -> Any:
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{fn}: {exc}") from None
-        for name in required:
-            if name in bound.arguments and bound.arguments[name] is None:
-                raise TypeError(f"{fn}: {name} is required, got None")
-        arrays = [a for value in bound.arguments.values()
+        arrays = [a for value in bind(args, kwargs)
                   for a in (value.values() if isinstance(value, Mapping) else (value,))
                   if _is_array(a)]
         if not arrays or not all(_is_float16(a) for a in arrays):

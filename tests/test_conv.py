@@ -12,9 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from condconv_ref import conv, conv_vjp
+from condconv_ref.backends import to_numpy
 from condconv_ref.testing import assert_close, check_vjp
 from condconv_ref.testing.oracles import explicit_pairs, scipy_conv, torch_conv
 from condconv_ref.testing.strategies import conv_configs, seeds
+from engine_forms import FORMS, engine_form
 
 BIAS_KINDS = (None, "shared", "per_example")
 # The im2col engine, whose window size the test shrinks.
@@ -44,18 +46,20 @@ def reduction_length(config) -> int:
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @given(config=conv_configs(max_size=6), seed=seeds(), per_example_kernel=st.booleans(),
-       bias_kind=st.sampled_from(BIAS_KINDS))
+       bias_kind=st.sampled_from(BIAS_KINDS), form=st.sampled_from(FORMS))
 def test_conv_matches_scipy_correlate(backend, dtype, config, seed, per_example_kernel,
-                                      bias_kind):
+                                      bias_kind, form):
     x, kernel, bias = conv_arrays(config, seed, per_example_kernel, bias_kind, dtype)
-    y = conv(*on_backend(backend, x, kernel, bias), **config.options())
+    with engine_form(form):
+        y = conv(*on_backend(backend, x, kernel, bias), **config.options())
     expected = backend.asarray(scipy_conv(x, kernel, bias, config), dtype=dtype)
     assert_close(y, expected, reduction_length=reduction_length(config), name="conv")
 
 
 @given(config=conv_configs(max_size=6), seed=seeds(), per_example_kernel=st.booleans(),
-       bias_kind=st.sampled_from(BIAS_KINDS))
-def test_conv_and_vjp_match_torch_autograd(backend, config, seed, per_example_kernel, bias_kind):
+       bias_kind=st.sampled_from(BIAS_KINDS), form=st.sampled_from(FORMS))
+def test_conv_and_vjp_match_torch_autograd(backend, config, seed, per_example_kernel, bias_kind,
+                                           form):
     torch = pytest.importorskip("torch")
     x, kernel, bias = conv_arrays(config, seed, per_example_kernel, bias_kind, "float64")
     cotangent = np.random.default_rng(seed + 1).standard_normal(config.output_shape)
@@ -65,9 +69,11 @@ def test_conv_and_vjp_match_torch_autograd(backend, config, seed, per_example_ke
     y_torch.backward(torch.tensor(cotangent))
     args = on_backend(backend, x, kernel, bias)
     length = reduction_length(config)
-    assert_close(conv(*args, **config.options()), backend.asarray(y_torch.detach().numpy()),
-                 reduction_length=length, name="conv")
-    grads = conv_vjp(backend.asarray(cotangent), *args, **config.options())
+    with engine_form(form):
+        y = conv(*args, **config.options())
+        grads = conv_vjp(backend.asarray(cotangent), *args, **config.options())
+    assert_close(y, backend.asarray(y_torch.detach().numpy()), reduction_length=length,
+                 name="conv")
     assert sorted(grads) == sorted(leaves)
     for name, leaf in leaves.items():
         assert_close(grads[name], backend.asarray(leaf.grad.numpy()),
@@ -105,14 +111,16 @@ def test_every_padding_form_equals_its_explicit_pairs(backend, config, seed):
 
 
 @given(config=conv_configs(max_size=5, max_batch=2), seed=seeds(),
-       per_example_kernel=st.booleans(), bias_kind=st.sampled_from(BIAS_KINDS))
+       per_example_kernel=st.booleans(), bias_kind=st.sampled_from(BIAS_KINDS),
+       form=st.sampled_from(FORMS))
 def test_conv_vjp_matches_finite_differences(backend, config, seed, per_example_kernel,
-                                             bias_kind):
+                                             bias_kind, form):
     x, kernel, bias = on_backend(
         backend, *conv_arrays(config, seed, per_example_kernel, bias_kind, "float64"))
     args = {"x": x, "kernel": kernel} | ({} if bias is None else {"bias": bias})
-    check_vjp(partial(conv, **config.options()), partial(conv_vjp, **config.options()), args,
-              seed=seed)
+    with engine_form(form):
+        check_vjp(partial(conv, **config.options()), partial(conv_vjp, **config.options()), args,
+                  seed=seed)
 
 
 @given(config=conv_configs(max_size=6), seed=seeds(), per_example_kernel=st.booleans(),
@@ -126,7 +134,7 @@ def test_conv_in_windows_equals_conv_in_one_piece(backend, config, seed, per_exa
     cotangent = backend.asarray(np.random.default_rng(seed + 1).standard_normal(config.output_shape))
     whole = conv(x, kernel, bias, **config.options())
     whole_grads = conv_vjp(cotangent, x, kernel, bias, **config.options())
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, engine_form("im2col"):
         patch.setattr(im2col_module, "_WINDOW_BYTES", window_bytes)
         windowed = conv(x, kernel, bias, **config.options())
         windowed_grads = conv_vjp(cotangent, x, kernel, bias, **config.options())
@@ -134,3 +142,35 @@ def test_conv_in_windows_equals_conv_in_one_piece(backend, config, seed, per_exa
     for name, gradient in whole_grads.items():
         assert_close(windowed_grads[name], gradient,
                      reduction_length=math.prod(config.output_shape), name=f"conv_vjp[{name}]")
+
+
+# inf - inf and 0 · inf are NaN, and NumPy says so.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("where", ["x", "kernel", "cotangent"])
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@given(config=conv_configs(max_size=5), seed=seeds(), per_example_kernel=st.booleans(),
+       form=st.sampled_from(FORMS), data=st.data())
+def test_every_engine_form_has_the_nan_and_inf_pattern_of_im2col(backend, where, value, config,
+                                                                 seed, per_example_kernel, form,
+                                                                 data):
+    """One non-finite entry reaches exactly the outputs and gradients it reaches in im2col,
+    whose sums hold only the terms of the definition: no form may add 0 · inf terms (the
+    gather form's zero reads, the flat form's gaps)."""
+    x, kernel, bias = conv_arrays(config, seed, per_example_kernel, "shared", "float64")
+    arrays = {"x": x, "kernel": kernel,
+              "cotangent": np.random.default_rng(seed + 1).standard_normal(config.output_shape)}
+    spoiled = arrays[where]
+    spoiled[tuple(data.draw(st.integers(0, n - 1), label=f"index {axis}")
+                  for axis, n in enumerate(spoiled.shape))] = value
+    x, kernel, bias, cotangent = on_backend(backend, arrays["x"], arrays["kernel"], bias,
+                                            arrays["cotangent"])
+    results = {}
+    for name in (form, "im2col"):
+        with engine_form(name):
+            results[name] = {"y": conv(x, kernel, bias, **config.options()),
+                             **conv_vjp(cotangent, x, kernel, bias, **config.options())}
+    for key, result in results[form].items():
+        actual, desired = to_numpy(result), to_numpy(results["im2col"][key])
+        assert np.array_equal(np.isnan(actual), np.isnan(desired)), f"{key}: NaN pattern"
+        assert np.array_equal(actual == math.inf, desired == math.inf), f"{key}: +inf pattern"
+        assert np.array_equal(actual == -math.inf, desired == -math.inf), f"{key}: -inf pattern"

@@ -40,6 +40,7 @@ from condconv_ref.backends import to_numpy
 from condconv_ref.testing import check_vjp
 from condconv_ref.testing.strategies import arrays_for, conv_configs, seeds
 from condconv_ref.testing.oracles import torch_conv
+from engine_forms import FORMS, engine_form
 
 EPS = {"float32": 2.0**-23, "float64": 2.0**-52}
 
@@ -113,20 +114,22 @@ def assert_within_rounding(actual, desired, scale, roundings: int, name: str) ->
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@given(config=depthwise_configs(), seed=seeds())
-def test_depthwise_equals_grouped_condconv(backend, dtype, config, seed):
+@given(config=depthwise_configs(), seed=seeds(), form=st.sampled_from(FORMS))
+def test_depthwise_equals_grouped_condconv(backend, dtype, config, seed, form):
+    # depthwise_condconv in one of the engine's forms; condconv with groups=C in im2col.
     arrays = arrays_for(config, xp=backend.xp, device=backend.device, dtype=dtype, seed=seed)
     args = op_args(arrays)
-    y = depthwise_condconv(**args, **depthwise_options(config))
-    assert array_api_compat.device(y) == array_api_compat.device(arrays.x)
-    scale = condconv(**absolute(args), **config.options())
-    assert_within_rounding(y, condconv(**args, **config.options()), scale,
-                           forward_roundings(config), "depthwise_condconv")
-
     cotangent = backend.asarray(np.random.default_rng(seed).standard_normal(config.output_shape),
                                 dtype=dtype)
-    grads = depthwise_condconv_vjp(cotangent, **args, **depthwise_options(config))
-    expected = condconv_vjp(cotangent, **args, **config.options())
+    with engine_form(form):
+        y = depthwise_condconv(**args, **depthwise_options(config))
+        grads = depthwise_condconv_vjp(cotangent, **args, **depthwise_options(config))
+    assert array_api_compat.device(y) == array_api_compat.device(arrays.x)
+    with engine_form("im2col"):
+        scale = condconv(**absolute(args), **config.options())
+        assert_within_rounding(y, condconv(**args, **config.options()), scale,
+                               forward_roundings(config), "depthwise_condconv")
+        expected = condconv_vjp(cotangent, **args, **config.options())
     scales = condconv_vjp(backend.xp.abs(cotangent), **absolute(args), **config.options())
     assert sorted(grads) == sorted(expected)
     roundings = vjp_roundings(config)
@@ -150,9 +153,9 @@ def test_depthwise_equals_mixture_of_experts(backend, dtype, config, seed):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("where", ["x", "experts"])
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
-@given(config=depthwise_configs(), seed=seeds(), data=st.data())
+@given(config=depthwise_configs(), seed=seeds(), data=st.data(), form=st.sampled_from(FORMS))
 def test_depthwise_has_the_nan_and_inf_pattern_of_grouped_condconv(backend, where, value, config,
-                                                                   seed, data):
+                                                                   seed, data, form):
     """One non-finite entry in x or in the experts reaches exactly what it reaches in the
     grouped condconv reference, forward and VJP: the fast path's gaps (wide-grid positions
     that are not outputs) and its correlation for x̄ must not add 0 · inf terms."""
@@ -163,10 +166,12 @@ def test_depthwise_has_the_nan_and_inf_pattern_of_grouped_condconv(backend, wher
                   for axis, n in enumerate(spoiled.shape))] = value
     args[where] = backend.asarray(spoiled)
     cotangent = backend.asarray(np.random.default_rng(seed).standard_normal(config.output_shape))
-    results = {"y": depthwise_condconv(**args, **depthwise_options(config)),
-               **depthwise_condconv_vjp(cotangent, **args, **depthwise_options(config))}
-    expected = {"y": condconv(**args, **config.options()),
-                **condconv_vjp(cotangent, **args, **config.options())}
+    with engine_form(form):
+        results = {"y": depthwise_condconv(**args, **depthwise_options(config)),
+                   **depthwise_condconv_vjp(cotangent, **args, **depthwise_options(config))}
+    with engine_form("im2col"):
+        expected = {"y": condconv(**args, **config.options()),
+                    **condconv_vjp(cotangent, **args, **config.options())}
     assert sorted(results) == sorted(expected)
     for name, result in results.items():
         actual, desired = to_numpy(result), to_numpy(expected[name])
