@@ -1,15 +1,18 @@
-"""The benchmark cases S1-S6 (issue #6): shapes, inputs, the ops under test and their FLOPs.
+"""The benchmark cases S0-S6: shapes, inputs, the ops under test and their FLOPs.
 
-===  ===  ==========  ========  ==  ==  ================================
-case  B   channels    size      k   E   op
-===  ===  ==========  ========  ==  ==  ================================
-S1     4  8 -> 8      16x16     3   4   condconv (property-test size)
+====  ===  ==========  ========  ==  ==  =====================================
+case   B   channels    size      k   E   op
+====  ===  ==========  ========  ==  ==  =====================================
+S0      2  4 -> 4      8x8       3   3   condconv (a small property-test case)
+S0L     2  4 -> 4      8x8       3   3   condconv_layer (routing included)
+S1      4  8 -> 8      16x16     3   4   condconv (property-test size)
 S2     8  32 -> 64    32x32     3   4   condconv
 S3    32  64 -> 128   28x28     3   8   condconv (EfficientNet-like)
-S4    32  128         28x28     5   8   depthwise_condconv (groups=128)
-S5   256  1280->1000  -         -   8   cond_linear
-S6     8  16 -> 32    16x16x16  3   4   condconv, 3-D
-===  ===  ==========  ========  ==  ==  ================================
+S4     32  128         28x28     5   8   depthwise_condconv (groups=128)
+S4g    32  128         28x28     5   8   condconv(groups=128), the same layer
+S5    256  1280->1000  -         -   8   cond_linear
+S6      8  16 -> 32    16x16x16  3   4   condconv, 3-D
+====  ===  ==========  ========  ==  ==  =====================================
 
 Every convolution uses stride 1 and 'same' padding (k // 2 on each side), a
 bias per expert, and routing weights drawn from U(0, 1) like sigmoid outputs.
@@ -37,7 +40,23 @@ _OPS = {
                   None, None),
     "linear": ("condconv_ref.linear", "cond_linear", "cond_linear_vjp",
                "moe_cond_linear", "moe_cond_linear_vjp"),
+    "layer": ("condconv_ref.condconv", "condconv_layer", "condconv_layer_vjp", None, None),
 }
+_LAYER_PARAMS = ("experts", "bias", "route_weight", "route_bias")
+
+
+def _layer_ops(forward: Callable[..., Any], vjp: Callable[..., Any]
+               ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """A layer and its VJP called like the ops: ``f(x=..., experts=..., ..., **options)``."""
+    def layer(x: Any, **kwargs: Any) -> Any:
+        params = {name: kwargs.pop(name) for name in _LAYER_PARAMS}
+        return forward(x, params, **kwargs)
+
+    def layer_vjp(cotangent: Any, x: Any, **kwargs: Any) -> dict[str, Any]:
+        params = {name: kwargs.pop(name) for name in _LAYER_PARAMS}
+        return vjp(cotangent, x, params, **kwargs)
+
+    return layer, layer_vjp
 
 
 class Unavailable(Exception):
@@ -64,6 +83,7 @@ class Case:
     kernel: int
     experts: int
     note: str = ""
+    groups: int = 1
 
     @property
     def nd(self) -> int:
@@ -71,8 +91,14 @@ class Case:
 
     @property
     def options(self) -> dict[str, Any]:
-        """Keyword options of the op: 'same' padding for the convolutions."""
-        return {} if self.op == "linear" else {"padding": self.kernel // 2}
+        """Keyword options of the op: 'same' padding for the convolutions, and the groups."""
+        if self.op == "linear":
+            return {}
+        return {"padding": self.kernel // 2} | ({"groups": self.groups} if self.groups > 1 else {})
+
+    @property
+    def in_per_group(self) -> int:
+        return 1 if self.op == "depthwise" else self.in_channels // self.groups
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -81,16 +107,19 @@ class Case:
         if self.op == "linear":
             return {"x": (b, c), "experts": (e, o, c), "routing": (b, e), "bias": (e, o),
                     "y": (b, o)}
-        in_per_group = 1 if self.op == "depthwise" else c
-        return {"x": (b, c) + self.spatial, "experts": (e, o, in_per_group) + (k,) * self.nd,
-                "routing": (b, e), "bias": (e, o), "y": (b, o) + self.spatial}
+        shapes = {"x": (b, c) + self.spatial,
+                  "experts": (e, o, self.in_per_group) + (k,) * self.nd, "bias": (e, o)}
+        if self.op == "layer":
+            return shapes | {"route_weight": (e, c), "route_bias": (e,), "y": (b, o) + self.spatial}
+        return shapes | {"routing": (b, e), "y": (b, o) + self.spatial}
 
     def describe(self) -> str:
         size = "x".join(map(str, self.spatial)) or "-"
-        channels = f"{self.in_channels}" if self.op == "depthwise" else \
+        channels = f"{self.in_channels}" if self.op == "depthwise" or self.groups > 1 else \
             f"{self.in_channels}->{self.out_channels}"
         kernel = f"k={self.kernel}" if self.kernel else "linear"
-        return f"B={self.batch} {channels} {size} {kernel} E={self.experts} {self.op}"
+        op = f"condconv groups={self.groups}" if self.groups > 1 else self.op
+        return f"B={self.batch} {channels} {size} {kernel} E={self.experts} {op}"
 
     def forward_flops(self) -> int:
         """Nominal FLOPs of the forward: 2 per multiply-add of the convolution (or linear map).
@@ -105,8 +134,7 @@ class Case:
         if self.op == "linear":
             return 2 * b * e * o * c
         positions = math.prod(self.spatial)
-        in_per_group = 1 if self.op == "depthwise" else c
-        return 2 * b * o * in_per_group * k ** self.nd * positions
+        return 2 * b * o * self.in_per_group * k ** self.nd * positions
 
     def arrays(self, dtype: str, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """NumPy ``(args, cotangent)`` in ``dtype``; kernels scaled by 1/sqrt(fan-in)."""
@@ -116,16 +144,21 @@ class Case:
         args = {
             "x": rng.standard_normal(shapes["x"]),
             "experts": rng.standard_normal(shapes["experts"]) / math.sqrt(fan_in),
-            "routing": rng.uniform(size=shapes["routing"]),
             "bias": 0.1 * rng.standard_normal(shapes["bias"]),
         }
+        if self.op == "layer":
+            args["route_weight"] = rng.standard_normal(shapes["route_weight"])
+            args["route_bias"] = 0.1 * rng.standard_normal(shapes["route_bias"])
+        else:
+            args["routing"] = rng.uniform(size=shapes["routing"])
         cotangent = rng.standard_normal(shapes["y"])
         return {k: v.astype(dtype) for k, v in args.items()}, cotangent.astype(dtype)
 
     def ops(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
         """``(f, f_vjp)`` from the library; raises :class:`Unavailable` if they do not exist."""
         module, forward, vjp, _, _ = _OPS[self.op]
-        return _import_op(module, forward), _import_op(module, vjp)
+        pair = _import_op(module, forward), _import_op(module, vjp)
+        return _layer_ops(*pair) if self.op == "layer" else pair
 
     def moe_ops(self) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
         """The mixture-of-experts form ``(f, f_vjp)``, or None where the library has none."""
@@ -138,10 +171,14 @@ class Case:
 CASES = {
     case.name: case
     for case in (
+        Case("S0", "condconv", 2, 4, 4, (8, 8), 3, 3, "a small property-test case"),
+        Case("S0L", "layer", 2, 4, 4, (8, 8), 3, 3, "condconv_layer, routing included"),
         Case("S1", "condconv", 4, 8, 8, (16, 16), 3, 4, "property-test size"),
         Case("S2", "condconv", 8, 32, 64, (32, 32), 3, 4),
         Case("S3", "condconv", 32, 64, 128, (28, 28), 3, 8, "EfficientNet-like"),
         Case("S4", "depthwise", 32, 128, 128, (28, 28), 5, 8, "depthwise (groups=128)"),
+        Case("S4g", "condconv", 32, 128, 128, (28, 28), 5, 8, "S4 as condconv(groups=128)",
+             groups=128),
         Case("S5", "linear", 256, 1280, 1000, (), 0, 8, "linear CondConv"),
         Case("S6", "condconv", 8, 16, 32, (16, 16, 16), 3, 4, "3-D"),
     )

@@ -21,6 +21,7 @@ from benchmarks.cases import Case, Unavailable
 __all__ = ["TorchCase", "torch_case"]
 
 _NAMES = ("x", "experts", "routing", "bias")
+_LAYER_NAMES = ("x", "experts", "bias", "route_weight", "route_bias")
 
 
 def _torch() -> Any:
@@ -34,7 +35,7 @@ def _torch() -> Any:
 def _conv_forward(case: Case, torch: Any) -> Callable[..., Any]:
     functional = torch.nn.functional
     convolve = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}[case.nd]
-    groups = case.in_channels if case.op == "depthwise" else 1
+    groups = case.in_channels if case.op == "depthwise" else case.groups
 
     def forward(x: Any, experts: Any, routing: Any, bias: Any) -> Any:
         batch, n_experts = routing.shape
@@ -44,6 +45,18 @@ def _conv_forward(case: Case, torch: Any) -> Callable[..., Any]:
                      (routing @ bias).reshape(-1), padding=case.kernel // 2,
                      groups=batch * groups)
         return y.reshape((batch, -1) + tuple(y.shape[2:]))
+
+    return forward
+
+
+def _layer_forward(case: Case, torch: Any) -> Callable[..., Any]:
+    """CondConv's layer: sigmoid routing of the pooled input, then the convolution."""
+    convolve = _conv_forward(case, torch)
+
+    def forward(x: Any, experts: Any, bias: Any, route_weight: Any, route_bias: Any) -> Any:
+        pooled = x.mean(dim=tuple(range(2, x.ndim)))
+        routing = torch.sigmoid(pooled @ route_weight.T + route_bias)
+        return convolve(x, experts, routing, bias)
 
     return forward
 
@@ -69,9 +82,11 @@ class TorchCase:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
-        self.function = _linear_forward if case.op == "linear" else _conv_forward(case, torch)
+        self.names = _LAYER_NAMES if case.op == "layer" else _NAMES
+        self.function = {"linear": lambda case, torch: _linear_forward,
+                         "layer": _layer_forward}.get(case.op, _conv_forward)(case, torch)
         self.inputs = [torch.tensor(args[name], device=device, requires_grad=True)
-                       for name in _NAMES]
+                       for name in self.names]
         self.cotangent = torch.tensor(cotangent, device=device)
 
     def synchronize(self) -> None:
@@ -92,7 +107,7 @@ class TorchCase:
         """``y`` and the gradients as NumPy arrays, named like the library's VJP keys."""
         y, grads = self.forward_backward()
         out = {"y": y.detach().cpu().numpy()}
-        out.update({name: g.cpu().numpy() for name, g in zip(_NAMES, grads)})
+        out.update({name: g.cpu().numpy() for name, g in zip(self.names, grads)})
         return out
 
 

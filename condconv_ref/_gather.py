@@ -43,11 +43,12 @@ __all__ = ["GATHER_ELEMENTS", "gather_conv", "gather_conv_vjp", "gather_memory"]
 
 # The engine takes the gather form when its largest gathered array, the
 # columns (B·C·K·L) or the gathered cotangent (B·O·K·padded), holds at most
-# this many elements.  Forward + VJP on a 2-core Xeon, float64 (the
-# measurements are in docs/performance.md): the gather form is 3-6x faster
-# than im2col below 2^15 elements, 1.4x at 2^18; im2col's strided slices
-# (and the flat form, for depthwise) win from about 2^19 on.
-GATHER_ELEMENTS = 2**18
+# this many elements (4 MiB in float64, im2col's window).  Forward + VJP on a
+# 2-core Xeon (``python -m benchmarks.forms``, docs/performance.md): the
+# gather form is 3-4x faster than im2col up to 2^15 elements, 1.3x at 2^18.5,
+# and im2col's strided slices (the flat form, for depthwise) catch up near
+# 2^19.5 in float64 and win from 2^21 on in both dtypes.
+GATHER_ELEMENTS = 2**19
 
 
 def _source(size: int, before: int, mode: str, positions: np.ndarray) -> np.ndarray:
