@@ -13,10 +13,11 @@ Which module is which (data flows down only: layers, engines, validation):
 * plumbing shared by the ops: ``_layer`` (routing computed from ``x`` → op,
   and the VJP through both paths) and ``_mixing`` (expert mixing → conv, and
   its VJP; CondConv's validation).
-* engines on validated arrays: ``_im2col`` (any grouped convolution),
-  ``_flat`` (the flat-axis depthwise convolution), ``_routing`` (pooling,
-  stable sigmoid and softmax, the routings), and ``_conv_parts`` (padding,
-  kernel offsets) under both convolution engines.
+* engines on validated arrays: ``_conv_engine`` (the one entry point of
+  every convolution, which picks its form by shape: ``_gather`` for small
+  convolutions, ``_flat`` for depthwise ones, ``_im2col`` for any other),
+  ``_routing`` (pooling, stable sigmoid and softmax, the routings), and
+  ``_conv_parts`` (padding, kernel offsets) under the convolution forms.
 * at the bottom: ``_validate`` (the checks, the one namespace resolution,
   :class:`~condconv_ref._validate.ConvOptions`) and ``memory`` (the budget).
 """

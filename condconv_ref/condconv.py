@@ -3,8 +3,8 @@ r"""CondConv (Yang et al., 2019): expert mixing, the conditional convolution, th
 Shapes: ``x`` (B, C, \*spatial), ``experts`` (E, O, C/groups, \*k),
 ``bias`` (E, O), ``routing`` (B, E).  Every op sits beside its VJP.  Each
 resolves the namespace and validates its arguments once, then runs the shared
-plumbing on them: the mixing of :mod:`condconv_ref._mixing`, the im2col
-engine of :mod:`condconv_ref._im2col` and, for the layer, the routing of
+plumbing on them: the mixing of :mod:`condconv_ref._mixing`, the convolution
+engine of :mod:`condconv_ref._conv_engine` and, for the layer, the routing of
 :mod:`condconv_ref._layer`.
 """
 

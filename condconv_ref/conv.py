@@ -3,8 +3,9 @@ r"""N-d grouped cross-correlation and its VJP: :func:`conv` and :func:`conv_vjp`
 Shapes: ``x`` is (B, C, \*spatial); a shared kernel is (O, C/groups, \*k) and a
 per-example kernel is (B, O, C/groups, \*k); the output is (B, O, \*out).
 Each op resolves the namespace and validates its arguments once
-(:func:`_check_conv`), then runs the im2col engine
-(:mod:`condconv_ref._im2col`) on the validated arguments.
+(:func:`_check_conv`), then runs the convolution engine
+(:mod:`condconv_ref._conv_engine`, which picks its form by shape) on the
+validated arguments.
 """
 
 from __future__ import annotations

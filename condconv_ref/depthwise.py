@@ -6,14 +6,15 @@ multiplier.  Output channel ``c·m + j`` is input channel ``c`` convolved with
 its ``j``-th filter: the order of TensorFlow's ``depthwise_conv2d`` (kernel
 (kh, kw, C, m), output channel ``c·m + j``) and of PyTorch's ``groups=C``.
 
-The op equals :func:`condconv_ref.condconv` with ``groups=C`` but has its own
-engine (:mod:`condconv_ref._flat`): a matmul per 1×1 block over strided
-windows spends its time in loops over one output row at a time; there each
+The op equals :func:`condconv_ref.condconv` with ``groups=C``, and runs the
+same convolution engine (:mod:`condconv_ref._conv_engine`), which takes its
+flat-axis form for every depthwise convolution that is not small: each
 (example, channel) row is flattened with its padding, so every kernel offset
 reads one long contiguous slice, and the rows are processed in chunks whose
-columns stay in cache.  Each op resolves the namespace and validates its
+columns stay in cache.  What this module adds is the depth multiplier and
+TensorFlow's channel order.  Each op resolves the namespace and validates its
 arguments once, then runs the shared mixing (:mod:`condconv_ref._mixing`)
-and, for the layer, the routing (:mod:`condconv_ref._layer`) around that
+and, for the layer, the routing (:mod:`condconv_ref._layer`) around the
 engine.
 """
 
@@ -116,8 +117,9 @@ def depthwise_condconv(x: Any, experts: Any, routing: Any, bias: Any = None, *,
         y_{b,\,cm+j,\,p} = \sum_\kappa M_{b,\,cm+j,\,0,\,\kappa}\;
                            \tilde x_{b,\,c,\,s p + d\kappa} + \mu_{b,\,cm+j}.
 
-    This is :func:`condconv` with ``groups=C``, computed one (example,
-    channel) row at a time: the row is padded and flattened, so that kernel
+    This is :func:`condconv` with ``groups=C`` (and runs the same engine).
+    Unless the call is small, it is computed one (example, channel) row at a
+    time: the row is padded and flattened, so that kernel
     offset :math:`\kappa` reads one long slice of it (the outputs plus the
     ends of the padded rows, dropped afterwards), and the row's output is one
     (m, K) @ (K, positions) matmul with those slices as columns.  Rows are

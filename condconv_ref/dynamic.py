@@ -7,8 +7,8 @@ The layer is CondConv whose routing is an attention over the experts,
 (E, O, C/groups, \*k), ``bias`` (E, O), ``fc1_weight`` (H, C), ``fc2_weight`` (E, H).
 
 The layer is the shared layer plumbing (:mod:`condconv_ref._layer`) with a
-softmax router, around the mixing and the im2col engine that :func:`condconv`
-runs.
+softmax router, around the mixing and the convolution engine
+(:mod:`condconv_ref._conv_engine`) that :func:`condconv` runs.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ work that would exhaust the machine.
 Convolutions do not need the columns of the whole batch at once: they build
 them in windows (groups of examples, or output rows of one example) of at most
 a quarter of the budget (and never more than their default size,
-``condconv_ref._im2col._WINDOW_BYTES``), so a small budget makes them process in more,
+``condconv_ref._im2col._WINDOW_BYTES``; small convolutions, computed in one
+piece, only while they fit such a window), so a small budget makes them process in more,
 smaller windows rather than fail; only what cannot be split (the output, the
 padded input, one output row's columns) must fit.
 
