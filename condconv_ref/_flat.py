@@ -55,6 +55,19 @@ class _Flat:
     wide: tuple[int, ...]
     pick: tuple[slice, ...]
     rows: int
+    inner: tuple[int, ...]
+    """Offsets along the last axis alone (j·d for its k taps): ``offsets[κ]`` is
+    ``outer[i] + inner[j]`` for κ = (i, j), the last axis running fastest."""
+
+    @property
+    def outer(self) -> tuple[int, ...]:
+        """Offsets of the other axes: one per run of ``len(inner)`` consecutive offsets."""
+        return self.offsets[::len(self.inner)]
+
+    @property
+    def span(self) -> int:
+        """Elements from the first to the last read by one offset, gaps included."""
+        return self.step * (self.length - 1) + 1
 
     @property
     def row(self) -> int:
@@ -72,8 +85,7 @@ class _Flat:
 
     def taps(self) -> list[slice]:
         """The flat slice read by each kernel offset, in :func:`kernel_offsets` order."""
-        span = self.step * (self.length - 1) + 1
-        return [slice(offset, offset + span, self.step) for offset in self.offsets]
+        return [slice(offset, offset + self.span, self.step) for offset in self.offsets]
 
     @property
     def lead_rows(self) -> int:
@@ -109,7 +121,8 @@ def _flat_layout(padded: tuple[int, ...], kernel_spatial: tuple[int, ...],
     pick = tuple(slice(0, n, r) for n, r in zip(reach, every))
     last_read = max(offsets) + step * (math.prod(wide) - 1)
     rows = max(padded[0], last_read // strides[0] + 1)
-    return _Flat(tuple(padded), offsets, step, wide, pick, rows)
+    inner = tuple(j * geometry.dilation[-1] for j in range(kernel_spatial[-1]))
+    return _Flat(tuple(padded), offsets, step, wide, pick, rows, inner)
 
 
 def _embedded(a: Any, grid: tuple[int, ...], region: tuple[slice, ...], *,
@@ -246,8 +259,9 @@ def flat_depthwise_conv(x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, 
                     xp: ModuleType) -> Any:
     """Depthwise conv with per-example ``kernel`` (B, C·m, 1, *k) and ``bias`` (B, C·m) or None.
 
-    Per chunk of rows: the flat columns (n, K, L) of the padded rows, one
-    (m, K) @ (K, L) matmul per row, then the gaps of the wide grid dropped.
+    Per chunk of rows: the padded rows' flat slices, one per offset of all
+    axes but the last, k matmuls over their shifted views
+    (:func:`_correlate_rows`), then the gaps of the wide grid dropped.
     """
     nd = x.ndim - 2
     x_rows, filters = _rows(x, kernel, xp=xp)
@@ -255,14 +269,35 @@ def flat_depthwise_conv(x: Any, kernel: Any, bias: Any, geometry: ConvGeometry, 
     y = xp.empty((x_rows.shape[0], filters.shape[1]) + geometry.out, dtype=x.dtype,
                  device=array_api_compat.device(x))
     for chunk in _chunks(x, kernel, flat, xp=xp):
-        columns = _gather(_flat_input(x_rows[chunk, ...], geometry, flat, xp=xp), flat.taps(),
-                          xp=xp)
-        y = xpx.at(y)[chunk, ...].set(
-            _narrow(filters[chunk, ...] @ columns[:, 0, ...], flat, xp=xp), xp=xp)
+        wide = _correlate_rows(_flat_input(x_rows[chunk, ...], geometry, flat, xp=xp)[:, 0, :],
+                               filters[chunk, ...], flat, xp=xp)
+        y = xpx.at(y)[chunk, ...].set(_narrow(wide, flat, xp=xp), xp=xp)
     y = xp.reshape(y, (x.shape[0], kernel.shape[1]) + geometry.out)
     if bias is not None:
         y = y + bias_broadcast(bias, nd, xp=xp)
     return y
+
+
+def _correlate_rows(x_flat: Any, filters: Any, flat: _Flat, *, xp: ModuleType) -> Any:
+    r"""(n, size) flat padded rows and their (n, m, K) filters -> (n, m, length), the wide grid.
+
+    Offset κ = (i, j) reads ``x_flat`` from ``outer[i] + inner[j]``, so the
+    slices of one ``i`` are shifts of one longer slice :math:`R_i`: the
+    columns are gathered once per ``i`` (k times fewer copies than one per
+    offset), and the output is a sum of ``len(inner)`` matmuls, each over
+    the shifted views :math:`R_{:, j}`,
+
+    .. math:: y = \sum_j M_{:, :, j}\, R[\ldots, \mathrm{inner}_j + \mathrm{step}\cdot l].
+    """
+    rows, multiplier = filters.shape[:2]
+    reach = flat.span + flat.inner[-1]
+    gathered = xp.stack([x_flat[:, offset:offset + reach] for offset in flat.outer], axis=-2)
+    per_axis = xp.reshape(filters, (rows, multiplier, len(flat.outer), len(flat.inner)))
+    wide = None
+    for j, shift in enumerate(flat.inner):
+        part = per_axis[..., j] @ gathered[..., shift:shift + flat.span:flat.step]
+        wide = part if wide is None else wide + part
+    return wide
 
 
 def flat_depthwise_conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any, geometry: ConvGeometry,
@@ -319,13 +354,7 @@ def _chunk_vjp(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
     rows = filters.shape[0]
     x_finite, filters_finite = finite
     if flat.step == 1 and x_finite and filters_finite:
-        span = math.prod(flat.padded)
-        columns = _gather(_flat_cotangent(grad_y, flat, xp=xp), flat.adjoint_taps(), xp=xp)
-        columns = xp.reshape(columns, (rows, -1, span))
-        grad_filters = x_flat[..., :span] @ xp.matrix_transpose(columns)
-        grad_padded = xp.reshape(filters, (rows, 1, -1)) @ columns
-        return (xp.reshape(grad_filters, filters.shape),
-                xp.reshape(grad_padded, (rows, 1) + flat.padded))
+        return _chunk_vjp_step_one(x_flat, grad_y, filters, flat, xp=xp)
     columns = _gather(x_flat, flat.taps(), xp=xp)[:, 0, ...]
     if not x_finite:
         columns = _without_gaps(columns, flat, xp=xp)
@@ -337,6 +366,36 @@ def _chunk_vjp(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
         grad_columns = _without_gaps(grad_columns, flat, xp=xp)
     return (grad_wide @ xp.matrix_transpose(columns),
             _scatter_flat(grad_columns[:, None, ...], flat, xp=xp))
+
+
+def _chunk_vjp_step_one(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
+                        xp: ModuleType) -> tuple[Any, Any]:
+    r""":func:`_chunk_vjp` at step 1 with finite factors, from the cotangent's columns.
+
+    The columns :math:`C_{(j\kappa),q} = \bar y_{j,\,q-o_\kappa}` of offset
+    κ = (i, j) are the slice of the flat cotangent from ``lead - outer[i] -
+    inner[j]``: shifts of one slice per ``i``, gathered once (as in
+    :func:`_correlate_rows`), then read through views, one per ``j``:
+    :math:`\bar M_{:, :, j} = \tilde x\, C_j^\top` and
+    :math:`\bar{\tilde x} = \sum_j M_{:, :, j}\, C_j`.
+    """
+    rows, multiplier = filters.shape[:2]
+    span, last = math.prod(flat.padded), flat.inner[-1]
+    lead = flat.lead_rows * flat.row
+    cotangent = _flat_cotangent(grad_y, flat, xp=xp)  # (n, m, lead + padded)
+    gathered = xp.stack([cotangent[..., lead - offset - last:lead - offset + span]
+                         for offset in flat.outer], axis=-2)  # (n, m, outer, span + last)
+    per_axis = xp.reshape(filters, (rows, multiplier, len(flat.outer), len(flat.inner)))
+    x_row = x_flat[:, None, :, :span]  # (n, 1, 1, span)
+    grad_filters, grad_padded = [], None
+    for j, shift in enumerate(flat.inner):
+        columns = gathered[..., last - shift:last - shift + span]  # (n, m, outer, span)
+        grad_filters.append(xp.reshape(x_row @ xp.matrix_transpose(columns),
+                                       (rows, multiplier, len(flat.outer))))
+        part = xp.sum(per_axis[:, :, None, :, j] @ columns, axis=1)  # (n, 1, span)
+        grad_padded = part if grad_padded is None else grad_padded + part
+    grad_filters = xp.reshape(xp.stack(grad_filters, axis=-1), filters.shape)
+    return grad_filters, xp.reshape(grad_padded, (rows, 1) + flat.padded)
 
 
 def flat_memory(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], geometry: ConvGeometry,
