@@ -25,12 +25,14 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import array_api_compat
+import numpy
 
 __all__ = [
     "ConvGeometry",
     "ConvOptions",
     "PADDING_MODES",
     "check_finite_positive",
+    "check_tolerance",
     "check_groups",
     "check_ndim",
     "check_nonempty",
@@ -51,16 +53,27 @@ def _describe(a: Any) -> str:
     return type(a).__module__.split(".")[0] + "." + type(a).__qualname__
 
 
+_PLAIN_NUMPY = (numpy.memmap,)  # the one ndarray subclass that behaves as a plain array
+
+
 def namespace(fn: str, **arrays: Any) -> ModuleType:
     """Return the one array namespace shared by ``arrays`` (``None`` entries skipped).
 
-    Checks that every entry is an array, that all share one namespace and one
-    device, and that all have the same real floating dtype.
+    Checks that every entry is an array (a plain NumPy array, not a subclass
+    such as ``numpy.ma.MaskedArray``, whose mask the array API would ignore),
+    that all share one namespace and one device, and that all have the same
+    real floating dtype.
     """
     present = {name: a for name, a in arrays.items() if a is not None}
     for name, a in present.items():
         if not array_api_compat.is_array_api_obj(a) or isinstance(a, (bool, int, float, complex)):
             raise TypeError(f"{fn}: {name} must be an array, got {_describe(a)}")
+        if isinstance(a, numpy.ndarray) and not isinstance(a, _PLAIN_NUMPY) \
+                and type(a) is not numpy.ndarray:
+            raise TypeError(
+                f"{fn}: {name} is a {type(a).__module__}.{type(a).__qualname__}, expected a plain "
+                "numpy.ndarray (a subclass such as a masked array or a matrix changes what "
+                "NumPy's operations mean; pass numpy.asarray of the values you mean)")
     try:
         xp = array_api_compat.array_namespace(*present.values())
     except TypeError as exc:
@@ -154,6 +167,15 @@ def check_finite_positive(fn: str, name: str, value: Any) -> float:
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{fn}: {name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_tolerance(fn: str, name: str, value: Any) -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number ``>= 0`` (a tolerance)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
     return float(value)
 
 

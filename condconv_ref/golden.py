@@ -1181,6 +1181,9 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
         if not isinstance(chosen, Backend):
             raise TypeError(f"golden.verify: backend must be a backend name or a Backend, "
                             f"got {backend!r}")
+    elif not isinstance(against, Implementation):
+        raise TypeError(f"golden.verify: against must be a condconv_ref.testing.Implementation, "
+                        f"got {type(against).__name__}")
     if variants is not None and (isinstance(variants, str)
                                  or any(name not in VARIANTS for name in variants)):
         raise ValueError(f"golden.verify: variants must be a list of names from "
