@@ -77,12 +77,14 @@ def stable_sigmoid(z: Any, *, xp: ModuleType) -> tuple[Any, Any]:
     return sigmoid, e / (denominator * denominator)
 
 
-def routing_memory(x: Any, experts: int, *, vjp: bool) -> dict[str, int]:
-    """Elements of the largest arrays a routing function allocates: x's gradient is x-sized."""
+def routing_memory(x: Any, experts: int, *, vjp: bool, parameters: int = 0) -> dict[str, int]:
+    """Elements of the largest arrays a routing function allocates: x's gradient is x-sized,
+    and the gradients of its ``parameters`` (elements of its weights) as large as them."""
     batch, channels = x.shape[:2]
     parts = {"pooled input": batch * channels, "routing": batch * experts}
     if vjp:
         parts["x gradient"] = math.prod(x.shape)
+        parts["parameter gradients"] = parameters
     return parts
 
 
@@ -229,8 +231,9 @@ def check_softmax_routing(fn: str, x: Any, fc1_weight: Any, fc2_weight: Any, fc1
     check_nonempty(fn, x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, fc1_bias=fc1_bias,
                    fc2_bias=fc2_bias)
     check_memory(fn, itemsize(x, xp=xp),
-                 {**routing_memory(x, experts, vjp=cotangent is not None),
-                  "hidden layer": x.shape[0] * hidden})
+                 {**routing_memory(x, experts, vjp=cotangent is not None,
+                                   parameters=(hidden + 1) * (x.shape[1] + experts + 1)),
+                  "hidden layer": 2 * x.shape[0] * hidden})
     return temperature
 
 

@@ -15,6 +15,7 @@ Nothing in this module imports from the rest of the package.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
@@ -43,6 +44,7 @@ __all__ = [
     "namespace",
     "public_op",
     "spatial_tuple",
+    "widened_elements",
 ]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -341,6 +343,15 @@ def _map_arrays(value: Any, convert: Callable[[Any], Any]) -> Any:
     return value
 
 
+_WIDENED: contextvars.ContextVar[int] = contextvars.ContextVar("widened", default=0)
+
+
+def widened_elements() -> int:
+    """Elements of the float32 copies :func:`public_op` made of the current call's float16
+    inputs (0 outside such a call): :func:`condconv_ref.memory.check_memory` counts them."""
+    return _WIDENED.get()
+
+
 def public_op(function: F) -> F:
     """Decorate a public op or VJP: the checks and the precision policy of the public boundary.
 
@@ -353,7 +364,8 @@ def public_op(function: F) -> F:
       the op runs, and its result (or each gradient of a VJP) is rounded back
       to float16 once.  Sums thus accumulate in float32, and the result has
       the inputs' dtype.  A call mixing float16 with another dtype is left to
-      :func:`namespace`, which rejects it.
+      :func:`namespace`, which rejects it.  The float32 copies count against the
+      memory budget (:func:`widened_elements`).
 
     The op itself validates everything else, with :func:`namespace` first.
     """
@@ -386,7 +398,11 @@ def public_op(function: F) -> F:
         def widen(a: Any) -> Any:
             return _map_arrays(a, lambda a: xp.astype(a, xp.float32))
 
-        result = function(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+        copies = _WIDENED.set(sum(math.prod(a.shape) for a in arrays))
+        try:
+            result = function(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+        finally:
+            _WIDENED.reset(copies)
         return _map_arrays(result, lambda a: xp.astype(a, xp.float16))
 
     return boundary  # type: ignore[return-value]
