@@ -153,7 +153,7 @@ class GoldenError(ValueError):
     ...     golden.load(directory)
     ... except golden.GoldenError as error:
     ...     print(error.problems)  # doctest: +ELLIPSIS
-    ('0001-conv.npz: ... bytes, manifest.json lists ... (appended to or replaced)',)
+    ('0001-conv.npz: more than the ... bytes manifest.json lists (appended to or replaced)',)
     """
 
     def __init__(self, problems: Sequence[str]) -> None:

@@ -328,10 +328,11 @@ def _wrong_softmax_vjp(name: str, factor: float):
     return vjp
 
 
-def _unshifted_softmax_vjp(cotangent, probabilities, temperature, *, xp):
-    """The softmax VJP as it was: alpha (c - <c, alpha>) / T, unshifted."""
+def _unshifted_softmax_vjp(cotangent, probabilities, *, xp):
+    """The softmax VJP as it was, unshifted: T times alpha (c - <c, alpha>) / T, the division
+    by T left to the caller as in the library."""
     inner = xp.sum(cotangent * probabilities, axis=-1, keepdims=True)
-    return probabilities * (cotangent - inner) / temperature
+    return probabilities * (cotangent - inner)
 
 
 @pytest.mark.parametrize(("seed", "index"), SATURATED)

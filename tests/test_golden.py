@@ -162,7 +162,11 @@ def _replace_case_file(directory, file, arrays):
     """Write ``arrays`` as ``file`` and reseal the manifest's size and sha256 of it."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    data = buffer.getvalue()
+    _replace_bytes(directory, file, buffer.getvalue())
+
+
+def _replace_bytes(directory, file, data):
+    """Write ``data`` as ``file`` and reseal the manifest's size and sha256 of it."""
     (directory / file).write_bytes(data)
 
     def edit(manifest):
@@ -325,14 +329,7 @@ def _rezip(directory, file, write):
             member = io.BytesIO()
             np.lib.format.write_array(member, a)
             write(archive, name, member.getvalue())
-    data = buffer.getvalue()
-    (directory / file).write_bytes(data)
-
-    def edit(manifest):
-        (record,) = [r for r in manifest["cases"] if r["file"] == file]
-        record["size"], record["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-
-    _reseal(directory, edit)
+    _replace_bytes(directory, file, buffer.getvalue())
 
 
 def _compress_a_member(directory):
