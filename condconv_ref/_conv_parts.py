@@ -18,23 +18,24 @@ from condconv_ref._validate import ConvGeometry
 __all__ = ["bias_broadcast", "kernel_offsets", "pad", "pad_vjp"]
 
 
-def _pad_source_indices(size: int, before: int, after: int, mode: str) -> list[int]:
-    """For each padded position, the input index it copies (PyTorch semantics)."""
-    indices = []
-    for j in range(-before, size + after):
-        if mode == "reflect":
-            j = -j if j < 0 else j
-            j = 2 * (size - 1) - j if j >= size else j
-        elif mode == "replicate":
-            j = min(max(j, 0), size - 1)
-        else:  # circular
-            j %= size
-        indices.append(j)
-    return indices
+def _pad_source_indices(size: int, before: int, after: int, mode: str, *, xp: ModuleType,
+                        device: Any) -> Any:
+    """For each padded position, the input index it copies (PyTorch semantics), as an array."""
+    j = xp.arange(-before, size + after, dtype=xp.int64, device=device)
+    if mode == "reflect":
+        j = xp.abs(j)
+        return xp.where(j >= size, 2 * (size - 1) - j, j)
+    if mode == "replicate":
+        return xp.clip(j, 0, size - 1)
+    return xp.remainder(j, size)  # circular
 
 
 def pad(x: Any, geometry: ConvGeometry, *, xp: ModuleType) -> Any:
-    """Pad the spatial axes of ``x`` (B, C, *spatial) as ``geometry`` says."""
+    """Pad the spatial axes of ``x`` (B, C, *spatial) as ``geometry`` says.
+
+    Reflect, replicate and circular padding gather along each padded axis with
+    one ``take`` of an index array, so the cost does not depend on Python.
+    """
     if not geometry.padded:
         return x
     if geometry.padding_mode == "zeros":
@@ -42,8 +43,9 @@ def pad(x: Any, geometry: ConvGeometry, *, xp: ModuleType) -> Any:
     device = array_api_compat.device(x)
     for axis, (before, after) in enumerate(geometry.padding, start=2):
         if before or after:
-            source = _pad_source_indices(x.shape[axis], before, after, geometry.padding_mode)
-            x = xp.take(x, xp.asarray(source, dtype=xp.int64, device=device), axis=axis)
+            source = _pad_source_indices(x.shape[axis], before, after, geometry.padding_mode,
+                                         xp=xp, device=device)
+            x = xp.take(x, source, axis=axis)
     return x
 
 
@@ -54,10 +56,12 @@ def pad_vjp(
 
     Zero padding is a slice of the padded gradient.  The other modes copy input
     index ``i[j]`` to padded position ``j``; the adjoint sums every padded
-    position into its source: along each padded axis, the interior slice plus
-    one addition per border position.  (A product with the one-hot matrix
+    position into its source.  Along each padded axis, each of the two borders
+    is folded with one array operation (:func:`_fold_border`), never a Python
+    loop over its positions.  (A product with the one-hot matrix
     ``P[j, i] = [i[j] == i]`` would be the same sum, but would spread a NaN
-    through its zeros to every input position of the axis.)
+    through its zeros to every input position of the axis; the folds below add
+    each border position to its own source only.)
     """
     if not geometry.padded:
         return grad_padded
@@ -68,23 +72,43 @@ def pad_vjp(
         return grad_padded[(slice(None), slice(None)) + interior]
     for axis, ((before, after), size) in enumerate(zip(geometry.padding, spatial), start=2):
         if before or after:
-            source = _pad_source_indices(size, before, after, geometry.padding_mode)
-            grad_padded = _fold_border(grad_padded, axis, before, size, source, xp=xp)
+            grad_padded = _fold_border(grad_padded, axis, before, after, size,
+                                       geometry.padding_mode, xp=xp)
     return grad_padded
 
 
-def _fold_border(grad_padded: Any, axis: int, before: int, size: int, source: list[int], *,
+def _fold_border(grad_padded: Any, axis: int, before: int, after: int, size: int, mode: str, *,
                  xp: ModuleType) -> Any:
-    """Along ``axis``: the interior of ``grad_padded`` plus each border position at its source."""
-    def at(index: Any) -> tuple[Any, ...]:
+    """Along ``axis``: the interior of ``grad_padded`` plus each border position at its source.
+
+    Padded position ``p < before`` copies input ``before - p`` (reflect),
+    ``size - before + p`` (circular) or ``0`` (replicate); position
+    ``before + size + q`` copies ``size - 2 - q``, ``q`` or ``size - 1``.  The
+    sources of one border are distinct and contiguous for reflect and circular
+    (the padding is smaller than, or at most, the size), so each border is one
+    slice addition (reversed for reflect); replicate adds the border's sum to
+    the edge.
+    """
+    def at(index: slice) -> tuple[Any, ...]:
         return (slice(None),) * axis + (index, ...)
 
     folded = xp.asarray(grad_padded[at(slice(before, before + size))], copy=True)
-    for j, i in enumerate(source):
-        if not before <= j < before + size:
-            folded = xpx.at(folded)[at(i)].add(grad_padded[at(j)], xp=xp)
+    borders = ((grad_padded[at(slice(0, before))], before, True),
+               (grad_padded[at(slice(before + size, before + size + after))], after, False))
+    for border, width, leading in borders:
+        if not width:
+            continue
+        if mode == "replicate":
+            edge = 0 if leading else size - 1
+            target, values = slice(edge, edge + 1), xp.sum(border, axis=axis, keepdims=True)
+        elif mode == "reflect":
+            target = slice(1, width + 1) if leading else slice(size - 1 - width, size - 1)
+            values = xp.flip(border, axis=axis)
+        else:  # circular
+            target = slice(size - width, size) if leading else slice(0, width)
+            values = border
+        folded = xpx.at(folded)[at(target)].add(values, xp=xp)
     return folded
-
 
 
 def kernel_offsets(kernel_spatial: tuple[int, ...]) -> list[tuple[int, ...]]:

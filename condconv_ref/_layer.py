@@ -53,6 +53,10 @@ def layer_params(fn: str, params: Any,
     """Check ``params`` against ``keys`` (name -> required); absent optional keys map to None."""
     if not isinstance(params, Mapping):
         raise TypeError(f"{fn}: params must be a mapping of arrays, got {type(params).__name__}")
+    not_named = [k for k in params if not isinstance(k, str)]
+    if not_named:
+        raise TypeError(f"{fn}: params has keys that are not strings {not_named}, expected "
+                        f"keys from {sorted(keys)}")
     unknown = sorted(set(params) - set(keys))
     if unknown:
         raise ValueError(f"{fn}: params has unknown keys {unknown}, expected keys from "

@@ -77,12 +77,14 @@ def stable_sigmoid(z: Any, *, xp: ModuleType) -> tuple[Any, Any]:
     return sigmoid, e / (denominator * denominator)
 
 
-def routing_memory(x: Any, experts: int, *, vjp: bool) -> dict[str, int]:
-    """Elements of the largest arrays a routing function allocates: x's gradient is x-sized."""
+def routing_memory(x: Any, experts: int, *, vjp: bool, parameters: int = 0) -> dict[str, int]:
+    """Elements of the largest arrays a routing function allocates: x's gradient is x-sized,
+    and the gradients of its ``parameters`` (elements of its weights) as large as them."""
     batch, channels = x.shape[:2]
     parts = {"pooled input": batch * channels, "routing": batch * experts}
     if vjp:
         parts["x gradient"] = math.prod(x.shape)
+        parts["parameter gradients"] = parameters
     return parts
 
 
@@ -118,6 +120,9 @@ def sigmoid_routing_vjp(cotangent: Any, x: Any, weight: Any, bias: Any, *,
 # ---------------------------------------------------------------- softmax routing (DY-Conv)
 
 
+_EXP_ZERO = 800.0
+
+
 def stable_softmax(logits: Any, temperature: float, *, xp: ModuleType) -> Any:
     r"""Softmax of ``logits / temperature`` over the last axis, without overflow.
 
@@ -128,19 +133,28 @@ def stable_softmax(logits: Any, temperature: float, *, xp: ModuleType) -> Any:
     divides by zero.  ``exp`` of a very negative number underflows quietly to 0,
     which is the exact limit.  The shift leaves the softmax unchanged.
     """
-    shifted = (logits - xp.max(logits, axis=-1, keepdims=True)) / temperature
+    gap = logits - xp.max(logits, axis=-1, keepdims=True)
+    # exp(s) is exactly 0 in every float dtype for s < -800 (float64's smallest subnormal is
+    # exp(-744.4)): gaps below -800 T are raised to -800 T before the division by T, where
+    # at extreme scales (a gap of 1e34, T = 1e-6) the quotient would overflow to -inf with a
+    # warning for the same exact 0.  A NaN gap fails the comparison and stays NaN.
+    floor = -_EXP_ZERO * temperature
+    shifted = xp.where(gap < floor, floor, gap) / temperature
     weights = xp.exp(shifted)
     return weights / xp.sum(weights, axis=-1, keepdims=True)
 
 
-def stable_softmax_vjp(cotangent: Any, probabilities: Any, temperature: float, *,
-                       xp: ModuleType) -> Any:
-    r"""Adjoint of :func:`stable_softmax` at its output ``probabilities``.
+def stable_softmax_vjp(cotangent: Any, probabilities: Any, *, xp: ModuleType) -> Any:
+    r"""Adjoint of :func:`stable_softmax` at its output ``probabilities``, times ``T``.
 
-    :math:`\bar z = \alpha \odot (\bar\alpha - \langle \bar\alpha, \alpha\rangle) / T`:
-    the Jacobian-vector form of :math:`(\mathrm{diag}\,\alpha - \alpha\alpha^\top)/T`.
-    Only products of :math:`\alpha \in [0, 1]` with the cotangent appear, so it
-    is as stable as the forward (entries are bounded by :math:`2\max|\bar\alpha| / T`).
+    :math:`T\bar z = \alpha \odot (\bar\alpha - \langle \bar\alpha, \alpha\rangle)`:
+    the Jacobian-vector form of :math:`(\mathrm{diag}\,\alpha - \alpha\alpha^\top)/T`,
+    without the division by :math:`T`.  Only products of :math:`\alpha \in [0, 1]`
+    with the cotangent appear, so it is as stable as the forward (entries are
+    bounded by :math:`2\max|\bar\alpha|`).  The caller divides by :math:`T`
+    *after* its own products with the weights: at a small :math:`T` and large
+    weights, :math:`\bar z_e w_e` of two tied experts would each overflow to
+    :math:`\pm\infty` and their sum be NaN where the exact sum is 0 or small.
 
     The cotangent is first shifted by its value :math:`\bar\alpha_m` at the
     largest weight, which changes nothing exactly (the rows of the Jacobian sum
@@ -159,7 +173,7 @@ def stable_softmax_vjp(cotangent: Any, probabilities: Any, temperature: float, *
                    keepdims=True) / ties
     shifted = cotangent - pivot
     inner = xp.sum(shifted * probabilities, axis=-1, keepdims=True)
-    return probabilities * (shifted - inner) / temperature
+    return probabilities * (shifted - inner)
 
 
 def affine(inputs: Any, weight: Any, bias: Any, *, xp: ModuleType) -> Any:
@@ -217,8 +231,9 @@ def check_softmax_routing(fn: str, x: Any, fc1_weight: Any, fc2_weight: Any, fc1
     check_nonempty(fn, x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, fc1_bias=fc1_bias,
                    fc2_bias=fc2_bias)
     check_memory(fn, itemsize(x, xp=xp),
-                 {**routing_memory(x, experts, vjp=cotangent is not None),
-                  "hidden layer": x.shape[0] * hidden})
+                 {**routing_memory(x, experts, vjp=cotangent is not None,
+                                   parameters=(hidden + 1) * (x.shape[1] + experts + 1)),
+                  "hidden layer": 2 * x.shape[0] * hidden})
     return temperature
 
 
@@ -238,9 +253,13 @@ def softmax_routing_vjp(cotangent: Any, x_shape: tuple[int, ...], fc1_weight: An
                        fc2_weight: Any, fc1_bias: Any, fc2_bias: Any, forward: SoftmaxRouting,
                        temperature: float, *, xp: ModuleType) -> dict[str, Any]:
     """VJP worker of :func:`condconv_ref.route_softmax` from the intermediates ``forward``."""
-    grad_logits = stable_softmax_vjp(cotangent, forward.routing, temperature, xp=xp)
-    grad_hidden, grad_fc2 = affine_vjp(grad_logits, forward.hidden, fc2_weight, xp=xp)
-    grad_preactivation = xp.where(forward.hidden_preactivation <= 0, 0.0, grad_hidden)
+    # T times the gradients of the logits: the products with the weights come first, then
+    # the division by T (stable_softmax_vjp says why).
+    scaled_logits = stable_softmax_vjp(cotangent, forward.routing, xp=xp)
+    scaled_hidden, scaled_fc2 = affine_vjp(scaled_logits, forward.hidden, fc2_weight, xp=xp)
+    grad_logits, grad_fc2 = scaled_logits / temperature, scaled_fc2 / temperature
+    grad_preactivation = xp.where(forward.hidden_preactivation <= 0, 0.0,
+                                  scaled_hidden / temperature)
     grad_pooled, grad_fc1 = affine_vjp(grad_preactivation, forward.pooled, fc1_weight, xp=xp)
     grads = {"x": global_average_pool_vjp(grad_pooled, x_shape, xp=xp),
              "fc1_weight": grad_fc1, "fc2_weight": grad_fc2}

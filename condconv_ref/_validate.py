@@ -15,6 +15,7 @@ Nothing in this module imports from the rest of the package.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
@@ -25,12 +26,14 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import array_api_compat
+import numpy
 
 __all__ = [
     "ConvGeometry",
     "ConvOptions",
     "PADDING_MODES",
     "check_finite_positive",
+    "check_tolerance",
     "check_groups",
     "check_ndim",
     "check_nonempty",
@@ -41,6 +44,7 @@ __all__ = [
     "namespace",
     "public_op",
     "spatial_tuple",
+    "widened_elements",
 ]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -51,16 +55,27 @@ def _describe(a: Any) -> str:
     return type(a).__module__.split(".")[0] + "." + type(a).__qualname__
 
 
+_PLAIN_NUMPY = (numpy.memmap,)  # the one ndarray subclass that behaves as a plain array
+
+
 def namespace(fn: str, **arrays: Any) -> ModuleType:
     """Return the one array namespace shared by ``arrays`` (``None`` entries skipped).
 
-    Checks that every entry is an array, that all share one namespace and one
-    device, and that all have the same real floating dtype.
+    Checks that every entry is an array (a plain NumPy array, not a subclass
+    such as ``numpy.ma.MaskedArray``, whose mask the array API would ignore),
+    that all share one namespace and one device, and that all have the same
+    real floating dtype.
     """
     present = {name: a for name, a in arrays.items() if a is not None}
     for name, a in present.items():
         if not _is_array(a):
             raise TypeError(f"{fn}: {name} must be an array, got {_describe(a)}")
+        if isinstance(a, numpy.ndarray) and not isinstance(a, _PLAIN_NUMPY) \
+                and type(a) is not numpy.ndarray:
+            raise TypeError(
+                f"{fn}: {name} is a {type(a).__module__}.{type(a).__qualname__}, expected a plain "
+                "numpy.ndarray (a subclass such as a masked array or a matrix changes what "
+                "NumPy's operations mean; pass numpy.asarray of the values you mean)")
     try:
         xp = array_api_compat.array_namespace(*present.values())
     except TypeError as exc:
@@ -155,6 +170,15 @@ def check_finite_positive(fn: str, name: str, value: Any) -> float:
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{fn}: {name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_tolerance(fn: str, name: str, value: Any) -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number ``>= 0`` (a tolerance)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
     return float(value)
 
 
@@ -416,6 +440,15 @@ def _binder(fn: str, signature: inspect.Signature
     return bind
 
 
+_WIDENED: contextvars.ContextVar[int] = contextvars.ContextVar("widened", default=0)
+
+
+def widened_elements() -> int:
+    """Elements of the float32 copies :func:`public_op` made of the current call's float16
+    inputs (0 outside such a call): :func:`condconv_ref.memory.check_memory` counts them."""
+    return _WIDENED.get()
+
+
 def public_op(function: F) -> F:
     """Decorate a public op or VJP: the checks and the precision policy of the public boundary.
 
@@ -428,7 +461,8 @@ def public_op(function: F) -> F:
       the op runs, and its result (or each gradient of a VJP) is rounded back
       to float16 once.  Sums thus accumulate in float32, and the result has
       the inputs' dtype.  A call mixing float16 with another dtype is left to
-      :func:`namespace`, which rejects it.
+      :func:`namespace`, which rejects it.  The float32 copies count against the
+      memory budget (:func:`widened_elements`).
 
     The op itself validates everything else, with :func:`namespace` first.
     """
@@ -451,7 +485,11 @@ def public_op(function: F) -> F:
         def widen(a: Any) -> Any:
             return _map_arrays(a, lambda a: xp.astype(a, xp.float32))
 
-        result = function(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+        copies = _WIDENED.set(sum(math.prod(a.shape) for a in arrays))
+        try:
+            result = function(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+        finally:
+            _WIDENED.reset(copies)
         return _map_arrays(result, lambda a: xp.astype(a, xp.float16))
 
     return boundary  # type: ignore[return-value]

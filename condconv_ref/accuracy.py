@@ -93,6 +93,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from condconv_ref.backends import to_numpy
@@ -111,6 +112,7 @@ __all__ = [
     "gradient_keys",
     "jsonable",
     "precision",
+    "real_host",
 ]
 
 
@@ -352,15 +354,52 @@ def jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _as_real(what: str, value: Any) -> np.ndarray | Comparison:
-    """``value`` as a float64 NumPy array, or a :class:`Comparison` saying why it is not one."""
+    """``value`` as a float64 NumPy array, or a :class:`Comparison` saying why it is not one.
+
+    Only an array of a real floating dtype is read: an integer, boolean or
+    complex result is a wrong result, never converted (a complex one would lose
+    its imaginary part), and so are a Python list or number and a NumPy masked
+    array (whose mask the conversion would drop).
+    """
+    if isinstance(value, np.ma.MaskedArray):
+        return Comparison(what, reason="is a numpy masked array, expected a plain array (its "
+                                       "mask would be lost)")
+    if not (isinstance(value, np.ndarray) or array_api_compat.is_array_api_obj(value)) \
+            or isinstance(value, (bool, int, float, complex)):
+        return Comparison(what, reason=f"is a {type(value).__module__}.{type(value).__qualname__}"
+                                       f", expected an array")
     try:
         host = np.asarray(to_numpy(value) if not isinstance(value, np.ndarray) else value)
-    except Exception as error:  # not an array NumPy can read
-        return Comparison(what, reason=f"is not an array ({type(error).__name__}: {error})")
-    if host.dtype.kind not in "fiu" and host.dtype != np.bool_:
+    except Exception as error:  # an array NumPy cannot read (e.g. on a device it cannot reach)
+        return Comparison(what, reason=f"cannot be read ({type(error).__name__}: {error})")
+    if host.dtype.kind != "f":
         return Comparison(what, reason=f"has dtype {host.dtype} (kind {host.dtype.kind!r}), "
                                        f"expected a real floating dtype")
     return host.astype(np.float64)
+
+
+def real_host(what: str, value: Any) -> np.ndarray:
+    """``value`` (any array NumPy can read) as float64 NumPy, or raise ``AssertionError``.
+
+    For a result that is compared some other way than :func:`compare`; it
+    refuses what :func:`compare` fails (a complex, integer or boolean dtype, a
+    list, a masked array), naming ``what``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.accuracy import real_host
+    >>> real_host("output", np.ones(2, dtype=np.float32))
+    array([1., 1.])
+    >>> real_host("output", np.ones(2) + 1e6j)
+    Traceback (most recent call last):
+    ...
+    AssertionError: output: has dtype complex128 (kind 'c'), expected a real floating dtype
+    """
+    host = _as_real(what, value)
+    if isinstance(host, Comparison):
+        raise AssertionError(str(host))
+    return host
 
 
 def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,

@@ -70,7 +70,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from condconv_ref import _scales
-from condconv_ref.accuracy import PRECISIONS, Comparison, bound, compare_all, gamma, jsonable
+from condconv_ref.accuracy import (
+    PRECISIONS,
+    Comparison,
+    bound,
+    compare_all,
+    gamma,
+    jsonable,
+    real_host,
+)
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.variants import VARIANTS, Case, bind, reference_forward, reference_vjp
 
@@ -338,9 +346,8 @@ def _difference(case: Case, forward: Any, c: np.ndarray, point: Mapping[str, np.
     total, rounding, magnitude = 0.0, 0.0, 0.0
     for weight, offset in stencil:
         moved = {name: a + offset * step * tangents[name] for name, a in point.items()}
-        value = np.asarray(to_numpy(forward(**{name: backend.asarray(a, dtype="float64")
-                                               for name, a in moved.items()})),
-                           dtype=np.float64)
+        value = real_host("the output", forward(**{name: backend.asarray(a, dtype="float64")
+                                                   for name, a in moved.items()}))
         total += weight * float(np.sum(c * value))
         magnitude += abs(weight) * float(np.sum(np.abs(c * value)))
         scale = _scales.forward_scale(replace(case, arrays=moved))
@@ -392,9 +399,9 @@ def finite_difference_check(case: Case, dtype: str, backend: str | Backend | Non
     f = bind(forward or VARIANTS[case.variant].forward, at)
     f_vjp = bind(vjp or VARIANTS[case.variant].vjp, at, vjp=True)
     computed = f_vjp(chosen.asarray(c, dtype=dtype), **at.arrays_on(chosen, dtype))
-    grads = {name: np.asarray(to_numpy(g), dtype=np.float64) for name, g in computed.items()}
-    if sorted(grads) != sorted(point):
-        raise AssertionError(f"the VJP returned gradients for {sorted(grads)}, expected "
+    grads = {name: real_host(f"gradient {name!r}", g) for name, g in computed.items()}
+    if sorted(grads, key=str) != sorted(point):
+        raise AssertionError(f"the VJP returned gradients for {sorted(map(str, grads))}, expected "
                              f"{sorted(point)}")
     gradient_scale = _scales.vjp_scale(at, c, dtype)
     identity = _Identity(at, dtype, chosen, f, c, point, grads, gradient_scale)

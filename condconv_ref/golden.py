@@ -59,6 +59,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import zipfile
@@ -128,6 +129,9 @@ _ARRAY_NAME = re.compile(r"[a-z][a-z0-9_]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TEMPORARY = re.compile(r"\..+\.tmp")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_MANIFEST_BYTES = 2**26  # a manifest larger than 64 MiB is refused unread
+_MANIFEST_DEPTH = 16  # the format nests 5 levels deep; anything deeper is refused
+_NPY_HEADER_BYTES = 10 + 2**16  # the largest .npy 1.0 header: magic, version, length, text
 
 
 class GoldenError(ValueError):
@@ -149,7 +153,7 @@ class GoldenError(ValueError):
     ...     golden.load(directory)
     ... except golden.GoldenError as error:
     ...     print(error.problems)  # doctest: +ELLIPSIS
-    ('0001-conv.npz: ... bytes, manifest.json lists ... (appended to or replaced)',)
+    ('0001-conv.npz: more than the ... bytes manifest.json lists (appended to or replaced)',)
     """
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -635,14 +639,22 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"golden: no directory {directory}")
     if not directory.is_dir():
         raise NotADirectoryError(f"golden: {directory} is not a directory")
-    path = directory / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(directory / MANIFEST):
         raise GoldenError([f"{MANIFEST}: missing from {directory} (not a golden directory, or "
                            f"its write was interrupted before the manifest)"])
+    data = _read_regular(directory, MANIFEST, _MANIFEST_BYTES)
+    if len(data) > _MANIFEST_BYTES:
+        raise GoldenError([f"{MANIFEST}: larger than {_MANIFEST_BYTES // 2**20} MiB, refused"])
     try:
-        manifest = json.loads(path.read_bytes(), parse_constant=_refuse_constant)
+        manifest = json.loads(data, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise GoldenError([f"{MANIFEST}: nested too deeply to parse (the format nests "
+                           f"{_MANIFEST_DEPTH} levels at most)"]) from None
     except ValueError as error:  # invalid UTF-8 or JSON, NaN or Infinity
         raise GoldenError([f"{MANIFEST}: not valid JSON ({error})"]) from None
+    if _depth(manifest) > _MANIFEST_DEPTH:
+        raise GoldenError([f"{MANIFEST}: nested {_depth(manifest)} levels deep, the format "
+                           f"nests {_MANIFEST_DEPTH} at most"])
     problems = _schema_problems(manifest)
     if problems:
         raise GoldenError(problems)
@@ -650,6 +662,65 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise GoldenError([f"{MANIFEST}: checksum does not match its contents (edited or "
                            f"corrupted after writing)"])
     return manifest
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON ``value`` nests lists and objects, counted without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            level += [(child, depth + 1)
+                      for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def _entry_problem(directory: Path, name: str) -> str | None:
+    """Why the entry ``name`` of ``directory`` cannot be read as a golden file, or None.
+
+    Symbolic links (wherever they point) and anything but a regular file (a
+    named pipe would block a reader forever, a device never ends) are refused
+    without being opened.
+    """
+    try:
+        mode = os.lstat(directory / name).st_mode
+    except FileNotFoundError:
+        return f"{name}: listed in {MANIFEST} but missing"
+    except OSError as error:
+        return f"{name}: cannot be read ({error.strerror or error})"
+    if stat.S_ISLNK(mode):
+        return (f"{name}: is a symbolic link, refused unread (golden files must be regular "
+                f"files in the directory)")
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        return f"{name}: is {kind}, not a regular file; refused unread"
+    return None
+
+
+def _read_regular(directory: Path, name: str, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of the regular file ``name``; raises GoldenError.
+
+    The file is checked (:func:`_entry_problem`), then opened without following
+    a link and without blocking, and checked again on the open descriptor, so
+    that an entry swapped between the check and the open is refused too.
+    """
+    problem = _entry_problem(directory, name)
+    if problem:
+        raise GoldenError([problem])
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(directory / name, flags | getattr(os, "O_BINARY", 0))
+    except OSError as error:
+        raise GoldenError([f"{name}: cannot be read ({error.strerror or error})"]) from None
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise GoldenError([f"{name}: is not a regular file; refused unread"])
+        try:
+            return stream.read(limit + 1)
+        except OSError as error:
+            raise GoldenError([f"{name}: cannot be read ({error.strerror or error})"]) from None
 
 
 def _refuse_constant(name: str) -> None:
@@ -760,25 +831,65 @@ def _listing_problems(directory: Path, manifest: Mapping[str, Any]) -> list[str]
     """Files the manifest lists that are missing, and entries it does not list."""
     listed = {record["file"] for record in manifest["cases"]}
     present = {entry.name: entry for entry in directory.iterdir()}
-    problems = [f"{file}: listed in {MANIFEST} but missing" for file in sorted(listed)
-                if file not in present]
+    problems = [problem for problem in (_entry_problem(directory, file) for file in sorted(listed))
+                if problem]
     for name, entry in sorted(present.items()):
         if name in listed or name == MANIFEST:
             continue
         if _TEMPORARY.fullmatch(name):
             problems.append(f"{name}: leftover temporary file of an interrupted write, not "
                             f"listed in {MANIFEST}")
-        elif entry.is_dir():
+        elif entry.is_dir() and not entry.is_symlink():
             problems.append(f"{name}: unexpected directory, not listed in {MANIFEST}")
         else:
             problems.append(f"{name}: extra file, not listed in {MANIFEST}")
     return problems
 
 
-def _read_npz(data: bytes, file: str) -> dict[str, np.ndarray]:
-    """The arrays of one ``.npz``; raises GoldenError for anything but plain numeric arrays."""
+def _member_problems(data: bytes, file: str, declared: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the zip members of a case file, read from its directory alone.
+
+    Every member must be stored (not compressed), appear once, be an array the
+    manifest ``declared`` and hold no more than that array's bytes and a
+    ``.npy`` header: checked before any member is read, so that no archive
+    inflates to more than its manifest promises.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as error:
+        return [f"{file}: cannot be read as .npz ({type(error).__name__}: {error})"]
+    problems, seen = [], set()
+    for member in members:
+        name = member.filename.removesuffix(".npy")
+        if member.filename in seen:
+            problems.append(f"{file}: member {member.filename!r} appears more than once")
+        seen.add(member.filename)
+        if member.compress_type != zipfile.ZIP_STORED:
+            problems.append(f"{file}: member {member.filename!r} is compressed; golden "
+                            f"members are stored, and compressed ones are refused uninflated")
+        elif name not in declared or not member.filename.endswith(".npy"):
+            problems.append(f"{file}: member {member.filename!r} is not an array {MANIFEST} "
+                            f"lists")
+        else:
+            entry = declared[name]
+            limit = (np.dtype(entry["dtype"]).itemsize * math.prod(entry["shape"])
+                     + _NPY_HEADER_BYTES)
+            if member.file_size > limit:
+                problems.append(f"{file}: member {member.filename!r} declares {member.file_size} "
+                                f"bytes, more than the {limit} its shape and dtype in "
+                                f"{MANIFEST} allow; refused unread")
+    return problems
+
+
+def _read_npz(data: bytes, file: str, declared: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of one ``.npz``; raises GoldenError for anything but plain numeric arrays
+    (:func:`_member_problems` says which members are read at all)."""
     if not data.startswith(b"PK\x03\x04"):  # np.load would take anything else for .npy/pickle
         raise GoldenError([f"{file}: not a zip archive (an .npz is a zip of .npy files)"])
+    problems = _member_problems(data, file, declared)
+    if problems:
+        raise GoldenError(problems)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             arrays = {}
@@ -825,20 +936,17 @@ def _content_problems(arrays: Mapping[str, np.ndarray], record: Mapping[str, Any
 def _read_case(directory: Path, record: Mapping[str, Any]) -> GoldenCase:
     """One case file, checked against its manifest record; raises GoldenError."""
     file = record["file"]
-    try:
-        data = (directory / file).read_bytes()
-    except OSError as error:
-        raise GoldenError([f"{file}: cannot be read ({error.strerror or error})"]) from None
+    data = _read_regular(directory, file, record["size"])
     if len(data) < record["size"]:
         raise GoldenError([f"{file}: truncated: {len(data)} bytes, {MANIFEST} lists "
                            f"{record['size']}"])
     if len(data) > record["size"]:
-        raise GoldenError([f"{file}: {len(data)} bytes, {MANIFEST} lists {record['size']} "
+        raise GoldenError([f"{file}: more than the {record['size']} bytes {MANIFEST} lists "
                            f"(appended to or replaced)"])
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise GoldenError([f"{file}: sha256 does not match {MANIFEST} (contents changed after "
                            f"writing: corrupted or edited)"])
-    arrays = _read_npz(data, file)
+    arrays = _read_npz(data, file, record["arrays"])
     problems = _content_problems(arrays, record, file)
     if problems:
         raise GoldenError(problems)
@@ -905,8 +1013,8 @@ def load(directory: str | os.PathLike[str]) -> GoldenSet:
     problems = _listing_problems(path, manifest)
     cases = []
     for record in manifest["cases"]:
-        if not (path / record["file"]).exists():
-            continue  # already reported by the listing
+        if _entry_problem(path, record["file"]):
+            continue  # missing, a link or not a regular file: reported by the listing
         try:
             cases.append(_read_case(path, record))
         except GoldenError as error:
@@ -1073,6 +1181,9 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
         if not isinstance(chosen, Backend):
             raise TypeError(f"golden.verify: backend must be a backend name or a Backend, "
                             f"got {backend!r}")
+    elif not isinstance(against, Implementation):
+        raise TypeError(f"golden.verify: against must be a condconv_ref.testing.Implementation, "
+                        f"got {type(against).__name__}")
     if variants is not None and (isinstance(variants, str)
                                  or any(name not in VARIANTS for name in variants)):
         raise ValueError(f"golden.verify: variants must be a list of names from "

@@ -88,6 +88,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from condconv_ref import accuracy
@@ -104,6 +105,7 @@ from condconv_ref.engine import (
     worst,
 )
 from condconv_ref.memory import MemoryBudgetError
+from condconv_ref.testing._numerics import _check_kept
 from condconv_ref.testing.sampling import case_seed, draw_examples
 from condconv_ref.variants import VARIANTS, Case, build_case, reference_forward, reference_vjp
 
@@ -280,20 +282,22 @@ def _measure_case(case: Case, dtype: str, precision: str, runner: Runner,
             _measure(first[1], gradients, precision, second[1]))
 
 
-def _host(result: Any, dtype: str, what: str) -> np.ndarray:
-    host = to_numpy(result)
-    if host.dtype != np.dtype(dtype):
-        raise AssertionError(f"{what} has dtype {host.dtype}, expected the inputs' {dtype}")
-    return host
+def _host(result: Any, like: Any, what: str) -> np.ndarray:
+    """``result`` copied to the host, after checking that it has ``like``'s namespace, device
+    and dtype (``AssertionError`` naming ``what`` if not)."""
+    _check_kept(what, result, like, "the inputs", xp=array_api_compat.array_namespace(like),
+                shape=False)
+    return to_numpy(result)
 
 
 def _reference_runner(backend: Backend, dtype: str) -> Runner:
     """The reference op on ``backend`` in ``dtype``, results copied to the host."""
 
     def run(case: Case, cotangent: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        output = _host(reference_forward(case, backend, dtype), dtype, "the output")
+        like = backend.asarray(cotangent, dtype)
+        output = _host(reference_forward(case, backend, dtype), like, "the output")
         gradients = reference_vjp(case, cotangent, backend, dtype)
-        return output, {name: _host(g, dtype, f"gradient {name!r}")
+        return output, {name: _host(g, like, f"gradient {name!r}")
                         for name, g in gradients.items()}
 
     return run
@@ -660,8 +664,8 @@ def _torch_runner(torch: Any, device: str) -> Runner:
                                    groups=geometry.groups)
         grads = torch.autograd.grad(output, list(tensors.values()),
                                     torch.tensor(cotangent, dtype=torch.float32, device=device))
-        return (_host(output, "float32", "the output"),
-                {name: _host(g, "float32", f"gradient {name!r}")
+        return (_host(output, tensors["x"], "the output"),
+                {name: _host(g, tensors["x"], f"gradient {name!r}")
                  for name, g in zip(tensors, grads)})
 
     return run

@@ -107,7 +107,11 @@ def _working_memory(x: Any, experts: Any, *, vjp: bool) -> dict[str, int]:
     parts["output"] = batch * out_features
     if vjp:  # the forward's intermediates and their gradients
         parts = {name: 2 * count for name, count in parts.items()}
-        parts["experts and x gradients"] = math.prod(experts.shape) + math.prod(x.shape)
+        # the experts' gradient, and the per-expert gradients stacked into it (MoE form)
+        parts["experts and x gradients"] = 2 * math.prod(experts.shape) + math.prod(x.shape)
+        if _uses_shared_matmuls(experts):  # u = W_eᵀ ȳ_b and one product of it at a time
+            parts["W_eᵀ ȳ_b and its products (E, B, F_in)"] = (
+                2 * n_experts * batch * in_features)
     return parts
 
 

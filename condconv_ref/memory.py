@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
-from condconv_ref._validate import check_positive_int
+from condconv_ref._validate import check_positive_int, widened_elements
 
 __all__ = [
     "MemoryBudgetError",
@@ -149,10 +149,14 @@ def check_memory(fn: str, itemsize: int, parts: dict[str, int]) -> None:
     """Raise :class:`MemoryBudgetError` if ``parts`` exceed the budget.
 
     ``parts`` maps a description of each large array the call will allocate
-    to its number of elements, each ``itemsize`` bytes.
+    to its number of elements, each ``itemsize`` bytes.  Inside a float16 call
+    the float32 copies of its inputs are added
+    (:func:`condconv_ref._validate.widened_elements`).
     """
     if _budget is None:
         return
+    if widened_elements():
+        parts = {**parts, "float32 copies of the float16 inputs": widened_elements()}
     total = itemsize * sum(parts.values())
     if total <= _budget:
         return

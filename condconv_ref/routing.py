@@ -58,7 +58,8 @@ def _check_route_sigmoid(fn: str, x: Any, weight: Any, bias: Any, cotangent: Any
     if cotangent is not None:
         check_shape(fn, "cotangent", cotangent, (x.shape[0], experts), "(B, E), the output shape")
     check_nonempty(fn, x=x, weight=weight, bias=bias)
-    check_memory(fn, itemsize(x, xp=xp), routing_memory(x, experts, vjp=cotangent is not None))
+    check_memory(fn, itemsize(x, xp=xp), routing_memory(x, experts, vjp=cotangent is not None,
+                                                        parameters=experts * (channels + 1)))
 
 
 @public_op

@@ -328,10 +328,11 @@ def _wrong_softmax_vjp(name: str, factor: float):
     return vjp
 
 
-def _unshifted_softmax_vjp(cotangent, probabilities, temperature, *, xp):
-    """The softmax VJP as it was: alpha (c - <c, alpha>) / T, unshifted."""
+def _unshifted_softmax_vjp(cotangent, probabilities, *, xp):
+    """The softmax VJP as it was, unshifted: T times alpha (c - <c, alpha>) / T, the division
+    by T left to the caller as in the library."""
     inner = xp.sum(cotangent * probabilities, axis=-1, keepdims=True)
-    return probabilities * (cotangent - inner) / temperature
+    return probabilities * (cotangent - inner)
 
 
 @pytest.mark.parametrize(("seed", "index"), SATURATED)
@@ -423,3 +424,21 @@ def test_scale_is_at_least_the_magnitude(case):
     grads = expected_vjp(case, case.cotangent(expected.value.shape))
     for name, value in grads.value.items():
         assert np.all(grads.scale[name] >= np.abs(value)), name
+
+
+def test_finite_difference_check_refuses_a_complex_gradient_instead_of_dropping_its_imaginary_part():
+    from condconv_ref import conv_vjp
+    from condconv_ref.engine import finite_difference_check
+    from condconv_ref.testing import ConvConfig
+    from condconv_ref.variants import build_case
+
+    config = ConvConfig(batch=1, in_channels=1, out_channels=1, groups=1, spatial=(4,),
+                        kernel=(3,), stride=(1,), dilation=(1,), padding=0,
+                        padding_mode="zeros", n_experts=1, bias=False)
+
+    def complex_vjp(cotangent, x, kernel, **options):
+        grads = conv_vjp(cotangent, x, kernel, **options)
+        return {**grads, "x": grads["x"] + 1e6j}
+
+    with pytest.raises(AssertionError, match=r"gradient 'x': has dtype complex128"):
+        finite_difference_check(build_case("conv", config, seed=0), "float64", vjp=complex_vjp)

@@ -477,3 +477,53 @@ def test_arrays_on_two_devices_are_rejected(backend):
     with pytest.raises(ValueError, match=r"^condconv: routing is on device .* all arrays must be"):
         condconv_ref.condconv(ones(backend, 2, 3, 5), ones(backend, 2, 4, 3, 3),
                               ones(other, 2, 2))
+
+
+NUMPY_SUBCLASSES = {
+    "masked array": (lambda a: np.ma.masked_array(a, mask=np.zeros(a.shape, dtype=bool)),
+                     r"x is a numpy\.ma(\.core)?\.MaskedArray, expected a plain numpy\.ndarray"),
+    "matrix": (lambda a: np.asmatrix(a[0]), r"x must be an array, got numpy\.matrix"),
+}
+
+
+@pytest.mark.parametrize("vjp", [False, True], ids=["forward", "vjp"])
+@pytest.mark.parametrize("subclass, message", NUMPY_SUBCLASSES.values(),
+                         ids=NUMPY_SUBCLASSES.keys())
+def test_numpy_subclasses_are_refused_at_the_boundary(subclass, message, vjp):
+    """A masked array (whose mask the array API would ignore) used to fail deep inside NumPy
+    ("operands could not be broadcast"); a matrix (always 2-D) is no array API array."""
+    x = subclass(np.ones((2, 3, 5)))
+    kernel = np.ones((4, 3, 3))
+    with pytest.raises(TypeError, match=("^conv_vjp: " if vjp else "^conv: ") + message):
+        if vjp:
+            condconv_ref.conv_vjp(np.ones((2, 4, 3)), x, kernel)
+        else:
+            condconv_ref.conv(x, kernel)
+
+
+def test_a_memmap_is_a_plain_array(tmp_path):
+    x = np.memmap(tmp_path / "x", dtype="float64", mode="w+", shape=(2, 3, 5))
+    x[:] = 1.0
+    assert condconv_ref.conv(x, np.ones((4, 3, 3))).shape == (2, 4, 3)
+
+
+def test_params_keys_of_mixed_types_are_named():
+    """Two unknown keys of different types used to fail inside sorted() with '<' not
+    supported."""
+    params = {"experts": np.ones((2, 4, 3, 3)), "route_weight": np.ones((2, 3)),
+              0: np.ones(1), "gate": np.ones(1)}
+    with pytest.raises(TypeError, match=r"^condconv_layer: params has keys that are not "
+                                        r"strings \[0\]"):
+        condconv_ref.condconv_layer(np.ones((2, 3, 5)), params)
+
+
+@pytest.mark.parametrize("tolerance", [-1e-3, float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+def test_a_tolerance_must_be_finite_and_non_negative(name, tolerance):
+    from condconv_ref.testing import assert_close, check_vjp
+
+    x = np.ones(3)
+    with pytest.raises(ValueError, match=rf"^assert_close: {name} must be finite and >= 0"):
+        assert_close(x, x + 1.0, **{name: tolerance})
+    with pytest.raises(ValueError, match=rf"^check_vjp: {name} must be finite and >= 0"):
+        check_vjp(lambda x: 2 * x, lambda c, x: {"x": 3 * c}, {"x": x}, **{name: tolerance})

@@ -402,3 +402,56 @@ def test_layout_converter_from_the_other_framework_is_caught():
                                           supports=condconv_torch.SUPPORTS)
     report = _failing(implementation, "condconv_layer")
     assert "output" in _differing(report)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(variant=["condconv"]), ValueError, r"variant must be one of"),
+    (dict(variant="condconv", supports="everything"), TypeError,
+     r"supports must be a condconv_ref.testing.Supports, got 'everything'"),
+    (dict(variant="condconv", backend=3), TypeError,
+     r"backend must be a backend name or a Backend, got 3"),
+    (dict(variant="condconv", raise_on_failure="no"), TypeError,
+     r"raise_on_failure must be True or False"),
+    (dict(variant="condconv", vjp="reference_vjp"), TypeError, r"vjp must be callable"),
+])
+def test_arguments_of_the_wrong_type_are_named_before_any_case_runs(options, error, message):
+    with pytest.raises(error, match=r"^check_implementation: " + message):
+        check_implementation(reference_forward, max_examples=2, **options)
+
+
+def _returning(convert):
+    """A forward returning the reference's output passed through ``convert``."""
+    return lambda case: convert(np.asarray(reference_forward(case)))
+
+
+WRONG_KINDS = {
+    "complex": (_returning(lambda y: y + 1e6j), "has dtype complex128 (kind 'c')"),
+    "torch complex": (_returning(lambda y: torch.from_numpy(y) + 1e6j),
+                      "has dtype complex128 (kind 'c')"),
+    "integer": (_returning(lambda y: y.astype(np.int64)), "has dtype int64 (kind 'i')"),
+    "boolean": (_returning(lambda y: y != 0), "has dtype bool (kind 'b')"),
+    "list": (_returning(lambda y: y.tolist()), "is a builtins.list, expected an array"),
+    "masked array": (_returning(lambda y: np.ma.masked_array(y + 1e6, mask=np.ones(y.shape))),
+                     "is a numpy masked array"),
+    "one axis too many": (_returning(lambda y: y[None]), "has shape (1, "),
+}
+
+
+@pytest.mark.parametrize("forward, reason", WRONG_KINDS.values(), ids=WRONG_KINDS.keys())
+def test_an_output_of_the_wrong_kind_fails_with_its_reason(forward, reason):
+    """The values may be right (or hidden): a result that is not a real floating array of
+    the output's shape fails, and nothing is converted away (an imaginary part, a mask)."""
+    report = check_implementation(forward, variant="condconv", max_examples=3,
+                                  raise_on_failure=False)
+    assert not report.passed
+    assert reason in report.mismatches[0].reason, report.mismatches[0]
+
+
+def test_a_gradient_of_the_wrong_kind_fails_with_its_reason():
+    def vjp(case, cotangent):
+        grads = reference_vjp(case, cotangent)
+        return {**grads, "x": np.asarray(grads["x"]).astype(np.int32)}
+
+    report = _failing(reference_forward, "condconv", vjp=vjp)
+    (mismatch,) = report.mismatches
+    assert mismatch.what == "gradient 'x'" and "has dtype int32 (kind 'i')" in mismatch.reason

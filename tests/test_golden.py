@@ -162,7 +162,11 @@ def _replace_case_file(directory, file, arrays):
     """Write ``arrays`` as ``file`` and reseal the manifest's size and sha256 of it."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    data = buffer.getvalue()
+    _replace_bytes(directory, file, buffer.getvalue())
+
+
+def _replace_bytes(directory, file, data):
+    """Write ``data`` as ``file`` and reseal the manifest's size and sha256 of it."""
     (directory / file).write_bytes(data)
 
     def edit(manifest):
@@ -283,6 +287,92 @@ def _not_npz(directory):
     _reseal(directory, edit)
 
 
+def _dangle_a_symlink(directory):
+    path = directory / "0002-cond_linear_layer.npz"
+    path.unlink()
+    path.symlink_to(directory / "absent.npz")
+
+
+def _link_inside(directory):
+    """A listed file replaced by a link to another listed file of the directory."""
+    path = directory / "0001-condconv.npz"
+    path.unlink()
+    path.symlink_to("0000-condconv.npz")
+
+
+def _link_outside(directory):
+    path = directory / "0001-condconv.npz"
+    outside = directory.parent / "outside.npz"
+    path.rename(outside)
+    path.symlink_to(outside)
+
+
+def _link_the_manifest(directory):
+    path = directory / golden.MANIFEST
+    outside = directory.parent / "manifest-elsewhere.json"
+    path.rename(outside)
+    path.symlink_to(outside)
+
+
+def _named_pipe(directory):
+    """Reading a named pipe with no writer blocks forever; it must be refused unopened."""
+    path = directory / "0003-cond_linear_layer.npz"
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _rezip(directory, file, write):
+    """Rewrite ``file``'s members through ``write(archive, name, npy_bytes)`` and reseal."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, a in _stored_arrays(directory, file).items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, a)
+            write(archive, name, member.getvalue())
+    _replace_bytes(directory, file, buffer.getvalue())
+
+
+def _compress_a_member(directory):
+    _rezip(directory, "0000-condconv.npz", lambda archive, name, data: archive.writestr(
+        name + ".npy", data, compress_type=zipfile.ZIP_DEFLATED if name == "x" else None))
+
+
+def _duplicate_a_member(directory):
+    def write(archive, name, data):
+        archive.writestr(name + ".npy", data)
+        if name == "output":
+            with pytest.warns(UserWarning, match="Duplicate name"):
+                archive.writestr(name + ".npy", data)
+
+    _rezip(directory, "0000-condconv.npz", write)
+
+
+def _oversize_a_member(directory):
+    """A member holding more than its declared shape: refused before it is read."""
+    def write(archive, name, data):
+        if name == "x":
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.zeros(10**5))
+            data = member.getvalue()
+        archive.writestr(name + ".npy", data)
+
+    _rezip(directory, "0000-condconv.npz", write)
+
+
+def _nest_the_manifest(directory):
+    (directory / golden.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _nest_the_options(directory):
+    def edit(manifest):
+        nested = 0
+        for _ in range(500):
+            nested = [nested]
+        manifest["cases"][0]["options"]["padding"] = nested
+
+    _reseal(directory, edit)
+
+
 CORRUPTIONS = {
     "truncated file": (_truncate, ["0001-condconv.npz: truncated"]),
     "bit-flipped file": (_flip_bit, ["0001-condconv.npz: sha256 does not match"]),
@@ -294,7 +384,8 @@ CORRUPTIONS = {
     "wrong dtype": (_store_float32, ["0000-condconv.npz: array 'x' has dtype <f4"]),
     "big-endian dtype": (_store_big_endian, ["0000-condconv.npz: array 'experts' has dtype >f8"]),
     "wrong shape": (_store_wrong_shape, ["0000-condconv.npz: array 'output' has shape"]),
-    "extra array": (_store_extra_array, ["0000-condconv.npz: holds arrays", "'note'"]),
+    "extra array": (_store_extra_array, ["0000-condconv.npz: member 'note.npy' is not an array "
+                                         "manifest.json lists"]),
     "not an npz": (_not_npz, ["0003-cond_linear_layer.npz: not a zip archive"]),
     "dtype declared wrong": (_declare_float32, ["manifest.json: case 0 array 'x' has dtype "
                                                 "'float32', but the set's dtype is 'float64'"]),
@@ -308,6 +399,23 @@ CORRUPTIONS = {
     "manifest missing": (_remove_manifest, ["manifest.json: missing from", "interrupted"]),
     "leftover temporary file": (_leave_temporary_file,
                                 [".0004-condconv.npz.k3j2h1.tmp: leftover temporary file"]),
+    "dangling symlink": (_dangle_a_symlink,
+                         ["0002-cond_linear_layer.npz: is a symbolic link, refused unread"]),
+    "symlink inside the directory": (_link_inside,
+                                     ["0001-condconv.npz: is a symbolic link, refused unread"]),
+    "symlink outside the directory": (_link_outside,
+                                      ["0001-condconv.npz: is a symbolic link, refused unread"]),
+    "manifest a symlink": (_link_the_manifest, ["manifest.json: is a symbolic link"]),
+    "named pipe": (_named_pipe, ["0003-cond_linear_layer.npz: is a named pipe, not a regular "
+                                 "file; refused unread"]),
+    "compressed member": (_compress_a_member, ["0000-condconv.npz: member 'x.npy' is "
+                                               "compressed", "refused uninflated"]),
+    "duplicated member": (_duplicate_a_member, ["0000-condconv.npz: member 'output.npy' "
+                                                "appears more than once"]),
+    "member larger than declared": (_oversize_a_member, ["0000-condconv.npz: member 'x.npy' "
+                                                         "declares", "refused unread"]),
+    "manifest nested 100,000 deep": (_nest_the_manifest, ["manifest.json: nested too deeply"]),
+    "options nested 500 deep": (_nest_the_options, ["manifest.json: nested 504 levels deep"]),
 }
 
 

@@ -183,3 +183,125 @@ def test_budgets_must_be_positive_ints_or_none(bad):
     with pytest.raises(error, match=r"^memory_budget: nbytes"):
         memory_budget(bad)
     assert condconv_ref.memory_budget is memory_budget
+
+
+# ---------------------------------------------------------------- measured peaks
+
+
+def smallest_accepted_budget(run) -> int:
+    """The smallest budget under which ``run`` is not refused, by bisection on refusals (each
+    refused call allocates nothing, so the search is cheap)."""
+    low, high = 1, 2**20
+    while True:
+        with memory_budget(high):
+            try:
+                run()
+                break
+            except MemoryBudgetError:
+                low, high = high, 2 * high
+    while high - low > max(1, low // 64):
+        middle = (low + high) // 2
+        with memory_budget(middle):
+            try:
+                run()
+                high = middle
+            except MemoryBudgetError:
+                low = middle
+    return high
+
+
+def _linear_case(variant, batch, n_experts, out_features, in_features, dtype="float32"):
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.standard_normal((batch, in_features)),
+              "experts": rng.standard_normal((n_experts, out_features, in_features))}
+    if variant == "cond_linear_layer":
+        params = {"experts": arrays.pop("experts"),
+                  "route_weight": rng.standard_normal((n_experts, in_features))}
+        return {"x": arrays["x"].astype(dtype)}, {k: v.astype(dtype) for k, v in params.items()}
+    arrays["routing"] = rng.uniform(size=(batch, n_experts))
+    return {k: v.astype(dtype) for k, v in arrays.items()}, None
+
+
+def _measured_call(name, vjp, arrays, params=None, **options):
+    """A call of op ``name`` (or its VJP at a cotangent of ones) on NumPy ``arrays``."""
+    forward = getattr(condconv_ref, name)
+    call_arrays = (arrays["x"], params) if params is not None else tuple(arrays.values())
+    if not vjp:
+        return lambda: forward(*call_arrays, **options)
+    with memory_budget(None):
+        output = forward(*call_arrays, **options)
+    cotangent = np.ones(output.shape, dtype=output.dtype)
+    backward = getattr(condconv_ref, name + "_vjp")
+    return lambda: backward(cotangent, *call_arrays, **options)
+
+
+def _routing_arrays(batch, channels, experts, hidden, spatial=4):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, channels, spatial)).astype("float32")
+    return x, rng.standard_normal((hidden, channels)).astype("float32"), \
+        rng.standard_normal((experts, hidden)).astype("float32")
+
+
+OBJECTS = 2**14  # Python objects and array headers, which the budget (of large arrays) omits
+
+# Shapes where one term of an estimate dominates; each must peak within twice the smallest
+# budget its op accepts.
+MEASURED = {
+    # float16 inputs are widened to float32 copies before the op runs: here they are all
+    # there is (a stride of 4096 leaves one output per example and channel)
+    "conv float16": lambda vjp: _measured_call(
+        "conv", vjp, {"x": np.ones((4, 8, 4096), np.float16),
+                      "kernel": np.ones((8, 8, 1), np.float16)}, stride=4096),
+    # the shared-matmul form's (E, B, F_in) and (E, B, F_out) temporaries (E <= F_in)
+    "cond_linear shared": lambda vjp: _measured_call(
+        "cond_linear", vjp, *_linear_case("cond_linear", 64, 16, 8, 256)),
+    # the mixed-weight form's (B, F_out, F_in) weights (E > F_in)
+    "cond_linear mixed": lambda vjp: _measured_call(
+        "cond_linear", vjp, *_linear_case("cond_linear", 16, 64, 32, 32)),
+    "moe_cond_linear": lambda vjp: _measured_call(
+        "moe_cond_linear", vjp, *_linear_case("moe_cond_linear", 64, 16, 8, 256)),
+    "cond_linear_layer": lambda vjp: _measured_call(
+        "cond_linear_layer", vjp, *_linear_case("cond_linear_layer", 64, 16, 8, 256)),
+    # the routing parameters' gradients (E, C) and (H, C), (E, H) dominate x's
+    "route_sigmoid": lambda vjp: _measured_call(
+        "route_sigmoid", vjp, {"x": _routing_arrays(2, 512, 256, 1)[0],
+                               "weight": np.ones((256, 512), np.float32)}),
+    "route_softmax": lambda vjp: _measured_call(
+        "route_softmax", vjp, dict(zip(("x", "fc1_weight", "fc2_weight"),
+                                       _routing_arrays(2, 512, 256, 256))), temperature=1.0),
+    # the routing's x gradient (B, C, *spatial) dominates
+    "route_sigmoid x": lambda vjp: _measured_call(
+        "route_sigmoid", vjp, {"x": _routing_arrays(8, 16, 4, 1, spatial=4096)[0],
+                               "weight": np.ones((4, 16), np.float32)}),
+}
+
+
+@pytest.mark.parametrize("vjp", [False, True], ids=["forward", "vjp"])
+@pytest.mark.parametrize("case", MEASURED, ids=MEASURED)
+def test_an_accepted_call_peaks_within_twice_its_budget(case, vjp):
+    run = MEASURED[case](vjp)
+    budget = smallest_accepted_budget(run)
+    with memory_budget(budget):
+        run()  # one-off caches
+        peak, _ = peak_bytes(run)
+    assert peak <= 2 * budget + OBJECTS, (f"{case}{' vjp' if vjp else ''}: peak {peak} bytes under an "
+                                f"accepted budget of {budget} ({peak / budget:.1f}x)")
+
+
+@pytest.mark.parametrize("vjp", [False, True], ids=["forward", "vjp"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_op_and_vjp_peaks_within_twice_the_budget_it_accepts(variant, vjp):
+    run = call(variant, get_backend_numpy(), vjp=vjp,
+               config=replace(CONFIG, spatial=(12, 12), kernel=(3, 3), padding=1))
+    budget = smallest_accepted_budget(run)
+    with memory_budget(budget):
+        run()
+        peak, _ = peak_bytes(run)
+    assert peak <= 2 * budget + OBJECTS, (f"{variant}{' vjp' if vjp else ''}: peak {peak} bytes under "
+                                f"an accepted budget of {budget} ({peak / budget:.1f}x)")
+
+
+def get_backend_numpy():
+    from condconv_ref.backends import get_backend
+
+    return get_backend("numpy")

@@ -162,6 +162,25 @@ def test_sigmoid_routing_is_finite_and_exact_for_extreme_logits(backend, dtype, 
 @example(logits=[0.0, 6440.0], temperature=64.0)
 def test_softmax_routing_is_finite_and_exact_for_extreme_logits_and_temperatures(
         backend, dtype, logits, temperature):
+    softmax_routing_matches_the_extended_precision_reference(backend, dtype, logits,
+                                                             temperature)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-6])
+@pytest.mark.parametrize("logits", [[1e34, 1e34, 0.0], [1e34, -1e34, 1e34], [3e30, -1e30, 3e30]],
+                         ids=["tie-and-zero", "tie-and-opposite", "tie-at-1e30"])
+def test_softmax_routing_with_a_tie_at_the_top_of_saturated_logits(backend, dtype, logits,
+                                                                   temperature):
+    """Logits of 1e34 with an exact tie at the top and T <= 1e-3: the gradient of each tied
+    logit times its weight row overflowed to +-inf and their sum (exactly 0) came out NaN; the
+    forward warned of an overflow dividing a gap of 1e34 by T = 1e-6 for an exact 0."""
+    softmax_routing_matches_the_extended_precision_reference(backend, dtype, logits,
+                                                             temperature)
+
+
+def softmax_routing_matches_the_extended_precision_reference(backend, dtype, logits,
+                                                             temperature):
     dtype_on(backend, dtype)
     fc2_weight = rounded(logits, dtype)[:, None]                 # (E, H=1)
     x, fc1_weight = np.array([[1.0], [0.5]]), np.array([[1.0]])  # hidden h = x, logits h z

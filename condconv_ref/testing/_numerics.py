@@ -23,7 +23,7 @@ import array_api_compat
 import array_api_extra as xpx
 import numpy
 
-from condconv_ref._validate import check_positive_int, namespace
+from condconv_ref._validate import check_positive_int, check_tolerance, namespace
 from condconv_ref.backends import to_numpy
 
 __all__ = [
@@ -298,8 +298,8 @@ def assert_close(
         default_tolerances(dtype, reduction_length=reduction_length)
         for dtype in (actual.dtype, desired.dtype)
     )
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else check_tolerance("assert_close", "rtol", rtol)
+    atol = default_atol if atol is None else check_tolerance("assert_close", "atol", atol)
     dtype = _common_dtype(xp, name, actual, desired, check_dtype)
     actual, desired = xp.astype(actual, dtype, copy=False), xp.astype(desired, dtype, copy=False)
     actual, desired = _same_shape(xp, name, actual, desired, check_shape)
@@ -742,6 +742,9 @@ def check_vjp(
     argument 'w'
     """
     op = name or _op_name(f)
+    for tolerance, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None:
+            check_tolerance("check_vjp", tolerance, value)
     xp = namespace(op, **args)
     names = _check_names(op, args, args if wrt is None else wrt, "wrt")
     rng = numpy.random.default_rng(seed)

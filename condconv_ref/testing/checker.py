@@ -282,16 +282,28 @@ def _in_dtype(case: Case, dtype: str) -> Case:
 # ---------------------------------------------------------------- the search
 
 
+def _backend(fn: str, backend: Any) -> Backend:
+    """``backend`` (a name or a :class:`~condconv_ref.backends.Backend`) as a Backend."""
+    if isinstance(backend, str):
+        return get_backend(backend)
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{fn}: backend must be a backend name or a Backend, got {backend!r}")
+    return backend
+
+
 def _implementation(forward: Any, vjp: Any, supports: Supports | None) -> Implementation:
     if isinstance(forward, Implementation):
         given = forward
-        return Implementation(given.forward, vjp if vjp is not None else given.vjp,
-                              supports if supports is not None else given.supports)
+        forward, vjp = given.forward, vjp if vjp is not None else given.vjp
+        supports = supports if supports is not None else given.supports
     if not callable(forward):
         raise TypeError(f"check_implementation: forward must be callable or an Implementation, "
                         f"got {type(forward).__name__}")
     if vjp is not None and not callable(vjp):
         raise TypeError(f"check_implementation: vjp must be callable, got {type(vjp).__name__}")
+    if supports is not None and not isinstance(supports, Supports):
+        raise TypeError(f"check_implementation: supports must be a "
+                        f"condconv_ref.testing.Supports, got {supports!r}")
     return Implementation(forward, vjp, supports)
 
 
@@ -381,16 +393,19 @@ def check_implementation(
     >>> report.passed, report.mismatches[0].what, report.case.shapes["x"][0]
     (False, 'output', 1)
     """
-    if variant not in VARIANTS:
+    if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"check_implementation: variant must be one of {list(LAYER_VARIANTS)} "
                          f"(or another of {sorted(set(VARIANTS) - set(LAYER_VARIANTS))}), "
                          f"got {variant!r}")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"check_implementation: dtype must be one of {DTYPES}, got {dtype!r}")
     count = check_positive_int("check_implementation", "max_examples", max_examples)
     seed = check_positive_int("check_implementation", "seed", seed, minimum=0)
+    if not isinstance(raise_on_failure, bool):
+        raise TypeError(f"check_implementation: raise_on_failure must be True or False, got "
+                        f"{raise_on_failure!r}")
     implementation = _implementation(forward, vjp, supports)
-    search = _Search(dtype, get_backend(backend) if isinstance(backend, str) else backend)
+    search = _Search(dtype, _backend("check_implementation", backend))
     # Only the search needs hypothesis; the rest of the module works without it.
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hypothesis_seed
