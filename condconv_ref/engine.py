@@ -335,7 +335,7 @@ def _batch_norm_relu_inputs(case: Case, arrays: Mapping[str, np.ndarray]) -> np.
 
 def _sampled_kink(case: Case, point: Mapping[str, np.ndarray],
                   tangents: Mapping[str, np.ndarray], step: float) -> float:
-    """The smallest :math:`|s| \le` ``step`` at which a ReLU input of ODConv's trunk along
+    r"""The smallest :math:`|s| \le` ``step`` at which a ReLU input of ODConv's trunk along
     ``point + s * tangents`` is 0, infinity where none is.  In train mode the batch norm
     makes the inputs a ratio in ``s``, not a polynomial, so the line is sampled at
     :data:`_KINK_SAMPLES` points each way and a sign change is located by bisection."""

@@ -559,7 +559,7 @@ def _build_dynamic(config: ConvConfig, seed: int, temperature: Any) -> Any:
 
 def _odconv_trunk(x: np.ndarray, rng: np.random.Generator, *, train: bool, bias: bool
                   ) -> dict[str, Any]:
-    """The fc layer and batch norm of an ODConv trunk whose ReLU inputs keep clear of the kink.
+    r"""The fc layer and batch norm of an ODConv trunk whose ReLU inputs keep clear of the kink.
 
     Each feature's parameters are redrawn until every batch-norm output satisfies
     :math:`|z_{bj}| \ge 0.05\,(|\gamma_j \hat a_{bj}| + |\beta_j|)`, so finite
