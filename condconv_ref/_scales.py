@@ -350,9 +350,9 @@ def _batch_norm_scales(pre: np.ndarray, pre_scale: np.ndarray, trunk: Any, p: di
 
 def _odconv(arrays: dict[str, np.ndarray], options: dict[str, Any], floor: float) -> _ODConv:
     """The trunk and the heads of an ``odconv_layer`` case, each value with its scale."""
-    from condconv_ref.odconv import _ODCONV_KEYS, trunk
+    from condconv_ref._attention import ODCONV_KEYS, trunk
 
-    p = {name: arrays.get(name) for name in _ODCONV_KEYS}
+    p = {name: arrays.get(name) for name in ODCONV_KEYS}
     train, temperature = options.get("batch_norm", "eval") == "train", options["temperature"]
     values = trunk(arrays["x"], p, train=train, eps=options.get("bn_eps", 1e-5), xp=_numpy())
     pool = _pool(arrays["x"], pooled=True)
@@ -385,10 +385,10 @@ def _odconv(arrays: dict[str, np.ndarray], options: dict[str, Any], floor: float
 def _odconv_conv(od: _ODConv, x: np.ndarray, experts: np.ndarray, attentions: dict[str, Any],
                  geometry: Any, cotangent: np.ndarray | None = None) -> Any:
     """:func:`condconv_ref.odconv.attended_conv` (or its VJP at ``cotangent``) in float64."""
-    from condconv_ref.odconv import _shaped, attended_conv, attended_conv_vjp
+    from condconv_ref._attention import attended_conv, attended_conv_vjp, shaped_attentions
 
     xp = _numpy()
-    shaped = _shaped(attentions, experts, xp=xp)
+    shaped = shaped_attentions(attentions, experts, xp=xp)
     if cotangent is None:
         return attended_conv(x, experts, shaped, geometry, xp=xp)
     grads = attended_conv_vjp(cotangent, x, experts, shaped, geometry, xp=xp)

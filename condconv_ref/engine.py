@@ -325,9 +325,9 @@ def _batch_norm_relu_inputs(case: Case, arrays: Mapping[str, np.ndarray]) -> np.
     """The inputs of ODConv's trunk ReLU (the batch norm's outputs) at ``arrays``."""
     import array_api_compat.numpy
 
-    from condconv_ref.odconv import _ODCONV_KEYS, trunk
+    from condconv_ref._attention import ODCONV_KEYS, trunk
 
-    p = {name: arrays.get(name) for name in _ODCONV_KEYS}
+    p = {name: arrays.get(name) for name in ODCONV_KEYS}
     return trunk(arrays["x"], p, train=case.options.get("batch_norm") == "train",
                  eps=case.options.get("bn_eps", 1e-5),
                  xp=array_api_compat.numpy).activation_input

@@ -86,7 +86,8 @@ from condconv_ref.linear import (
     moe_cond_linear,
     moe_cond_linear_vjp,
 )
-from condconv_ref.odconv import BUFFERS, HEADS, odconv_layer, odconv_layer_vjp
+from condconv_ref._attention import BUFFERS, HEADS
+from condconv_ref.odconv import odconv_layer, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_vjp,
@@ -557,8 +558,8 @@ def _build_dynamic(config: ConvConfig, seed: int, temperature: Any) -> Any:
     return arrays, {**config.options(), "temperature": temperature}, _conv_lengths(config)
 
 
-def _odconv_trunk(x: np.ndarray, rng: np.random.Generator, *, train: bool, bias: bool
-                  ) -> dict[str, Any]:
+def _odconv_trunk(x: np.ndarray, width: int, rng: np.random.Generator, *, train: bool,
+                  bias: bool) -> dict[str, Any]:
     r"""The fc layer and batch norm of an ODConv trunk whose ReLU inputs keep clear of the kink.
 
     Each feature's parameters are redrawn until every batch-norm output satisfies
@@ -566,7 +567,6 @@ def _odconv_trunk(x: np.ndarray, rng: np.random.Generator, *, train: bool, bias:
     differences never straddle it.
     """
     pooled = x.mean(axis=tuple(range(2, x.ndim)))
-    width = int(rng.integers(1, 5))
     arrays: dict[str, np.ndarray] = {"fc_weight": np.empty((width, x.shape[1]))}
     arrays.update({name: np.empty(width) for name in ("bn_weight", "bn_bias",
                                                        *(() if train else BUFFERS))})
@@ -582,7 +582,8 @@ def _odconv_trunk(x: np.ndarray, rng: np.random.Generator, *, train: bool, bias:
                 variance = float(rng.uniform(0.1, 2.0))
             normalized = (pre - mean) / math.sqrt(variance + 1e-5)
             z = weight * normalized + shift
-            if np.all(z != 0) and np.all(np.abs(z) >= _KINK_MARGIN * (np.abs(weight * normalized) + abs(shift))):
+            size = np.abs(weight * normalized) + abs(shift)
+            if np.all(z != 0) and np.all(np.abs(z) >= _KINK_MARGIN * size):
                 break
         arrays["fc_weight"][j], arrays["bn_weight"][j], arrays["bn_bias"][j] = row, weight, shift
         if not train:
@@ -597,20 +598,21 @@ def _build_odconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
     four heads (each present with probability 3/4), the batch-norm mode (train with
     probability 1/2 when B >= 2) and the temperature, all from the seed."""
     a = _conv_arrays(config, seed)
-    rng = _rng(seed, 5)
-    train = config.batch >= 2 and bool(rng.random() < 0.5)
+    choices = _rng(seed, 5)  # the choices first: the same for every size of the configuration
+    train = bool(choices.random() < 0.5) and config.batch >= 2
+    present = [head for head in HEADS if choices.random() < 0.75]
+    width = int(choices.integers(1, 5))
+    low, high = ODCONV_TEMPERATURE_RANGE
+    drawn = float(np.exp(choices.uniform(math.log(low), math.log(high))))
+    rng = _rng(seed, 6)
     arrays = {"x": a.x, "experts": a.experts,
-              **_odconv_trunk(a.x, rng, train=train, bias=config.bias)}
-    width = arrays["fc_weight"].shape[0]
+              **_odconv_trunk(a.x, width, rng, train=train, bias=config.bias)}
     sizes = {"channel": config.in_channels, "filter": config.out_channels,
              "spatial": math.prod(config.kernel), "kernel": config.n_experts}
-    for head in HEADS:
-        if rng.random() < 0.75:
-            arrays[f"{head}_weight"] = rng.standard_normal((sizes[head], width))
-            if config.bias:
-                arrays[f"{head}_bias"] = rng.standard_normal(sizes[head])
-    low, high = ODCONV_TEMPERATURE_RANGE
-    drawn = float(np.exp(rng.uniform(math.log(low), math.log(high))))
+    for head in present:
+        arrays[f"{head}_weight"] = rng.standard_normal((sizes[head], width))
+        if config.bias:
+            arrays[f"{head}_bias"] = rng.standard_normal(sizes[head])
     options = {**config.options(), "temperature": drawn if temperature is None
                else float(temperature), "batch_norm": "train" if train else "eval"}
     forward, backward = _conv_lengths(config)
