@@ -29,7 +29,7 @@ An element passes when
 
     |a_i - r_i| \le \beta_i = \bigl(\gamma_n(u) + \gamma_n(u_{64})
         + \gamma_{4}(u_\text{in}) + u_\text{out}\bigr)\, s_i
-        + n\,(2\lambda u + 2\lambda_{64} u_{64})(1 + s_i)
+        + n\,(2\lambda u + 2\lambda_{64} u_{64})(1 + s_i) + \lambda u_\text{out}
 
 with
 
@@ -51,7 +51,9 @@ with
 - :math:`u_\text{out}` one final rounding of each result to a coarser storage
   dtype (float16 results of float32 arithmetic, the library's float16 policy:
   :math:`2^{-11}`; 0 for the others), at most :math:`u_\text{out} |r_i| \le
-  u_\text{out} s_i`;
+  u_\text{out} s_i`, or half the spacing of the storage dtype's subnormals,
+  :math:`\lambda u_\text{out}`, for a result that lands among them (the term
+  :math:`\lambda u_\text{out}` added to :math:`\beta_i`);
 - :math:`\lambda` the smallest positive normal number of the precision: a
   rounding into the subnormal range errs by at most half the subnormal
   spacing :math:`2\lambda u`, counted whole so that it is representable
@@ -259,7 +261,10 @@ def bound(scale: Any, depth: int, dtype: Any = "float64",
                 + gamma(OPERAND_ROUNDINGS, tested.operand_roundoff) + tested.result_roundoff)
     underflow = depth * (tested.smallest_normal * 2 * tested.unit_roundoff
                          + reference.smallest_normal * 2 * reference.unit_roundoff)
-    return relative * s + underflow * (1.0 + s)
+    # the final rounding of a result that lands in the storage dtype's subnormals errs by up
+    # to half their spacing, lambda u_out, which u_out |r| does not cover
+    stored_subnormal = tested.smallest_normal * tested.result_roundoff
+    return relative * s + underflow * (1.0 + s) + stored_subnormal
 
 
 @dataclass(frozen=True)

@@ -423,3 +423,16 @@ def test_scale_is_at_least_the_magnitude(case):
     grads = expected_vjp(case, case.cotangent(expected.value.shape))
     for name, value in grads.value.items():
         assert np.all(grads.scale[name] >= np.abs(value)), name
+
+
+def test_a_float16_result_rounded_into_the_subnormals_is_inside_the_bound():
+    """float32 arithmetic whose result is stored in float16: a value below float16's smallest
+    normal rounds to the subnormal grid (spacing 2**-24), which the relative u_out |r| does not
+    cover; one grid step off is still a failure."""
+    value = np.array([-2.5857534e-07, 3.0e-6])
+    stored = value.astype(np.float16).astype(np.float64)
+    assert np.all(stored != value)
+    assert compare("output", stored, value, np.abs(value), depth=11,
+                   dtype="float16/float32").passed
+    assert not compare("output", stored + 2.0**-24, value, np.abs(value), depth=11,
+                       dtype="float16/float32").passed
