@@ -8,7 +8,7 @@ gradients keyed by argument name.
 Which module is which (data flows down only: layers, engines, validation):
 
 * ops, one public module each: ``conv``, ``routing``, ``condconv``,
-  ``depthwise``, ``linear``, ``dynamic``.  Each op resolves the namespace and
+  ``depthwise``, ``linear``, ``dynamic``, ``odconv``.  Each op resolves the namespace and
   validates its arguments once, then calls the layers below.
 * plumbing shared by the ops: ``_layer`` (routing computed from ``x`` → op,
   and the VJP through both paths) and ``_mixing`` (expert mixing → conv, and
@@ -58,6 +58,7 @@ from condconv_ref.memory import (
     memory_budget,
     set_memory_budget,
 )
+from condconv_ref.odconv import odconv_layer, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_vjp,
@@ -94,6 +95,8 @@ __all__ = [
     "moe_cond_linear_vjp",
     "moe_condconv",
     "moe_condconv_vjp",
+    "odconv_layer",
+    "odconv_layer_vjp",
     "route_sigmoid",
     "route_sigmoid_vjp",
     "route_softmax",

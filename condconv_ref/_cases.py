@@ -262,6 +262,10 @@ class Supports:
         Upper bound on F_in and F_out of ``cond_linear_layer``.
     temperatures : (float, float)
         The range of the softmax temperature of ``dynamic_conv_layer``.
+    odconv_temperatures : (float, float)
+        The range of the temperature of ``odconv_layer``, drawn log-uniformly:
+        by default from heads that are almost step functions (:math:`10^{-3}`)
+        to heads that are almost constant (:math:`10^{3}`).
 
     Examples
     --------
@@ -289,15 +293,17 @@ class Supports:
     max_padding: int = 2
     max_features: int = 6
     temperatures: tuple[float, float] = (0.5, 4.0)
+    odconv_temperatures: tuple[float, float] = (1e-3, 1e3)
 
     def __post_init__(self) -> None:
         if not self.bias or any(b not in (False, True) for b in self.bias):
             raise ValueError(f"Supports: bias must be a non-empty subset of (False, True), "
                              f"got {self.bias!r}")
-        low, high = self.temperatures
-        if not 0 < low <= high < math.inf:
-            raise ValueError(f"Supports: temperatures must be (low, high) with "
-                             f"0 < low <= high < inf, got {self.temperatures!r}")
+        for name in ("temperatures", "odconv_temperatures"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high < math.inf:
+                raise ValueError(f"Supports: {name} must be (low, high) with "
+                                 f"0 < low <= high < inf, got {getattr(self, name)!r}")
 
     def config_options(self, *, depthwise: bool = False, linear: bool = False) -> dict[str, Any]:
         """The keyword arguments of :func:`condconv_ref.testing.conv_configs` for these limits.
@@ -307,7 +313,8 @@ class Supports:
         and ``bias`` matter.
         """
         options = {name: value for name, value in asdict(self).items()
-                   if name not in ("bias", "max_features", "temperatures")}
+                   if name not in ("bias", "max_features", "temperatures",
+                                   "odconv_temperatures")}
         options["bias"] = self.bias[0] if len(set(self.bias)) == 1 else None
         if linear:
             options.update(spatial_dims=(1,), padding_forms=("int",), padding_modes=("zeros",),

@@ -166,13 +166,20 @@ def _sigmoid_routing(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                     {"pool": pool, "weight": weight, "slope": slope + floor})
 
 
+def _sigmoid_vjp(alpha: np.ndarray, alpha_scale: np.ndarray, slope: np.ndarray,
+                 cotangent: np.ndarray, cotangent_scale: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The gradient of a sigmoid's input, ``cotangent * slope``, and its scale."""
+    slope_scale = np.abs(1.0 - 2.0 * alpha) * alpha_scale + slope
+    grad = cotangent * slope
+    return grad, np.abs(cotangent) * slope_scale + cotangent_scale * slope + np.abs(grad)
+
+
 def _sigmoid_routing_vjp(routing: _Routing, cotangent: np.ndarray,
                          cotangent_scale: np.ndarray) -> dict[str, np.ndarray]:
-    alpha, saved = routing.value, routing.saved
-    slope = saved["slope"]
-    slope_scale = np.abs(1.0 - 2.0 * alpha) * routing.scale + slope
-    grad_z = cotangent * slope
-    grad_z_scale = np.abs(cotangent) * slope_scale + cotangent_scale * slope + np.abs(grad_z)
+    saved = routing.saved
+    grad_z, grad_z_scale = _sigmoid_vjp(routing.value, routing.scale, saved["slope"], cotangent,
+                                        cotangent_scale)
     pool = saved["pool"]
     scales = _affine_vjp(grad_z, grad_z_scale, pool.value, pool.scale, saved["weight"])
     grad_pool = grad_z @ saved["weight"]
@@ -180,14 +187,10 @@ def _sigmoid_routing_vjp(routing: _Routing, cotangent: np.ndarray,
             "bias": scales["bias"]}
 
 
-def _softmax_routing(x: np.ndarray, fc1_weight: np.ndarray, fc2_weight: np.ndarray,
-                     fc1_bias: np.ndarray | None, fc2_bias: np.ndarray | None,
-                     temperature: float, *, floor: float) -> _Routing:
-    pool = _pool(x, pooled=True)
-    pre, pre_scale = _affine(pool.value, pool.scale, fc1_weight, fc1_bias)
-    hidden = np.maximum(pre, 0.0)
-    hidden_scale = pre_scale  # ReLU is 1-Lipschitz and exact
-    logits, logits_scale = _affine(hidden, hidden_scale, fc2_weight, fc2_bias)
+def _softmax(logits: np.ndarray, logits_scale: np.ndarray, temperature: float,
+             floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The stable softmax of ``logits / temperature`` (shifted by the row maximum first, as
+    the reference computes it) and its scale."""
     top = np.argmax(logits, axis=-1)[..., None]
     scaled = (logits - np.take_along_axis(logits, top, axis=-1)) / temperature
     scaled_scale = (logits_scale + np.take_along_axis(logits_scale, top, axis=-1)
@@ -198,19 +201,30 @@ def _softmax_routing(x: np.ndarray, fc1_weight: np.ndarray, fc2_weight: np.ndarr
     # every logit cancels; exp's own rounding enters the same way, the sum and the division
     # once each relative to alpha
     spread = (alpha * scaled_scale).sum(axis=-1, keepdims=True)
-    alpha_scale = (alpha * ((1.0 - alpha) * scaled_scale + (spread - alpha * scaled_scale))
+    return alpha, (alpha * ((1.0 - alpha) * scaled_scale + (spread - alpha * scaled_scale))
                    + 2.0 * alpha * (1.0 - alpha) + alpha + floor)
+
+
+def _softmax_routing(x: np.ndarray, fc1_weight: np.ndarray, fc2_weight: np.ndarray,
+                     fc1_bias: np.ndarray | None, fc2_bias: np.ndarray | None,
+                     temperature: float, *, floor: float) -> _Routing:
+    pool = _pool(x, pooled=True)
+    pre, pre_scale = _affine(pool.value, pool.scale, fc1_weight, fc1_bias)
+    hidden = np.maximum(pre, 0.0)
+    hidden_scale = pre_scale  # ReLU is 1-Lipschitz and exact
+    logits, logits_scale = _affine(hidden, hidden_scale, fc2_weight, fc2_bias)
+    alpha, alpha_scale = _softmax(logits, logits_scale, temperature, floor)
     return _Routing("softmax", alpha, alpha_scale,
                     {"pool": pool, "pre": pre, "pre_scale": pre_scale, "hidden": hidden,
                      "hidden_scale": hidden_scale, "fc1_weight": fc1_weight,
                      "fc2_weight": fc2_weight, "temperature": temperature})
 
 
-def _softmax_routing_vjp(routing: _Routing, cotangent: np.ndarray,
-                         cotangent_scale: np.ndarray) -> dict[str, np.ndarray]:
-    alpha, alpha_scale, saved = routing.value, routing.scale, routing.saved
-    temperature = saved["temperature"]
-    # the cotangent less its value at the largest weight (the softmax VJP's own shift)
+def _softmax_vjp(alpha: np.ndarray, alpha_scale: np.ndarray, cotangent: np.ndarray,
+                 cotangent_scale: np.ndarray, temperature: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The gradient of the softmax's logits and its scale, the cotangent shifted by its value
+    at the largest weight first (the reference VJP's own shift)."""
     top = np.argmax(alpha, axis=-1)[..., None]
     shifted = cotangent - np.take_along_axis(cotangent, top, axis=-1)
     shifted_scale = (cotangent_scale + np.take_along_axis(cotangent_scale, top, axis=-1)
@@ -222,8 +236,15 @@ def _softmax_routing_vjp(routing: _Routing, cotangent: np.ndarray,
     difference = shifted - inner
     difference_scale = shifted_scale + inner_scale + magnitude + np.abs(inner)
     grad_logits = alpha * difference / temperature
-    grad_logits_scale = (alpha_scale * np.abs(difference) + alpha * difference_scale
+    return grad_logits, (alpha_scale * np.abs(difference) + alpha * difference_scale
                          + alpha * np.abs(difference)) / temperature + np.abs(grad_logits)
+
+
+def _softmax_routing_vjp(routing: _Routing, cotangent: np.ndarray,
+                         cotangent_scale: np.ndarray) -> dict[str, np.ndarray]:
+    saved = routing.saved
+    grad_logits, grad_logits_scale = _softmax_vjp(routing.value, routing.scale, cotangent,
+                                                  cotangent_scale, saved["temperature"])
     second = _affine_vjp(grad_logits, grad_logits_scale, saved["hidden"], saved["hidden_scale"],
                          saved["fc2_weight"])
     active = saved["pre"] > 0
@@ -278,6 +299,191 @@ def _op_options(options: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in options.items() if name != "temperature"}
 
 
+# ---------------------------------------------------------------- ODConv, propagated
+
+
+class _ODConv(NamedTuple):
+    """An ``odconv_layer`` case's trunk and attentions, values (float64) and scales."""
+
+    p: dict[str, Any]  # every param name, None where absent
+    pool: _Pooled
+    trunk: Any  # condconv_ref.odconv.Trunk of the values
+    centred_scale: np.ndarray
+    inverse_std_scale: np.ndarray
+    normalized_scale: np.ndarray
+    hidden_scale: np.ndarray
+    attentions: dict[str, np.ndarray]  # flat (B, N) values
+    scales: dict[str, np.ndarray]
+    slopes: dict[str, np.ndarray]  # the sigmoid heads' slopes
+
+
+def _numpy() -> Any:
+    import array_api_compat.numpy
+
+    return array_api_compat.numpy
+
+
+def _batch_norm_scales(pre: np.ndarray, pre_scale: np.ndarray, trunk: Any, p: dict[str, Any],
+                       train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Scales of the centred input :math:`a - \mu`, of :math:`r = (\sigma^2 + \epsilon)^{-1/2}`
+    and of :math:`\hat a = (a - \mu) r`.  In train mode :math:`\mu` and :math:`\sigma^2` are
+    the batch's, so every example's error reaches every other's through them:
+    :math:`s_\mu = \overline{s_a} + \overline{|a|}`,
+    :math:`s_{\sigma^2} = \overline{2|a - \mu|\,s_{a-\mu}} + \sigma^2` and
+    :math:`s_r = 	frac12 r^3 s_{\sigma^2} + r`."""
+    centred = pre - (pre.mean(axis=0) if train else p["bn_running_mean"])
+    if train:
+        centred_scale = (pre_scale + (pre_scale + np.abs(pre)).mean(axis=0, keepdims=True)
+                         + np.abs(centred))
+        variance = (centred * centred).mean(axis=0, keepdims=True)
+        variance_scale = (2.0 * np.abs(centred) * centred_scale).mean(axis=0, keepdims=True)
+        variance_scale = variance_scale + variance
+    else:
+        centred_scale = pre_scale + np.abs(centred)
+        variance_scale = np.zeros_like(trunk.inverse_std)
+    inverse_std = trunk.inverse_std
+    inverse_std_scale = 0.5 * inverse_std**3 * variance_scale + inverse_std
+    normalized_scale = (centred_scale * inverse_std + np.abs(centred) * inverse_std_scale
+                        + np.abs(trunk.normalized))
+    return centred_scale, inverse_std_scale, normalized_scale
+
+
+def _odconv(arrays: dict[str, np.ndarray], options: dict[str, Any], floor: float) -> _ODConv:
+    """The trunk and the heads of an ``odconv_layer`` case, each value with its scale."""
+    from condconv_ref._attention import ODCONV_KEYS, trunk
+
+    p = {name: arrays.get(name) for name in ODCONV_KEYS}
+    train, temperature = options.get("batch_norm", "eval") == "train", options["temperature"]
+    values = trunk(arrays["x"], p, train=train, eps=options.get("bn_eps", 1e-5), xp=_numpy())
+    pool = _pool(arrays["x"], pooled=True)
+    _, pre_scale = _affine(pool.value, pool.scale, p["fc_weight"], None)
+    centred_scale, inverse_std_scale, normalized_scale = _batch_norm_scales(
+        values.preactivation, pre_scale, values, p, train)
+    weight = 1.0 if p["bn_weight"] is None else p["bn_weight"]
+    shift = 0.0 if p["bn_bias"] is None else np.abs(p["bn_bias"])
+    hidden_scale = (np.abs(weight) * (normalized_scale + np.abs(values.normalized)) + shift
+                    + np.abs(values.activation_input))  # ReLU is 1-Lipschitz and exact
+    attentions, scales, slopes = {}, {}, {}
+    for head in ("channel", "filter", "spatial", "kernel"):
+        if p[f"{head}_weight"] is None:
+            continue
+        logits, logits_scale = _affine(values.hidden, hidden_scale, p[f"{head}_weight"],
+                                       p[f"{head}_bias"])
+        if head == "kernel":
+            attentions[head], scales[head] = _softmax(logits, logits_scale, temperature, floor)
+            continue
+        scaled = logits / temperature
+        alpha = _sigmoid(scaled)
+        slope = alpha * (1.0 - alpha)
+        attentions[head] = alpha
+        scales[head] = slope * (logits_scale / temperature + np.abs(scaled)) + alpha + floor
+        slopes[head] = slope + floor
+    return _ODConv(p, pool, values, centred_scale, inverse_std_scale, normalized_scale,
+                   hidden_scale, attentions, scales, slopes)
+
+
+def _odconv_conv(od: _ODConv, x: np.ndarray, experts: np.ndarray, attentions: dict[str, Any],
+                 geometry: Any, cotangent: np.ndarray | None = None) -> Any:
+    """:func:`condconv_ref.odconv.attended_conv` (or its VJP at ``cotangent``) in float64."""
+    from condconv_ref._attention import attended_conv, attended_conv_vjp, shaped_attentions
+
+    xp = _numpy()
+    shaped = shaped_attentions(attentions, experts, xp=xp)
+    if cotangent is None:
+        return attended_conv(x, experts, shaped, geometry, xp=xp)
+    grads = attended_conv_vjp(cotangent, x, experts, shaped, geometry, xp=xp)
+    return {name: np.reshape(g, od.attentions[name].shape) if name in od.attentions else g
+            for name, g in grads.items()}
+
+
+def _odconv_forward_scale(case: Any, arrays: dict[str, np.ndarray], dtype: Any) -> np.ndarray:
+    """The attended convolution on absolute values, each attention at :math:`|\alpha| + s`."""
+    od = _odconv(arrays, case.options, _floor(dtype))
+    inexact = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
+    return np.asarray(_odconv_conv(od, np.abs(arrays["x"]), np.abs(arrays["experts"]), inexact,
+                                   case.geometry))
+
+
+def _batch_norm_vjp_scales(od: _ODConv, grad: np.ndarray, grad_scale: np.ndarray, train: bool
+                           ) -> dict[str, np.ndarray]:
+    """Scales of the batch norm's gradients for its input, ``bn_weight`` and ``bn_bias``, at
+    an inexact ``grad`` of its output (the derivation is in
+    :func:`condconv_ref.odconv.batch_norm_vjp`)."""
+    p, normalized, inverse_std = od.p, od.trunk.normalized, od.trunk.inverse_std
+    weight = np.ones_like(inverse_std) if p["bn_weight"] is None else p["bn_weight"]
+    scales = {"bn_weight": (grad_scale * np.abs(normalized) + np.abs(grad) * od.normalized_scale
+                            + np.abs(grad * normalized)).sum(axis=0),
+              "bn_bias": (grad_scale + np.abs(grad)).sum(axis=0)}
+    g = grad * weight
+    g_scale = grad_scale * np.abs(weight) + np.abs(g)
+    if train:
+        mean = g.mean(axis=0, keepdims=True)
+        mean_scale = (g_scale + np.abs(g)).mean(axis=0, keepdims=True)
+        moment = (g * normalized).mean(axis=0, keepdims=True)
+        moment_scale = (g_scale * np.abs(normalized) + np.abs(g) * od.normalized_scale
+                        + np.abs(g * normalized)).mean(axis=0, keepdims=True)
+        g_scale = (g_scale + mean_scale + od.normalized_scale * np.abs(moment)
+                   + np.abs(normalized) * moment_scale + np.abs(g) + np.abs(mean)
+                   + np.abs(normalized * moment))
+        g = g - mean - normalized * moment
+    result = g * inverse_std
+    scales["input"] = (g_scale * inverse_std + np.abs(g) * od.inverse_std_scale
+                       + np.abs(result))
+    scales["input value"] = result
+    return scales
+
+
+def _odconv_vjp_scale(case: Any, arrays: dict[str, np.ndarray], c: np.ndarray,
+                      dtype: Any) -> dict[str, np.ndarray]:
+    """The attended convolution's VJP on absolute values for ``x``, the experts and the
+    attentions, then each head, the ReLU, the batch norm, the fc layer and the pooling with
+    the first-order rule, as for the routings."""
+    od = _odconv(arrays, case.options, _floor(dtype))
+    temperature, p, geometry = case.options["temperature"], od.p, case.geometry
+    train = case.options.get("batch_norm", "eval") == "train"
+    inexact = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
+    through = _odconv_conv(od, np.abs(arrays["x"]), np.abs(arrays["experts"]), inexact, geometry,
+                           np.abs(c))
+    values = _odconv_conv(od, arrays["x"], arrays["experts"], od.attentions, geometry, c)
+    scales: dict[str, np.ndarray] = {"experts": np.asarray(through["experts"])}
+    grad_hidden = np.zeros_like(od.trunk.hidden)
+    grad_hidden_scale = np.zeros_like(od.trunk.hidden)
+    for head, alpha in od.attentions.items():
+        grad, grad_scale = np.asarray(values[head]), np.asarray(through[head])
+        if head == "kernel":
+            grad_logits, logits_scale = _softmax_vjp(alpha, od.scales[head], grad, grad_scale,
+                                                     temperature)
+        else:
+            grad_logits, logits_scale = _sigmoid_vjp(alpha, od.scales[head], od.slopes[head],
+                                                     grad, grad_scale)
+            grad_logits = grad_logits / temperature
+            logits_scale = logits_scale / temperature + np.abs(grad_logits)
+        head_scales = _affine_vjp(grad_logits, logits_scale, od.trunk.hidden, od.hidden_scale,
+                                  p[f"{head}_weight"])
+        scales[f"{head}_weight"] = head_scales["weight"]
+        if p[f"{head}_bias"] is not None:
+            scales[f"{head}_bias"] = head_scales["bias"]
+        grad_hidden = grad_hidden + grad_logits @ p[f"{head}_weight"]
+        grad_hidden_scale = grad_hidden_scale + head_scales["inputs"]
+    active = od.trunk.activation_input > 0
+    grad_hidden_scale = (grad_hidden_scale + np.abs(grad_hidden)) * active
+    norm = _batch_norm_vjp_scales(od, grad_hidden * active, grad_hidden_scale, train)
+    for name in ("bn_weight", "bn_bias"):
+        if p[name] is not None:
+            scales[name] = norm[name]
+    fc = _affine_vjp(norm["input value"], norm["input"], od.pool.value, od.pool.scale,
+                     p["fc_weight"])
+    scales["fc_weight"] = fc["weight"]
+    from condconv_ref._routing import global_average_pool_vjp
+
+    grad_pool = norm["input value"] @ p["fc_weight"]
+    grad_x = np.asarray(values["x"]) + global_average_pool_vjp(grad_pool, od.pool.x_shape,
+                                                               xp=_numpy())
+    scales["x"] = (np.asarray(through["x"]) + _pool_vjp_scale(od.pool, grad_pool, fc["inputs"])
+                   + np.abs(grad_x))
+    return scales
+
+
 # ---------------------------------------------------------------- the scales
 
 
@@ -301,6 +507,8 @@ def forward_scale(case: Any, dtype: Any = "float64") -> np.ndarray:
     arrays = _host(case.arrays)
     if case.variant in MULTILINEAR:
         return np.asarray(_call(case.variant, _absolute(arrays), case.options))
+    if case.variant == "odconv_layer":
+        return _odconv_forward_scale(case, arrays, dtype)
     if case.variant not in _LAYERS and case.variant not in _ROUTING_VARIANTS:
         raise ValueError(f"forward_scale: no scale for variant {case.variant!r}")
     routing = _routing(case.variant, arrays, case.options, _floor(dtype))
@@ -330,6 +538,8 @@ def vjp_scale(case: Any, cotangent: Any, dtype: Any = "float64") -> dict[str, np
     if case.variant in MULTILINEAR:
         return {name: np.asarray(g) for name, g in
                 _call_vjp(case.variant, np.abs(c), _absolute(arrays), case.options).items()}
+    if case.variant == "odconv_layer":
+        return _odconv_vjp_scale(case, arrays, c, dtype)
     if case.variant in _ROUTING_VARIANTS:
         routing = _routing(case.variant, arrays, case.options, _floor(dtype))
         scales = _ROUTING_VJP[routing.kind](routing, c, exact)

@@ -29,7 +29,8 @@ An element passes when
 
     |a_i - r_i| \le \beta_i = \bigl(\gamma_n(u) + \gamma_n(u_{64})
         + \gamma_{4}(u_\text{in}) + u_\text{out}\bigr)\, s_i
-        + n\,(2\lambda u + 2\lambda_{64} u_{64})(1 + s_i)
+        + \bigl(n\,(2\lambda u + 2\lambda_{64} u_{64}) + 4\lambda\bigr)(1 + s_i)
+        + \lambda u_\text{out}
 
 with
 
@@ -51,14 +52,20 @@ with
 - :math:`u_\text{out}` one final rounding of each result to a coarser storage
   dtype (float16 results of float32 arithmetic, the library's float16 policy:
   :math:`2^{-11}`; 0 for the others), at most :math:`u_\text{out} |r_i| \le
-  u_\text{out} s_i`;
+  u_\text{out} s_i`, or half the spacing of the storage dtype's subnormals,
+  :math:`\lambda u_\text{out}`, for a result that lands among them (the term
+  :math:`\lambda u_\text{out}` added to :math:`\beta_i`);
 - :math:`\lambda` the smallest positive normal number of the precision: a
   rounding into the subnormal range errs by at most half the subnormal
   spacing :math:`2\lambda u`, counted whole so that it is representable
-  (:math:`2^{-1074}` in float64: IEEE gradual underflow; flush-to-zero
-  arithmetic, which errs by up to :math:`\lambda`, is outside the model);
-  each of the :math:`n` roundings may, and an underflowed intermediate is
-  carried at most by :math:`1 + s_i`.
+  (:math:`2^{-1074}` in float64: IEEE gradual underflow); each of the
+  :math:`n` roundings may, and an underflowed intermediate is carried at
+  most by :math:`1 + s_i`.  Elementary functions may also *flush*: many fast
+  ``exp`` and sigmoid implementations (PyTorch's vectorised CPU kernels among
+  them) return 0 for a result below :math:`\lambda`, an error of up to
+  :math:`\lambda` each, so the :data:`ELEMENTARY_ROUNDINGS` of the depth add
+  :math:`\lambda` each, carried by :math:`1 + s_i` too.  Flush-to-zero
+  *arithmetic* (sums and products) stays outside the model.
 
 No factor is tuned: a correct computation in the precision under test is
 inside :math:`\beta` by construction (to first order in :math:`u`), and an
@@ -127,7 +134,8 @@ class Precision:
         :math:`u`: half the distance from 1 to the next number, the largest
         relative error of one rounding.
     smallest_normal : float
-        :math:`\\lambda`: the underflow threshold.
+        :math:`\\lambda`: the underflow threshold of the arithmetic (the
+        storage dtype's, for the final rounding, is its own precision's).
     operand_roundoff : float
         The rounding of matmul operands when the multiply unit keeps fewer
         bits than the storage dtype (TF32), else 0.
@@ -161,7 +169,7 @@ PRECISIONS: Mapping[str, Precision] = {
     "bfloat16": Precision("bfloat16", 2.0**-8, 2.0**-126, storage="bfloat16"),
     "tf32": Precision("tf32", 2.0**-24, 2.0**-126, operand_roundoff=2.0**-11,
                       storage="float32"),
-    "float16/float32": Precision("float16/float32", 2.0**-24, 2.0**-14, storage="float16",
+    "float16/float32": Precision("float16/float32", 2.0**-24, 2.0**-126, storage="float16",
                                  result_roundoff=2.0**-11),
 }
 """Every precision the model knows.  TF32 is float32 storage and accumulation with
@@ -259,9 +267,13 @@ def bound(scale: Any, depth: int, dtype: Any = "float64",
     s = np.abs(np.asarray(scale, dtype=np.float64))
     relative = (gamma(depth, tested.unit_roundoff) + gamma(depth, reference.unit_roundoff)
                 + gamma(OPERAND_ROUNDINGS, tested.operand_roundoff) + tested.result_roundoff)
-    underflow = depth * (tested.smallest_normal * 2 * tested.unit_roundoff
-                         + reference.smallest_normal * 2 * reference.unit_roundoff)
-    return relative * s + underflow * (1.0 + s)
+    underflow = (depth * (tested.smallest_normal * 2 * tested.unit_roundoff
+                          + reference.smallest_normal * 2 * reference.unit_roundoff)
+                 + ELEMENTARY_ROUNDINGS * tested.smallest_normal)  # a flushed exp or sigmoid
+    # the final rounding of a result that lands in the storage dtype's subnormals errs by up
+    # to half their spacing, lambda u_out, which u_out |r| does not cover
+    stored_subnormal = PRECISIONS[tested.storage].smallest_normal * tested.result_roundoff
+    return relative * s + underflow * (1.0 + s) + stored_subnormal
 
 
 @dataclass(frozen=True)

@@ -315,8 +315,8 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
                         help="the file defining the factory, and the factory's name")
     parser.add_argument("--variant", required=True, choices=sorted(VARIANTS), metavar="VARIANT",
                         help="the variant implemented: condconv, condconv_layer, "
-                             "depthwise_condconv_layer, cond_linear_layer, dynamic_conv_layer "
-                             "(or a raw op of condconv_ref.variants)")
+                             "depthwise_condconv_layer, cond_linear_layer, dynamic_conv_layer, "
+                             "odconv_layer (or a raw op of condconv_ref.variants)")
     parser.add_argument("--examples", type=_int_at_least(1), default=100, metavar="N",
                         help="random cases before declaring a pass (default: %(default)s)")
     parser.add_argument("--dtype", choices=checker.DTYPES, default="float64",

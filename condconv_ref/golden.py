@@ -118,7 +118,7 @@ DEFAULT_VARIANTS = LAYER_VARIANTS
 """The variants :func:`write` writes when none are named: those users check."""
 
 SHIPPED = Path(__file__).resolve().parent / "golden_data"
-"""The golden set shipped in the package: 42 float64 cases of the user-facing variants and
+"""The golden set shipped in the package: 49 float64 cases of the user-facing variants and
 ``conv``, written by ``scripts/write_golden_data.py``."""
 
 COTANGENT = "cotangent"
@@ -222,7 +222,7 @@ class GoldenSet:
     >>> from condconv_ref import golden
     >>> shipped = golden.load(golden.SHIPPED)
     >>> shipped.dtype, len(shipped.cases), shipped.manifest["format_version"]
-    ('float64', 42, 1)
+    ('float64', 49, 1)
     """
 
     directory: Path

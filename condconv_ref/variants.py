@@ -14,7 +14,7 @@ in golden vectors, and in :func:`condconv_ref.testing.check_implementation`.
 Variants
 --------
 ``condconv``, ``condconv_layer``, ``depthwise_condconv_layer``,
-``cond_linear_layer``, ``dynamic_conv_layer`` are the layers users check; the
+``cond_linear_layer``, ``dynamic_conv_layer``, ``odconv_layer`` are the layers users check; the
 raw ops ``conv``, ``mix_experts``, ``route_sigmoid``, ``route_softmax``,
 ``moe_condconv``, ``depthwise_condconv``, ``cond_linear`` and
 ``moe_cond_linear`` are there for the library's own checks.
@@ -86,6 +86,8 @@ from condconv_ref.linear import (
     moe_cond_linear,
     moe_cond_linear_vjp,
 )
+from condconv_ref._attention import BUFFERS, HEADS
+from condconv_ref.odconv import odconv_layer, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_vjp,
@@ -95,6 +97,7 @@ from condconv_ref.routing import (
 
 __all__ = [
     "LAYER_VARIANTS",
+    "ODCONV_TEMPERATURE_RANGE",
     "TEMPERATURE_RANGE",
     "VARIANTS",
     "Case",
@@ -107,6 +110,10 @@ __all__ = [
 
 TEMPERATURE_RANGE = (0.5, 4.0)
 """The softmax temperatures a seed draws from (log-uniformly) when none is given."""
+
+ODCONV_TEMPERATURE_RANGE = (1e-3, 1e3)
+"""The temperatures an ``odconv_layer`` case draws from (log-uniformly) when none is given:
+from heads that are almost step functions to heads that are almost constant."""
 
 _KINK_MARGIN = 0.05
 _CONV_OPTIONS = ("stride", "padding", "dilation", "groups", "padding_mode")
@@ -181,6 +188,13 @@ class Case:
         return {name: a for name, a in self.arrays.items() if name != "x"}
 
     @property
+    def differentiable(self) -> list[str]:
+        """The names of the arrays the VJP returns a gradient for: all but the variant's
+        buffers (``odconv_layer``'s batch-norm running statistics)."""
+        buffers = VARIANTS[self.variant].buffers
+        return [name for name in self.arrays if name not in buffers]
+
+    @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of every array, by name."""
         return {name: tuple(a.shape) for name, a in self.arrays.items()}
@@ -233,7 +247,8 @@ class Variant:
     options and lengths; ``layer`` says the op takes ``(x, params)``;
     ``depthwise`` that its configurations need ``groups == C``; ``linear``
     that it reads only B, C, O, E and ``bias`` of a configuration;
-    ``temperature`` that it has a softmax temperature option.
+    ``temperature`` that it has a softmax temperature option; ``buffers`` names the
+    arrays it reads but does not differentiate (no gradient is returned for them).
 
     Examples
     --------
@@ -253,6 +268,7 @@ class Variant:
     depthwise: bool = False
     linear: bool = False
     temperature: bool = False
+    buffers: tuple[str, ...] = ()
 
 
 def bind(op: Callable[..., Any], case: Case, *, vjp: bool = False) -> Callable[..., Any]:
@@ -542,6 +558,73 @@ def _build_dynamic(config: ConvConfig, seed: int, temperature: Any) -> Any:
     return arrays, {**config.options(), "temperature": temperature}, _conv_lengths(config)
 
 
+def _odconv_trunk(x: np.ndarray, width: int, rng: np.random.Generator, *, train: bool,
+                  bias: bool) -> dict[str, Any]:
+    r"""The fc layer and batch norm of an ODConv trunk whose ReLU inputs keep clear of the kink.
+
+    Each feature's parameters are redrawn until every batch-norm output satisfies
+    :math:`|z_{bj}| \ge 0.05\,(|\gamma_j \hat a_{bj}| + |\beta_j|)`, so finite
+    differences never straddle it.
+    """
+    pooled = x.mean(axis=tuple(range(2, x.ndim)))
+    arrays: dict[str, np.ndarray] = {"fc_weight": np.empty((width, x.shape[1]))}
+    arrays.update({name: np.empty(width) for name in ("bn_weight", "bn_bias",
+                                                       *(() if train else BUFFERS))})
+    for j in range(width):
+        while True:
+            row = rng.standard_normal(x.shape[1]) / math.sqrt(x.shape[1])
+            pre = pooled @ row
+            weight, shift = rng.standard_normal(), rng.standard_normal() if bias else 0.0
+            if train:
+                mean, variance = pre.mean(), pre.var()
+            else:
+                mean = pre.mean() + rng.standard_normal() * 0.5
+                variance = float(rng.uniform(0.1, 2.0))
+            normalized = (pre - mean) / math.sqrt(variance + 1e-5)
+            z = weight * normalized + shift
+            size = np.abs(weight * normalized) + abs(shift)
+            if np.all(z != 0) and np.all(np.abs(z) >= _KINK_MARGIN * size):
+                break
+        arrays["fc_weight"][j], arrays["bn_weight"][j], arrays["bn_bias"][j] = row, weight, shift
+        if not train:
+            arrays["bn_running_mean"][j], arrays["bn_running_var"][j] = mean, variance
+    if not bias:
+        del arrays["bn_bias"]
+    return arrays
+
+
+def _build_odconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
+    """``odconv_layer``: the experts, a trunk clear of the ReLU kink, a random subset of the
+    four heads (each present with probability 3/4), the batch-norm mode (train with
+    probability 1/2 when B >= 2) and the temperature, all from the seed."""
+    a = _conv_arrays(config, seed)
+    choices = _rng(seed, 5)  # the choices first: the same for every size of the configuration
+    train = bool(choices.random() < 0.5) and config.batch >= 2
+    present = [head for head in HEADS if choices.random() < 0.75]
+    width = int(choices.integers(1, 5))
+    low, high = ODCONV_TEMPERATURE_RANGE
+    drawn = float(np.exp(choices.uniform(math.log(low), math.log(high))))
+    rng = _rng(seed, 6)
+    arrays = {"x": a.x, "experts": a.experts,
+              **_odconv_trunk(a.x, width, rng, train=train, bias=config.bias)}
+    sizes = {"channel": config.in_channels, "filter": config.out_channels,
+             "spatial": math.prod(config.kernel), "kernel": config.n_experts}
+    for head in present:
+        arrays[f"{head}_weight"] = rng.standard_normal((sizes[head], width))
+        if config.bias:
+            arrays[f"{head}_bias"] = rng.standard_normal(sizes[head])
+    options = {**config.options(), "temperature": drawn if temperature is None
+               else float(temperature), "batch_norm": "train" if train else "eval"}
+    forward, backward = _conv_lengths(config)
+    # the trunk's and heads' sums (C, B, A, the head sizes, the positions pooled) and the three
+    # attention products around the convolution
+    trunk = max(config.in_channels, config.batch, width, *sizes.values(),
+                math.prod(config.spatial))
+    extra = max(config.out_channels * (config.in_channels // config.groups),
+                math.prod(config.spatial))
+    return arrays, options, (max(forward, trunk) + 3, max(backward, trunk, extra) + 3)
+
+
 # ---------------------------------------------------------------- the registry
 
 VARIANTS: Mapping[str, Variant] = {
@@ -567,11 +650,13 @@ VARIANTS: Mapping[str, Variant] = {
                 _build_linear_layer, layer=True, linear=True),
         Variant("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
                 _build_dynamic, layer=True, temperature=True),
+        Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
+                temperature=True, buffers=BUFFERS),
     ]
 }
 """Every variant by name.  A new op adds one :class:`Variant` here."""
 
 LAYER_VARIANTS = ("condconv", "condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
-                  "dynamic_conv_layer")
+                  "dynamic_conv_layer", "odconv_layer")
 """The variants users check their implementations against
 (:func:`condconv_ref.testing.check_implementation`)."""

@@ -83,6 +83,8 @@ from condconv_ref import (
     moe_cond_linear_vjp,
     moe_condconv,
     moe_condconv_vjp,
+    odconv_layer,
+    odconv_layer_vjp,
     route_sigmoid,
     route_sigmoid_vjp,
     route_softmax,
@@ -135,6 +137,7 @@ __all__ = [
     "linear_inputs",
     "linear_layer_inputs",
     "mix_inputs",
+    "odconv_inputs",
     "oracle_check",
     "route_sigmoid_inputs",
     "route_softmax_inputs",
@@ -289,6 +292,7 @@ linear_inputs = _inputs("linear_inputs", "cond_linear")
 linear_layer_inputs = _inputs("linear_layer_inputs", "cond_linear_layer")
 route_softmax_inputs = _inputs("route_softmax_inputs", "route_softmax")
 dynamic_inputs = _inputs("dynamic_inputs", "dynamic_conv_layer")
+odconv_inputs = _inputs("odconv_inputs", "odconv_layer")
 
 
 # ---------------------------------------------------------------- the other side of a comparison
@@ -558,6 +562,7 @@ CHECKS: list[Check] = [
                       dynamic_inputs),
     gradient_check("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
                    dynamic_inputs),
+    gradient_check("odconv_layer", odconv_layer, odconv_layer_vjp, odconv_inputs),
 ]
 """Every check ``run`` performs, in table order.  A new op adds its rows here."""
 

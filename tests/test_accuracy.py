@@ -442,3 +442,30 @@ def test_finite_difference_check_refuses_a_complex_gradient_instead_of_dropping_
 
     with pytest.raises(AssertionError, match=r"gradient 'x': has dtype complex128"):
         finite_difference_check(build_case("conv", config, seed=0), "float64", vjp=complex_vjp)
+
+
+def test_a_float16_result_rounded_into_the_subnormals_is_inside_the_bound():
+    """float32 arithmetic whose result is stored in float16: a value below float16's smallest
+    normal rounds to the subnormal grid (spacing 2**-24), which the relative u_out |r| does not
+    cover; one grid step off is still a failure."""
+    value = np.array([-2.5857534e-07, 3.0e-6])
+    stored = value.astype(np.float16).astype(np.float64)
+    assert np.all(stored != value)
+    assert compare("output", stored, value, np.abs(value), depth=11,
+                   dtype="float16/float32").passed
+    assert not compare("output", stored + 2.0**-24, value, np.abs(value), depth=11,
+                       dtype="float16/float32").passed
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_an_elementary_function_that_flushes_a_subnormal_result_to_zero_passes(dtype):
+    """Fast exp and sigmoid kernels (PyTorch's CPU ones among them) return 0 below the smallest
+    normal number: 0 against a subnormal reference is inside the bound, 0 against a normal value
+    is not (the allowance is 4 lambda, not a relative one)."""
+    smallest = float(np.finfo(dtype).tiny)
+    subnormal, normal = smallest * 2.0**-20, smallest * 2.0**10
+    reference = np.array([subnormal, normal])
+    result = compare("output", np.zeros(2), reference, reference, depth=6, dtype=dtype)
+    assert result.index == (1,) and not result.passed
+    assert compare("output", np.zeros(1), reference[:1], reference[:1], depth=6,
+                   dtype=dtype).passed

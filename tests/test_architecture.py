@@ -49,6 +49,10 @@ CALLS = {
                                             **_SIGMOID_PARAMS}, {}),
     "dynamic_conv_layer": ({"x": X}, {"experts": (3, 5, 4, 3), "bias": (3, 5), **_SOFTMAX},
                            {"temperature": 2.0}),
+    "odconv_layer": ({"x": X}, {"experts": (3, 5, 4, 3), "fc_weight": (2, 4), "bn_weight": (2,),
+                                "bn_bias": (2,), "channel_weight": (4, 2), "filter_weight": (5, 2),
+                                "spatial_weight": (3, 2), "kernel_weight": (3, 2),
+                                "kernel_bias": (3,)}, {"batch_norm": "train"}),
 }
 PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS)])
 

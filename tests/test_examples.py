@@ -25,7 +25,8 @@ def _one_line_error(err: str) -> str:
 
 
 @pytest.mark.parametrize("script, reports", [("condconv_torch.py", 2),
-                                             ("dynamic_conv_torch.py", 1)])
+                                             ("dynamic_conv_torch.py", 1),
+                                             ("odconv_torch.py", 1)])
 def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypatch, capsys):
     """Each script runs as ``python examples/<script> --examples 8`` would (in-process)."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
@@ -42,6 +43,7 @@ def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypat
     ("condconv_torch.py:factory", "condconv_layer"),
     ("condconv_torch.py:loop_factory", "condconv_layer"),
     ("dynamic_conv_torch.py:factory", "dynamic_conv_layer"),
+    ("odconv_torch.py:factory", "odconv_layer"),
 ])
 def test_check_command_passes_the_examples(target, variant, capsys):
     assert main(["check", str(EXAMPLES / target), "--variant", variant, "--examples", "8",

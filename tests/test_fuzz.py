@@ -45,6 +45,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import condconv_ref
+from condconv_ref._attention import ODCONV_KEYS
 from condconv_ref.backends import get_backend, to_numpy
 from condconv_ref.testing import ConvConfig
 from condconv_ref.variants import VARIANTS, build_case, reference_forward
@@ -195,7 +196,8 @@ def array_arguments(call: Call) -> list[str]:
     return list(call.arrays)
 
 
-OPTIONAL = {"bias", "route_bias", "fc1_bias", "fc2_bias"}
+OPTIONAL = {"bias", "route_bias", "fc1_bias", "fc2_bias",
+            *(name for name, needed in ODCONV_KEYS.items() if not needed)}
 
 
 def required(call: Call, argument: str) -> bool:

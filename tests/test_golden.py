@@ -604,7 +604,7 @@ def test_empty_existing_directory_is_written(tmp_path):
 def test_shipped_set_agrees_with_the_reference_within_the_bound(backend):
     report = golden.verify(golden.SHIPPED, backend=backend)
     assert report.passed, [f"{r.file}: {m}" for r in report.failures for m in r.mismatches]
-    assert len(report.results) == 42
+    assert len(report.results) == 49
     assert all(0 <= r.units <= 1 for r in report.results)
 
 
@@ -621,7 +621,11 @@ def test_shipped_set_covers_every_variant_and_option():
     assert loaded.dtype == "float64"
     assert {case.variant for case in loaded.cases} == {
         "condconv", "condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
-        "dynamic_conv_layer", "conv"}
+        "dynamic_conv_layer", "conv", "odconv_layer"}
+    odconv = [case.case for case in loaded.cases if case.variant == "odconv_layer"]
+    assert {case.options["batch_norm"] for case in odconv} == {"eval", "train"}
+    assert any(f"{head}_weight" not in case.arrays for case in odconv
+               for head in ("channel", "filter", "spatial", "kernel"))
     conv_cases = [case.case for case in loaded.cases if "padding" in case.case.options]
     seen = set()
     for case in conv_cases:

@@ -69,7 +69,7 @@ def _digest(case) -> str:
 def test_golden_vectors_variants_and_layouts_work_without_hypothesis(backend):
     found = _run(LIBRARY, backend.name, repr(CONFIG))
     assert found["hypothesis"] == "None"  # nothing imported it behind the test's back
-    assert found["golden"] == [True, 42, f"reference on {backend.name}"]
+    assert found["golden"] == [True, 49, f"reference on {backend.name}"]
     assert found["layouts"]
     assert "condconv_layer" in found["ops"] and "MemoryBudgetError" in found["ops"]
     config = ConvConfig(**CONFIG)

@@ -34,6 +34,8 @@ Examples
 
 from __future__ import annotations
 
+import math
+
 from typing import TYPE_CHECKING, Any
 
 from hypothesis import assume
@@ -268,7 +270,11 @@ def cases(draw: st.DrawFn, variant: str, supports: Supports | None = None, *, xp
                                                          linear=entry.linear)))
     seed = draw(seeds())
     temperature = None
-    if entry.temperature:
+    if variant == "odconv_layer":  # six decades: drawn log-uniformly
+        low, high = (math.log(t) for t in supports.odconv_temperatures)
+        temperature = min(max(math.exp(draw(st.floats(low, high))),
+                              supports.odconv_temperatures[0]), supports.odconv_temperatures[1])
+    elif entry.temperature:
         temperature = draw(st.floats(*supports.temperatures, allow_nan=False,
                                      allow_infinity=False))
     case = build_case(variant, config, seed, temperature=temperature)

@@ -138,7 +138,8 @@ def torch_implementation(
     -------
     Implementation
         ``forward(case)`` returns the module's output tensor; ``vjp(case,
-        cotangent)`` returns autograd's gradient for every case array, in the
+        cotangent)`` returns autograd's gradient for every case array but the
+        variant's buffers (:attr:`~condconv_ref.variants.Case.differentiable`), in the
         reference's layout (zeros for an array the output does not depend on).
     """
     mapping = _mapping(parameters)
@@ -154,8 +155,10 @@ def torch_implementation(
                              f"to module parameters nor inputs (mapped: {sorted(mapping)}, "
                              f"inputs: {list(inputs)})")
         dtype = getattr(torch, case.dtype)  # bfloat16 arrives as float32 holding its values
+        differentiable = set(case.differentiable)
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
-                   .requires_grad_(requires_grad) for name, a in case.arrays.items()}
+                   .requires_grad_(requires_grad and name in differentiable)
+                   for name, a in case.arrays.items()}
         module = build(case).to(device=device, dtype=dtype)
         known = dict(module.named_parameters()) | dict(module.named_buffers())
         replaced = {}
@@ -181,7 +184,7 @@ def torch_implementation(
 
         with _threads(threads):
             output, tensors = run(case, requires_grad=True)
-            names = list(tensors)
+            names = case.differentiable  # not the buffers (batch-norm running statistics)
             grads = torch.autograd.grad(output, [tensors[name] for name in names],
                                         grad_outputs=torch.as_tensor(
                                             cotangent, device=output.device, dtype=output.dtype),

@@ -1,0 +1,276 @@
+r"""ODConv's attentions and the convolution they scale, on validated arrays.
+
+:func:`trunk` (global average pooling, the fc layer, a batch norm with running
+or batch statistics, ReLU) and :func:`heads` (a sigmoid per channel, filter and
+spatial head, a softmax over the experts, each at temperature T) compute the
+attentions of :func:`condconv_ref.odconv_layer`; :func:`attended_conv` is the
+convolution they scale, multilinear in ``x``, the experts and each attention,
+run by the convolution engine.  Each function sits beside its VJP.
+:data:`ODCONV_KEYS` names the layer's params (name -> required).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from condconv_ref._conv_engine import run_conv, run_conv_vjp
+from condconv_ref._mixing import mix, mix_vjp
+from condconv_ref._routing import (
+    affine,
+    affine_vjp,
+    global_average_pool,
+    global_average_pool_vjp,
+    stable_sigmoid,
+    stable_softmax,
+    stable_softmax_vjp,
+)
+from condconv_ref._validate import ConvGeometry
+
+__all__ = [
+    "BATCH_NORM_MODES",
+    "BUFFERS",
+    "HEADS",
+    "ODCONV_KEYS",
+    "Trunk",
+    "attended_conv",
+    "attended_conv_vjp",
+    "batch_norm_vjp",
+    "heads",
+    "heads_vjp",
+    "shaped_attentions",
+    "trunk",
+    "trunk_vjp",
+]
+
+HEADS = ("channel", "filter", "spatial", "kernel")
+"""The four attention heads, in the order of the paper."""
+
+BATCH_NORM_MODES = ("eval", "train")
+"""The batch norm's statistics: the running ones (``"eval"``) or the batch's (``"train"``)."""
+BUFFERS = ("bn_running_mean", "bn_running_var")
+"""The params that are batch-norm buffers: read in ``"eval"`` mode, never differentiated."""
+
+ODCONV_KEYS = {"experts": True, "fc_weight": True, "bn_weight": False, "bn_bias": False,
+               "bn_running_mean": False, "bn_running_var": False,
+                **{f"{head}_{part}": False for head in HEADS for part in ("weight", "bias")}}
+"""The params of :func:`condconv_ref.odconv_layer`: name -> required."""
+
+
+# ---------------------------------------------------------------- the trunk: GAP, fc, BN, ReLU
+
+
+class Trunk(NamedTuple):
+    """The trunk's intermediates, batch first: what :func:`trunk_vjp` needs."""
+
+    pooled: Any  # (B, C)
+    preactivation: Any  # (B, A), GAP(x) fc_weight^T
+    normalized: Any  # (B, A), (preactivation - mean) / sqrt(var + eps)
+    inverse_std: Any  # (A,) in eval mode, (1, A) in train mode
+    activation_input: Any  # (B, A), the batch norm's output
+    hidden: Any  # (B, A), relu of it
+
+
+def trunk(x: Any, p: dict[str, Any], *, train: bool, eps: float, xp: ModuleType) -> Trunk:
+    """Pool, fc, batch norm (running or batch statistics), ReLU."""
+    pooled = global_average_pool(x, xp=xp)
+    preactivation = affine(pooled, p["fc_weight"], None, xp=xp)
+    if train:
+        mean = xp.mean(preactivation, axis=0, keepdims=True)
+        centred = preactivation - mean
+        variance = xp.mean(centred * centred, axis=0, keepdims=True)
+    else:
+        centred, variance = preactivation - p["bn_running_mean"], p["bn_running_var"]
+    inverse_std = 1.0 / xp.sqrt(variance + eps)
+    normalized = centred * inverse_std
+    output = normalized if p["bn_weight"] is None else normalized * p["bn_weight"]
+    if p["bn_bias"] is not None:
+        output = output + p["bn_bias"]
+    # relu as "u <= 0 -> 0" (PyTorch's threshold): a NaN stays NaN instead of becoming 0
+    hidden = xp.where(output <= 0, 0.0, output)
+    return Trunk(pooled, preactivation, normalized, inverse_std, output, hidden)
+
+
+def batch_norm_vjp(grad_output: Any, forward: Trunk, bn_weight: Any, *, train: bool,
+                   xp: ModuleType) -> tuple[Any, Any, Any]:
+    r"""Gradients of the batch norm for its input, ``bn_weight`` and ``bn_bias``.
+
+    With :math:`\hat a = (a - \mu) r`, :math:`r = (\sigma^2 + \epsilon)^{-1/2}`
+    and :math:`z = \gamma \hat a + \beta`, let :math:`g = \gamma \bar z`.  In
+    eval mode :math:`\mu, \sigma^2` are constants and :math:`\bar a = r g`.  In
+    train mode they are the batch's mean and biased variance, so every
+    :math:`a_b` moves all of them: :math:`\partial\mu/\partial a_b = 1/B`,
+    :math:`\partial\sigma^2/\partial a_b = 2(a_b - \mu)/B`, hence
+    :math:`\partial r/\partial a_b = -r^3 (a_b - \mu)/B = -r^2 \hat a_b / B`, and
+
+    .. math::
+
+        \bar a_b = \sum_{b'} g_{b'} \frac{\partial \hat a_{b'}}{\partial a_b}
+                 = r\Big(g_b - \frac1B\sum_{b'} g_{b'}
+                   - \hat a_b \frac1B \sum_{b'} g_{b'} \hat a_{b'}\Big),
+
+    per feature.  In both modes :math:`\bar\gamma = \sum_b \bar z_b \hat a_b`
+    and :math:`\bar\beta = \sum_b \bar z_b`.
+    """
+    grad_weight = xp.sum(grad_output * forward.normalized, axis=0)
+    grad_bias = xp.sum(grad_output, axis=0)
+    grad_normalized = grad_output if bn_weight is None else grad_output * bn_weight
+    if train:
+        grad_normalized = (grad_normalized - xp.mean(grad_normalized, axis=0, keepdims=True)
+                           - forward.normalized * xp.mean(grad_normalized * forward.normalized,
+                                                          axis=0, keepdims=True))
+    return grad_normalized * forward.inverse_std, grad_weight, grad_bias
+
+
+def trunk_vjp(grad_hidden: Any, x_shape: tuple[int, ...], p: dict[str, Any], forward: Trunk, *,
+              train: bool, xp: ModuleType) -> dict[str, Any]:
+    """Gradients of :func:`trunk` for ``x`` and its params (those given)."""
+    grad_output = xp.where(forward.activation_input <= 0, 0.0, grad_hidden)
+    grad_pre, grad_bn_weight, grad_bn_bias = batch_norm_vjp(grad_output, forward, p["bn_weight"],
+                                                            train=train, xp=xp)
+    grad_pooled, grad_fc = affine_vjp(grad_pre, forward.pooled, p["fc_weight"], xp=xp)
+    grads = {"x": global_average_pool_vjp(grad_pooled, x_shape, xp=xp), "fc_weight": grad_fc}
+    if p["bn_weight"] is not None:
+        grads["bn_weight"] = grad_bn_weight
+    if p["bn_bias"] is not None:
+        grads["bn_bias"] = grad_bn_bias
+    return grads
+
+
+# ---------------------------------------------------------------- the four heads
+
+
+def heads(hidden: Any, p: dict[str, Any], *, temperature: float,
+          xp: ModuleType) -> dict[str, Any]:
+    """The attentions of the heads present: sigmoid (channel, filter, spatial) or softmax
+    (kernel) of ``(hidden @ weight.T + bias) / T``, flat (B, N) as the heads compute them."""
+    attentions = {}
+    for head in HEADS:
+        weight = p[f"{head}_weight"]
+        if weight is None:
+            continue
+        logits = affine(hidden, weight, p[f"{head}_bias"], xp=xp)
+        attentions[head] = (stable_softmax(logits, temperature, xp=xp) if head == "kernel"
+                            else stable_sigmoid(logits / temperature, xp=xp)[0])
+    return attentions
+
+
+def heads_vjp(grads: Mapping[str, Any], hidden: Any, p: dict[str, Any],
+              attentions: Mapping[str, Any], *, temperature: float,
+              xp: ModuleType) -> tuple[Any, dict[str, Any]]:
+    r"""The gradient for ``hidden`` and for each head's weight and bias, from the
+    attentions' gradients.  A sigmoid head has
+    :math:`\bar l = \bar\alpha\,\alpha(1 - \alpha)/T`; the kernel head the softmax VJP
+    (:func:`condconv_ref._routing.stable_softmax_vjp`).  Both are formed as
+    :math:`T\bar l` and divided by :math:`T` after the products with the weights, as the
+    softmax VJP asks (at a small :math:`T` the products of :math:`\bar l` could overflow)."""
+    grad_hidden, params = xp.zeros_like(hidden), {}
+    for head, alpha in attentions.items():
+        weight, bias = p[f"{head}_weight"], p[f"{head}_bias"]
+        if head == "kernel":
+            scaled_logits = stable_softmax_vjp(grads[head], alpha, xp=xp)
+        else:  # the slope from the logits: alpha (1 - alpha) loses it where alpha rounds to 1
+            slope = stable_sigmoid(affine(hidden, weight, bias, xp=xp) / temperature, xp=xp)[1]
+            scaled_logits = grads[head] * slope
+        into_hidden, weight_grad = affine_vjp(scaled_logits, hidden, weight, xp=xp)
+        params[f"{head}_weight"] = weight_grad / temperature
+        grad_hidden = grad_hidden + into_hidden / temperature
+        if bias is not None:
+            params[f"{head}_bias"] = xp.sum(scaled_logits, axis=0) / temperature
+    return grad_hidden, params
+
+
+# ---------------------------------------------------------------- the attended convolution
+
+
+def _along(attention: Any, axis_count: int, *, xp: ModuleType) -> Any:
+    """(B, N) attention shaped (B, N, 1, ..., 1) to scale an axis of an array of
+    ``axis_count`` dims."""
+    return xp.reshape(attention, tuple(attention.shape) + (1,) * (axis_count - 2))
+
+
+def _kernel(experts: Any, attentions: Mapping[str, Any], *, xp: ModuleType) -> tuple[Any, Any]:
+    """The kernels (B, O, C/g, \\*k), or one (O, C/g, \\*k) shared by the batch, and the
+    expert mixture before the spatial attention."""
+    if "kernel" in attentions:
+        mixture = mix(attentions["kernel"], experts, xp=xp)
+    else:
+        mixture = xp.sum(experts, axis=0)
+    if "spatial" not in attentions:
+        return mixture, mixture
+    spatial = attentions["spatial"]
+    shape = (spatial.shape[0], 1, 1) + tuple(spatial.shape[1:])
+    return xp.reshape(spatial, shape) * mixture, mixture
+
+
+def attended_conv(x: Any, experts: Any, attentions: Mapping[str, Any], geometry: ConvGeometry,
+                  *, xp: ModuleType) -> Any:
+    """The convolution the attentions scale (module docstring), on validated arrays; a head
+    absent from ``attentions`` is an attention of 1 (without the kernel head the experts
+    are summed).  Multilinear in ``x``, ``experts`` and each attention."""
+    kernel, _ = _kernel(experts, attentions, xp=xp)
+    scaled = x if "channel" not in attentions else x * _along(attentions["channel"], x.ndim, xp=xp)
+    y = run_conv(scaled, kernel, None, geometry, xp=xp)
+    return y if "filter" not in attentions else y * _along(attentions["filter"], y.ndim, xp=xp)
+
+
+def attended_conv_vjp(cotangent: Any, x: Any, experts: Any, attentions: Mapping[str, Any],
+                      geometry: ConvGeometry, *, xp: ModuleType) -> dict[str, Any]:
+    r"""Gradients of :func:`attended_conv` for ``x``, ``experts`` and each attention given.
+
+    With :math:`K_b = \alpha_{s,b} \odot M_b`, :math:`M_b = \sum_e \alpha_{k,be} W_e`,
+    :math:`\tilde x_b = \alpha_{c,b} \odot x_b` and :math:`u = K \ast \tilde x`, so
+    :math:`y = \alpha_f \odot u`: :math:`\bar u = \alpha_f \odot \bar y` and
+    :math:`\bar\alpha_{f,bo} = \sum_{\text{pos}} \bar y_{bo} u_{bo}`; the convolution's
+    VJP gives :math:`\bar{\tilde x}` and :math:`\bar K`; then
+    :math:`\bar x = \alpha_c \odot \bar{\tilde x}`,
+    :math:`\bar\alpha_{c,bc} = \sum_{\text{pos}} \bar{\tilde x}_{bc} x_{bc}`,
+    :math:`\bar\alpha_{s,b} = \sum_{o,i} \bar K_b \odot M_b`,
+    :math:`\bar M = \alpha_s \odot \bar K`, and the mixing's VJP
+    (:func:`condconv_ref.mix_experts_vjp`) gives :math:`\bar W` and
+    :math:`\bar\alpha_k` (without the kernel head, :math:`\bar W_e = \sum_b \bar M_b`).
+    """
+    kernel, mixture = _kernel(experts, attentions, xp=xp)
+    channel = attentions.get("channel")
+    scaled = x if channel is None else x * _along(channel, x.ndim, xp=xp)
+    grads: dict[str, Any] = {}
+    grad_conv = cotangent
+    if "filter" in attentions:
+        output = run_conv(scaled, kernel, None, geometry, xp=xp)
+        grads["filter"] = xp.sum(cotangent * output, axis=tuple(range(2, output.ndim)))
+        grad_conv = cotangent * _along(attentions["filter"], cotangent.ndim, xp=xp)
+    conv_grads = run_conv_vjp(grad_conv, scaled, kernel, None, geometry, xp=xp)
+    grad_scaled, grad_kernel = conv_grads["x"], conv_grads["kernel"]
+    if channel is None:
+        grads["x"] = grad_scaled
+    else:
+        grads["x"] = grad_scaled * _along(channel, x.ndim, xp=xp)
+        grads["channel"] = xp.sum(grad_scaled * x, axis=tuple(range(2, x.ndim)))
+    grad_mixture = grad_kernel
+    if "spatial" in attentions:
+        spatial = attentions["spatial"]
+        grads["spatial"] = xp.sum(grad_kernel * mixture, axis=(1, 2))
+        grad_mixture = grad_kernel * xp.reshape(spatial,
+                                                (spatial.shape[0], 1, 1) + tuple(spatial.shape[1:]))
+        if mixture.ndim != grad_mixture.ndim:
+            grad_mixture = xp.sum(grad_mixture, axis=0)
+    if "kernel" in attentions:
+        mixed = mix_vjp(grad_mixture, attentions["kernel"], experts, xp=xp)
+        grads["experts"], grads["kernel"] = mixed["experts"], mixed["routing"]
+    else:
+        shared = grad_mixture if grad_mixture.ndim == experts.ndim - 1 else xp.sum(grad_mixture,
+                                                                                 axis=0)
+        grads["experts"] = xp.asarray(xp.broadcast_to(shared[None, ...], tuple(experts.shape)),
+                                      copy=True)
+    return grads
+
+
+def shaped_attentions(attentions: Mapping[str, Any], experts: Any, *,
+                      xp: ModuleType) -> dict[str, Any]:
+    """The spatial attention (B, prod(k)) as (B, \\*k), row-major; the others as they are."""
+    shaped = dict(attentions)
+    if "spatial" in shaped:
+        spatial = shaped["spatial"]
+        shaped["spatial"] = xp.reshape(spatial, (spatial.shape[0],) + tuple(experts.shape[3:]))
+    return shaped
