@@ -86,9 +86,11 @@ from condconv_ref.variants import (
     Case,
     reference_forward,
     reference_vjp,
+    unsupported,
 )
 
 __all__ = [
+    "CASE_FORMAT",
     "DEFAULT_VARIANTS",
     "DTYPES",
     "FORMAT",
@@ -103,6 +105,8 @@ __all__ = [
     "compare_case",
     "iter_cases",
     "load",
+    "load_case",
+    "save_case",
     "verify",
     "write",
 ]
@@ -239,7 +243,9 @@ class CaseResult:
     element (at most 1 when the case passes), ``where`` the array and element
     it was found at; ``mismatches`` everything that differs
     (:class:`condconv_ref.accuracy.Comparison`), including an exception the
-    computation raised.
+    computation raised.  ``skipped`` says why a case was not handed to an
+    implementation (it lies outside what the implementation supports); such a
+    case neither passes nor fails.
 
     Examples
     --------
@@ -257,11 +263,17 @@ class CaseResult:
     units: float = math.nan
     where: str = ""
     mismatches: tuple[Comparison, ...] = ()
+    skipped: str = ""
 
     @property
     def passed(self) -> bool:
-        """Nothing differs."""
+        """Nothing differs (also true of a skipped case: see :attr:`status`)."""
         return not self.mismatches
+
+    @property
+    def status(self) -> str:
+        """``"PASS"``, ``"FAIL"`` or ``"SKIP"``."""
+        return "SKIP" if self.skipped else "PASS" if self.passed else "FAIL"
 
 
 @dataclass(frozen=True)
@@ -290,6 +302,11 @@ class Report:
     def failures(self) -> tuple[CaseResult, ...]:
         """The cases that failed, in order."""
         return tuple(result for result in self.results if not result.passed)
+
+    @property
+    def skipped(self) -> tuple[CaseResult, ...]:
+        """The cases not handed to the implementation, outside what it supports."""
+        return tuple(result for result in self.results if result.skipped)
 
 
 # ---------------------------------------------------------------- options as JSON
@@ -916,6 +933,66 @@ def load(directory: str | os.PathLike[str]) -> GoldenSet:
     return GoldenSet(path, manifest, tuple(cases))
 
 
+# ---------------------------------------------------------------- one case in a file
+
+CASE_FORMAT = "condconv-ref case"
+_CASE_MEMBER = "case"
+
+
+def save_case(path: str | os.PathLike[str], case: Case) -> Path:
+    """Write one case to an ``.npz`` file that :func:`load_case` reads back.
+
+    The file holds the case's arrays as they are (the values handed to an
+    implementation, in its dtype) and, in the member ``case``, a JSON record of
+    the variant, options, longest sums, seed and dtype.  It is written
+    atomically.  ``condconv-ref check --save-case FILE`` saves the minimal
+    failing case this way, and ``condconv-ref check --case FILE`` reruns it.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from condconv_ref import golden
+    >>> case = golden.load(golden.SHIPPED).cases[8].case
+    >>> path = golden.save_case(pathlib.Path(tempfile.mkdtemp()) / "failing.npz", case)
+    >>> again = golden.load_case(path)
+    >>> again.describe() == case.describe(), again.dtype
+    (True, 'float64')
+    """
+    record = {"format": CASE_FORMAT, "format_version": FORMAT_VERSION,
+              "library_version": __version__, "variant": case.variant,
+              "options": _to_json(case.options), "lengths": list(case.lengths),
+              "seed": case.seed, "dtype": case.dtype, "arrays": list(case.arrays)}
+    arrays = {name: np.asarray(to_numpy(a)) for name, a in case.arrays.items()}
+    path = Path(path)
+    text = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)  # numeric, as every member
+    _write_atomic(path, _npz_bytes({**arrays, _CASE_MEMBER: text}))
+    return path
+
+
+def load_case(path: str | os.PathLike[str]) -> Case:
+    """Read a case written by :func:`save_case`.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    GoldenError
+        If it is not a case file of this format (the problems name the file).
+    """
+    path = Path(path)
+    arrays = _read_npz(path.read_bytes(), path.name)
+    try:
+        record = json.loads(arrays.pop(_CASE_MEMBER).astype(np.uint8).tobytes().decode())
+        if record.get("format") != CASE_FORMAT or record.get("variant") not in VARIANTS:
+            raise KeyError("format")
+        inputs = {name: arrays[name] for name in record["arrays"]}
+        return Case(record["variant"], inputs, _from_json(record["options"]),
+                    tuple(record["lengths"]), None, int(record["seed"]), str(record["dtype"]))
+    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise GoldenError([f"{path.name}: not a {CASE_FORMAT!r} file written by "
+                           f"golden.save_case (condconv-ref check --save-case)"]) from None
+
+
 # ---------------------------------------------------------------- comparing
 
 
@@ -1023,13 +1100,17 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
     against : Implementation, optional
         A user's implementation to check instead of the reference: its
         ``forward(case)`` (and ``vjp(case, cotangent)`` when given) receive
-        each stored case with NumPy arrays in the set's dtype.
+        each stored case of ``variants`` (required then) with NumPy arrays in
+        the set's dtype, except the cases outside ``against.supports``
+        (:func:`condconv_ref.variants.unsupported`), which are skipped with
+        the reason.
     backend : str or Backend
         Where the reference recomputes the cases (``numpy``, ``torch``,
         ``cupy``, ...), in the set's dtype; ignored with ``against``.
     variants : sequence of str, optional
         Recompute only the cases of these variants (every file is still
-        checked); default all.
+        checked); default all.  Required with ``against``: the variant the
+        implementation implements.
     progress : callable, optional
         Called as ``progress(done, total)`` after every case.
 
@@ -1066,6 +1147,16 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
     >>> mine = Implementation(reference_forward, reference_vjp)
     >>> golden.verify(golden.SHIPPED, against=mine, variants=["conv"]).compared
     'implementation, forward and VJP'
+
+    A 2-D implementation is handed the 2-D cases only:
+
+    >>> from condconv_ref.testing import Supports
+    >>> two_d = Implementation(reference_forward, supports=Supports(spatial_dims=(2,)))
+    >>> report = golden.verify(golden.SHIPPED, against=two_d, variants=["condconv_layer"])
+    >>> [result.status for result in report.results]
+    ['SKIP', 'PASS', 'SKIP', 'SKIP', 'SKIP', 'SKIP', 'PASS']
+    >>> report.skipped[0].skipped
+    'outside what it supports: 1 spatial dims, spatial_dims=(2,)'
     """
     chosen = None
     if against is None:
@@ -1077,11 +1168,18 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
                                  or any(name not in VARIANTS for name in variants)):
         raise ValueError(f"golden.verify: variants must be a list of names from "
                          f"{', '.join(VARIANTS)}, got {variants!r}")
+    if against is not None and not variants:
+        raise ValueError("golden.verify: against needs variants, the variant(s) the "
+                         "implementation implements; every other case would be handed to it")
     golden = load(directory)
     selected = [case for case in golden.cases if variants is None or case.variant in variants]
     results = []
     for done, case in enumerate(selected, start=1):
-        if against is not None:
+        outside = [] if against is None else unsupported(case.case, against.supports or Supports())
+        if outside:
+            results.append(CaseResult(case.index, case.file, case.variant,
+                                      skipped="outside what it supports: " + "; ".join(outside)))
+        elif against is not None:
             results.append(_implementation_result(case, against))
         else:
             try:

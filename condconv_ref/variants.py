@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from condconv_ref._cases import ConvConfig, arrays_for
+from condconv_ref._cases import ConvConfig, Supports, arrays_for
 from condconv_ref._validate import ConvGeometry, conv_geometry
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.condconv import (
@@ -103,6 +103,7 @@ __all__ = [
     "build_case",
     "reference_forward",
     "reference_vjp",
+    "unsupported",
 ]
 
 TEMPERATURE_RANGE = (0.5, 4.0)
@@ -379,6 +380,113 @@ def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
                          f"in_channels={config.in_channels}")
     arrays, options, lengths = entry.build(config, seed, temperature)
     return Case(variant, arrays, options, lengths, config, seed)
+
+
+def _padding_form(padding: Any) -> str:
+    """Which of :data:`condconv_ref.testing.strategies.PADDING_FORMS` ``padding`` is written in."""
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return "int"
+    return "pairs" if any(isinstance(p, (tuple, list)) for p in padding) else "per_dim"
+
+
+def _per_dim(value: Any, nd: int) -> tuple[int, ...]:
+    return (value,) * nd if isinstance(value, int) else tuple(value)
+
+
+def _limit(reasons: list[str], what: str, value: Any, limit: int, field_name: str) -> None:
+    if value > limit:
+        reasons.append(f"{what} {value} > {field_name}={limit}")
+
+
+def unsupported(case: Case, supports: Supports) -> list[str]:
+    """Why ``case`` lies outside what ``supports`` declares; empty when it lies inside.
+
+    A case is inside when :func:`condconv_ref.testing.cases` could draw it
+    from ``supports``: its number of spatial dims, padding form and mode,
+    bias, and every size, stride, dilation, padding amount, group count and
+    temperature within the limits.  Golden-vector verification
+    (:func:`condconv_ref.golden.verify`) does not hand an implementation the
+    cases outside.
+
+    Examples
+    --------
+    >>> from condconv_ref import golden
+    >>> from condconv_ref.testing import Supports
+    >>> case = golden.load(golden.SHIPPED).cases[8].case
+    >>> case.x.ndim, case.options["padding"], "bias" in case.arrays
+    (4, ((0, 1), (1, 1)), False)
+    >>> unsupported(case, Supports(spatial_dims=(1,), padding_forms=("int",), bias=(True,)))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['no bias, bias=(True,)', '2 spatial dims, spatial_dims=(1,)',
+     "padding ((0, 1), (1, 1)) (form 'pairs'), padding_forms=('int',)"]
+    >>> unsupported(case, Supports())
+    []
+    """
+    entry = VARIANTS[case.variant]
+    arrays, options, reasons = case.arrays, case.options, []
+    present = any(name in arrays for name in ("bias", "route_bias", "fc1_bias", "fc2_bias"))
+    if present not in supports.bias:
+        reasons.append(f"{'a' if present else 'no'} bias, bias={supports.bias}")
+    x = arrays.get("x")
+    if x is not None:
+        _limit(reasons, "batch", x.shape[0], supports.max_batch, "max_batch")
+    experts = arrays.get("experts", arrays.get("routing"))
+    if experts is not None and "kernel" not in arrays:
+        _limit(reasons, "experts", experts.shape[0] if "experts" in arrays else experts.shape[1],
+               supports.max_experts, "max_experts")
+    if "temperature" in options:
+        low, high = supports.temperatures
+        if not low <= options["temperature"] <= high:
+            reasons.append(f"temperature {options['temperature']:.3g} outside "
+                           f"temperatures={supports.temperatures}")
+    if entry.linear:
+        _limit(reasons, "F_in", x.shape[1], supports.max_features, "max_features")
+        _limit(reasons, "F_out", arrays["experts"].shape[1], supports.max_features,
+               "max_features")
+        return reasons
+    geometry = case.geometry
+    if geometry is None:
+        return reasons
+    return reasons + _conv_unsupported(case, supports, entry)
+
+
+def _conv_unsupported(case: Case, supports: Supports, entry: Variant) -> list[str]:
+    """The reasons of :func:`unsupported` that concern the convolution's shape and options."""
+    reasons: list[str] = []
+    x, options = case.x, case.options
+    kernel = case.arrays.get("experts", case.arrays.get("kernel"))
+    nd = x.ndim - 2
+    if nd not in supports.spatial_dims:
+        reasons.append(f"{nd} spatial dims, spatial_dims={supports.spatial_dims}")
+    padding = options.get("padding", 0)
+    form = _padding_form(padding)
+    if form not in supports.padding_forms:
+        written = "" if form == padding else f" (form {form!r})"
+        reasons.append(f"padding {padding!r}{written}, padding_forms={supports.padding_forms}")
+    mode = options.get("padding_mode", "zeros")
+    if mode not in supports.padding_modes:
+        reasons.append(f"padding_mode {mode!r}, padding_modes={supports.padding_modes}")
+    channels, out_channels = x.shape[1], kernel.shape[-nd - 2]
+    groups = channels if entry.depthwise else options.get("groups", 1)
+    _limit(reasons, "groups" if not entry.depthwise else "channels", groups,
+           supports.max_groups, "max_groups")
+    _limit(reasons, "channels per group", channels // groups, supports.max_channels_per_group,
+           "max_channels_per_group")
+    _limit(reasons, "outputs per group", out_channels // groups, supports.max_out_per_group,
+           "max_out_per_group")
+    for what, values, limit, name in (
+            ("input size", x.shape[2:], supports.max_size, "max_size"),
+            ("kernel size", kernel.shape[-nd:], supports.max_kernel, "max_kernel"),
+            ("stride", _per_dim(options.get("stride", 1), nd), supports.max_stride, "max_stride"),
+            ("dilation", _per_dim(options.get("dilation", 1), nd), supports.max_dilation,
+             "max_dilation")):
+        _limit(reasons, what, max(values), limit, name)
+    if not isinstance(padding, str):
+        _limit(reasons, "padding", max(max(pair) for pair in case.geometry.padding),
+               supports.max_padding, "max_padding")
+    return reasons
 
 
 # ---------------------------------------------------------------- builders
