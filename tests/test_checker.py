@@ -436,3 +436,4 @@ def test_module_parameter_missing_from_the_mapping_is_named():
                                   raise_on_failure=False)
     assert "module parameter 'gain' is not mapped from the case: no case array is " \
            "mapped to it" in str(report)
+
