@@ -50,6 +50,7 @@ Examples
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -57,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from condconv_ref._cases import ConvConfig, Supports, arrays_for
+from condconv_ref._cases import CondConvArrays, ConvConfig, Supports, arrays_for
 from condconv_ref._validate import ConvGeometry, conv_geometry
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.condconv import (
@@ -255,6 +256,12 @@ class Variant:
     linear: bool = False
     temperature: bool = False
 
+    @property
+    def takes_values(self) -> bool:
+        """Whether ``build`` also takes ``values``, arrays drawn value by value
+        (:func:`build_case`); otherwise its arrays always come from the seed."""
+        return "values" in inspect.signature(self.build).parameters
+
 
 def bind(op: Callable[..., Any], case: Case, *, vjp: bool = False) -> Callable[..., Any]:
     """``op`` as a function of ``case``'s arrays by keyword (after the cotangent for a VJP).
@@ -332,7 +339,7 @@ def reference_vjp(case: Case, cotangent: Any, backend: str | Backend | None = No
 
 
 def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
-               temperature: float | None = None) -> Case:
+               temperature: float | None = None, values: CondConvArrays | None = None) -> Case:
     """The case of ``variant`` for ``config``, its arrays drawn from ``seed``.
 
     Parameters
@@ -348,6 +355,12 @@ def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
     temperature : float, optional
         The softmax temperature of ``route_softmax`` / ``dynamic_conv_layer``;
         drawn log-uniformly from :data:`TEMPERATURE_RANGE` when None.
+    values : CondConvArrays, optional
+        The arrays of ``config`` (NumPy, float64) to use instead of those
+        :func:`~condconv_ref.testing.arrays_for` draws from ``seed``: what
+        :func:`condconv_ref.testing.cases` draws value by value for small
+        cases, so that hypothesis shrinks the values too.  The softmax routing
+        MLP is still built from ``seed``, clear of its ReLU kinks.
 
     Raises
     ------
@@ -378,7 +391,13 @@ def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
         raise ValueError(f"build_case: variant {variant!r} needs a depthwise config "
                          f"(groups == in_channels), got groups={config.groups}, "
                          f"in_channels={config.in_channels}")
-    arrays, options, lengths = entry.build(config, seed, temperature)
+    if values is None:
+        arrays, options, lengths = entry.build(config, seed, temperature)
+    elif entry.takes_values:
+        arrays, options, lengths = entry.build(config, seed, temperature, values)
+    else:
+        raise ValueError(f"build_case: variant {variant!r} draws its arrays from the seed "
+                         f"only; values must be None")
     return Case(variant, arrays, options, lengths, config, seed)
 
 
@@ -504,8 +523,10 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def _conv_arrays(config: ConvConfig, seed: int) -> Any:
-    return arrays_for(config, xp=np, seed=seed)
+def _conv_arrays(config: ConvConfig, seed: int, values: CondConvArrays | None = None) -> Any:
+    """The arrays of ``config``: ``values`` when given (drawn element by element by
+    :func:`condconv_ref.testing.cases`), else drawn from ``seed``."""
+    return arrays_for(config, xp=np, seed=seed) if values is None else values
 
 
 def _conv_lengths(config: ConvConfig) -> tuple[int, int]:
@@ -526,65 +547,81 @@ def _depthwise_options(config: ConvConfig) -> dict[str, Any]:
                 padding_mode=config.padding_mode)
 
 
-def _build_conv(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_conv(config: ConvConfig, seed: int, temperature: Any,
+                values: Any = None) -> Any:
     """``conv``: expert 0 of the configuration as the kernel."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     bias = None if a.bias is None else a.bias[0]
     return (_present(x=a.x, kernel=a.experts[0], bias=bias), config.options(),
             _conv_lengths(config))
 
 
-def _build_mix(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    a = _conv_arrays(config, seed)
+def _build_mix(config: ConvConfig, seed: int, temperature: Any,
+               values: Any = None) -> Any:
+    a = _conv_arrays(config, seed, values)
     size = math.prod(a.experts.shape[1:])
     lengths = (config.n_experts, max(config.n_experts, config.batch, size))
     return {"routing": a.routing, "experts": a.experts}, {}, lengths
 
 
-def _build_route_sigmoid(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    a = _conv_arrays(config, seed)
+def _build_route_sigmoid(config: ConvConfig, seed: int, temperature: Any,
+                         values: Any = None) -> Any:
+    a = _conv_arrays(config, seed, values)
     return (_present(x=a.x, weight=a.route_weight, bias=a.route_bias), {},
             _conv_lengths(config))
 
 
-def _build_condconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_condconv(config: ConvConfig, seed: int, temperature: Any,
+                    values: Any = None) -> Any:
     """``condconv`` and ``moe_condconv``: external routing weights in (0, 1)."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     return (_present(x=a.x, experts=a.experts, routing=a.routing, bias=a.bias),
             config.options(), _conv_lengths(config))
 
 
-def _layer_arrays(config: ConvConfig, seed: int) -> dict[str, Any]:
-    a = _conv_arrays(config, seed)
+def _layer_arrays(config: ConvConfig, seed: int,
+                  values: CondConvArrays | None = None) -> dict[str, Any]:
+    a = _conv_arrays(config, seed, values)
     return _present(x=a.x, experts=a.experts, bias=a.bias, route_weight=a.route_weight,
                     route_bias=a.route_bias)
 
 
-def _build_condconv_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_condconv_layer(config: ConvConfig, seed: int, temperature: Any,
+                          values: Any = None) -> Any:
     """``condconv_layer``: sigmoid routing parameters instead of routing weights."""
-    return _layer_arrays(config, seed), config.options(), _conv_lengths(config)
+    return _layer_arrays(config, seed, values), config.options(), _conv_lengths(config)
 
 
-def _build_depthwise(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    arrays, _, lengths = _build_condconv(config, seed, temperature)
+def _build_depthwise(config: ConvConfig, seed: int, temperature: Any,
+                     values: Any = None) -> Any:
+    arrays, _, lengths = _build_condconv(config, seed, temperature, values)
     return arrays, _depthwise_options(config), lengths
 
 
-def _build_depthwise_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    return _layer_arrays(config, seed), _depthwise_options(config), _conv_lengths(config)
+def _build_depthwise_layer(config: ConvConfig, seed: int, temperature: Any,
+                           values: Any = None) -> Any:
+    return _layer_arrays(config, seed, values), _depthwise_options(config), _conv_lengths(config)
 
 
-def _linear_arrays(config: ConvConfig, seed: int, *, layer: bool) -> Any:
-    """(B, F_in) inputs sized by the configuration: B, F_in = C, F_out = O, E."""
+def _linear_arrays(config: ConvConfig, seed: int, values: CondConvArrays | None = None, *,
+                   layer: bool) -> Any:
+    """(B, F_in) inputs sized by the configuration: B, F_in = C, F_out = O, E; from
+    ``values`` (a configuration with one spatial element, unit kernel) when given."""
     batch, in_features, out_features = config.batch, config.in_channels, config.out_channels
     n_experts = config.n_experts
-    rng = _rng(seed, 1)
-    x = rng.standard_normal((batch, in_features))
-    experts = rng.standard_normal((n_experts, out_features, in_features)) / math.sqrt(in_features)
-    routing = rng.uniform(size=(batch, n_experts))
-    route_weight = rng.standard_normal((n_experts, in_features)) / math.sqrt(in_features)
-    bias = rng.standard_normal((n_experts, out_features)) if config.bias else None
-    route_bias = rng.standard_normal(n_experts) if config.bias else None
+    if values is not None:
+        x, experts = values.x[:, :, 0], values.experts[..., 0]
+        routing, route_weight = values.routing, values.route_weight
+        bias, route_bias = values.bias, values.route_bias
+    else:
+        rng = _rng(seed, 1)
+        x = rng.standard_normal((batch, in_features))
+        experts = (rng.standard_normal((n_experts, out_features, in_features))
+                   / math.sqrt(in_features))
+        routing = rng.uniform(size=(batch, n_experts))
+        route_weight = rng.standard_normal((n_experts, in_features)) / math.sqrt(in_features)
+        bias = rng.standard_normal((n_experts, out_features)) if config.bias else None
+        route_bias = rng.standard_normal(n_experts) if config.bias else None
     lengths = (n_experts * in_features,
                max(n_experts * in_features, n_experts * out_features, batch,
                    out_features * in_features))
@@ -596,13 +633,15 @@ def _linear_arrays(config: ConvConfig, seed: int, *, layer: bool) -> Any:
     return arrays, {}, lengths
 
 
-def _build_linear(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_linear(config: ConvConfig, seed: int, temperature: Any,
+                  values: Any = None) -> Any:
     """``cond_linear`` and ``moe_cond_linear``."""
-    return _linear_arrays(config, seed, layer=False)
+    return _linear_arrays(config, seed, values, layer=False)
 
 
-def _build_linear_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    return _linear_arrays(config, seed, layer=True)
+def _build_linear_layer(config: ConvConfig, seed: int, temperature: Any,
+                        values: Any = None) -> Any:
+    return _linear_arrays(config, seed, values, layer=True)
 
 
 def _softmax_routing(x: np.ndarray, n_experts: int, bias: bool, seed: int,
@@ -635,16 +674,18 @@ def _softmax_routing(x: np.ndarray, n_experts: int, bias: bool, seed: int,
     return arrays, drawn if temperature is None else float(temperature)
 
 
-def _build_route_softmax(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_route_softmax(config: ConvConfig, seed: int, temperature: Any,
+                         values: Any = None) -> Any:
     """``route_softmax`` of the configuration's input, away from ReLU kinks."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
     return {"x": a.x, **routing}, {"temperature": temperature}, _conv_lengths(config)
 
 
-def _build_dynamic(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_dynamic(config: ConvConfig, seed: int, temperature: Any,
+                   values: Any = None) -> Any:
     """``dynamic_conv_layer``: the experts, softmax routing parameters, temperature."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
     arrays = _present(x=a.x, experts=a.experts, bias=a.bias, **routing)
     return arrays, {**config.options(), "temperature": temperature}, _conv_lengths(config)

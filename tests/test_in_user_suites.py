@@ -11,6 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 
@@ -85,3 +86,15 @@ def test_check_case_fails_a_broken_layer_on_the_case_given():
                         raise_on_failure=False)
     assert report.examples == 1 and report.case.dtype == "float32"
     assert report.case.shapes == case.shapes
+
+
+@pytest.mark.parametrize("variant", ["condconv_layer", "cond_linear_layer", "dynamic_conv_layer"])
+def test_a_failing_case_shrinks_to_whole_numbers_not_only_to_small_shapes(variant):
+    report = check_implementation(lambda case: 2 * reference_forward(case), variant=variant,
+                                  max_examples=30, raise_on_failure=False)
+    x = report.case.arrays["x"]
+    assert x.size == 1 and x.item() in (1.0, -1.0)
+    drawn = ("x", "experts", "bias", "routing", "route_weight", "route_bias")  # not the softmax
+    assert all((a == np.round(a)).all()  # MLP, which keeps clear of its ReLU kinks
+               for name, a in report.case.arrays.items() if name in drawn)
+    assert f"x = {x.tolist()}" in str(report)

@@ -177,10 +177,21 @@ class Report:
             if self.case.options:
                 lines.append("  " + ", ".join(f"{name}={value!r}"
                                               for name, value in self.case.options.items()))
+            lines += [f"  {name} = {_values_text(a)}" for name, a in self.case.arrays.items()
+                      if np.size(a) <= _SHOWN_VALUES]
         lines += [f"  {mismatch}" for mismatch in self.mismatches]
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
+
+
+_SHOWN_VALUES = 8
+"""Arrays of a failing case with at most this many elements are printed in the report."""
+
+
+def _values_text(values: Any) -> str:
+    """A small array on one line, e.g. ``[[1.0, -1.0]]``."""
+    return str(np.asarray(values, dtype=np.float64).tolist())
 
 
 class ImplementationMismatch(AssertionError):
