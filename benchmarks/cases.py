@@ -1,4 +1,4 @@
-"""The benchmark cases S1-S6 (issue #6): shapes, inputs, the ops under test and their FLOPs.
+"""The benchmark cases S1-S6: shapes, inputs, the ops under test and their FLOPs.
 
 ===  ===  ==========  ========  ==  ==  ================================
 case  B   channels    size      k   E   op
