@@ -27,7 +27,7 @@ mixed = mix_experts(gates, experts)
 assert np.allclose(mixed[0], np.tensordot(gates[0], experts, axes=1))
 
 figure = plt.figure(figsize=(11, 6))
-grid = figure.add_gridspec(2, EXPERTS + 2, height_ratios=(1.25, 1))
+grid = figure.add_gridspec(2, EXPERTS + 1, height_ratios=(1.25, 1))
 
 ax = figure.add_subplot(grid[0, :3])
 ax.imshow(gates.T, vmin=0, vmax=1, cmap="viridis")
@@ -55,7 +55,4 @@ for e in range(EXPERTS):
     ax.set(title=f"{gates[0, e]:.2f} x W{e}", xticks=[], yticks=[])
 ax = figure.add_subplot(grid[1, EXPERTS])
 ax.imshow(mixed[0, 0, 0], cmap="RdBu_r", vmin=-limit, vmax=limit)
-ax.set(title="= M_0", xticks=[], yticks=[])
-ax = figure.add_subplot(grid[1, EXPERTS + 1])
-ax.axis("off")
-ax.text(0, 0.5, "one convolution\nper example,\nnot E of them", va="center", fontsize=9)
+ax.set(title="= M_0, convolved once", xticks=[], yticks=[])
