@@ -978,6 +978,16 @@ def load_case(path: str | os.PathLike[str]) -> Case:
         If the file cannot be read.
     GoldenError
         If it is not a case file of this format (the problems name the file).
+
+    Examples
+    --------
+    A golden case file holds no case record, so it is refused:
+
+    >>> from condconv_ref import golden
+    >>> golden.load_case(golden.SHIPPED / "0000-condconv.npz")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    condconv_ref.golden.GoldenError: 0000-condconv.npz: not a 'condconv-ref case' file ...
     """
     path = Path(path)
     arrays = _read_npz(path.read_bytes(), path.name)
