@@ -341,8 +341,9 @@ def _supports_field(text: str) -> tuple[str, Any]:
             return name, tuple(table[item.lower()] for item in items)
         return name, tuple(kind(item) for item in items)
     except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"{name}: cannot read {value!r} as {'an integer' if isinstance(default, int) else 'a comma-separated list like ' + ','.join(map(str, default)).lower()}") from None
+        expected = ("an integer" if isinstance(default, int) else
+                    "a comma-separated list like " + ",".join(map(str, default)).lower())
+        raise argparse.ArgumentTypeError(f"{name}: cannot read {value!r} as {expected}") from None
 
 
 def _write_supports(args: argparse.Namespace) -> Supports | None:

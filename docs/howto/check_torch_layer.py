@@ -35,7 +35,8 @@ OUTPUT = Path(__file__).with_suffix(".out.txt")
 
 
 class CondConv2D(nn.Module):
-    """A CondConv layer as public code writes it, with the bug ``bug`` ("padding", "detached" or None)."""
+    """A CondConv layer as public code writes it, with the bug ``bug`` ("padding",
+    "detached" or None)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, padding_mode="zeros", num_experts=3, bug=None):
