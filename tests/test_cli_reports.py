@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import condconv_ref
 from condconv_ref import golden, verify
 from condconv_ref.cli import EXIT_INTERNAL, main
 
@@ -133,3 +136,11 @@ def test_bad_input_stays_one_line_and_debug_adds_the_traceback(capsys):
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
     assert err.rstrip().splitlines()[-1].startswith("condconv-ref golden: error:")
+
+
+def test_the_package_declares_its_annotations_and_classifiers():
+    root = Path(condconv_ref.__file__).resolve().parent
+    assert (root / "py.typed").is_file()
+    project = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["condconv_ref"]
+    assert "Typing :: Typed" in project["project"]["classifiers"]
