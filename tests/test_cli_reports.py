@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -139,6 +138,7 @@ def test_bad_input_stays_one_line_and_debug_adds_the_traceback(capsys):
 
 
 def test_the_package_declares_its_annotations_and_classifiers():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     root = Path(condconv_ref.__file__).resolve().parent
     assert (root / "py.typed").is_file()
     project = tomllib.loads((root.parent / "pyproject.toml").read_text())

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ def _pytest(folder: Path, *arguments: str) -> subprocess.CompletedProcess:
 
 
 def test_the_plugin_is_the_pytest11_entry_point():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["pytest11"] == {
         "condconv_ref": "condconv_ref.testing.pytest_plugin"}
