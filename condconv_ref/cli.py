@@ -428,7 +428,8 @@ def _golden_verify(args: argparse.Namespace) -> int:
                       f"condconv-ref golden write --supports-of {args.against}. Exit status "
                       f"{EXIT_INCOMPLETE}.", highlight=False)
     else:
-        console.print(f"[green]all {ran} cases passed[/]{not_run}")
+        console.print(f"[green]{'all ' if ran > 1 else ''}{ran} case{'s' if ran > 1 else ''} "
+                      f"passed[/]{not_run}")
     return status
 
 
