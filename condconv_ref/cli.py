@@ -2,19 +2,34 @@
 
 Each subcommand is one ``add_<name>(subcommands)`` function listed in
 :data:`SUBCOMMANDS`: it adds its parser and sets ``handler``, a function of the
-parsed arguments that returns the exit status.  Bad input, whether rejected by
-argparse or raised by a handler as one of :data:`USER_ERRORS` (a case beyond the
-memory budget included), is one line on stderr and exit status 2, never a
-traceback; so is a command that draws cases (``verify``, ``golden write``,
-``check``, ``gpu-check``) run where hypothesis is not installed.
+parsed arguments that returns the exit status.
+
+Exit statuses: :data:`EXIT_PASSED` (0), :data:`EXIT_FAILED` (1, a check
+failed), :data:`EXIT_USAGE` (2, bad input), :data:`EXIT_INCOMPLETE` (3, some
+checks could not run, e.g. SciPy is not installed) and :data:`EXIT_INTERNAL`
+(70, a bug in condconv_ref).  Bad input, whether rejected by argparse or raised
+by a handler as one of :data:`USER_ERRORS` (a case beyond the memory budget
+included), is one line on stderr and exit status 2, never a traceback; so is a
+command that draws cases (``verify``, ``golden write``, ``check``,
+``gpu-check``) run where hypothesis is not installed.  A ``TypeError`` or
+``ValueError`` counts as bad input only when the library raised it on purpose
+(a ``raise`` statement of condconv_ref, where every message names the function
+and the argument); one raised from inside NumPy, say, is an internal error:
+its traceback is printed and the exit status is 70.  ``--debug`` prints the
+traceback of bad input too.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import linecache
 import math
 import sys
+import traceback
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -27,11 +42,25 @@ from condconv_ref.backends import BACKEND_NAMES, BackendUnavailable, get_backend
 from condconv_ref.accuracy import jsonable
 from condconv_ref.engine import Row
 from condconv_ref.memory import MemoryBudgetError
-from condconv_ref.testing import checker
+from condconv_ref.testing import Supports, checker
 from condconv_ref.variants import VARIANTS
 
-__all__ = ["SUBCOMMANDS", "USER_ERRORS", "add_check", "add_golden", "add_gpu_check", "add_verify",
+__all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_INTERNAL", "EXIT_PASSED", "EXIT_USAGE",
+           "SUBCOMMANDS", "USER_ERRORS", "add_check", "add_golden", "add_gpu_check", "add_verify",
            "build_parser", "main"]
+
+EXIT_PASSED = 0
+"""Every check ran and passed."""
+EXIT_FAILED = 1
+"""A check failed (or a golden directory failed its integrity check)."""
+EXIT_USAGE = 2
+"""Bad input: an option, a file, a backend that is not available; one line on stderr."""
+EXIT_INCOMPLETE = 3
+"""Nothing failed, but some checks could not run (an optional dependency is missing): not a
+pass."""
+EXIT_INTERNAL = 70
+"""An internal error, a bug in condconv_ref: its traceback is on stderr (``EX_SOFTWARE`` of
+BSD's sysexits)."""
 
 USER_ERRORS = (BackendUnavailable, MemoryBudgetError, OSError, TypeError, ValueError)
 """Exceptions a handler may raise for bad input or a case too large for the memory budget
@@ -44,7 +73,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -81,8 +110,7 @@ def add_verify(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=verify.DTYPES, default="float64",
                         help="dtype the ops run in; finite differences always use float64 "
                              "(default: %(default)s)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the rows as JSON instead of a table")
+    _add_report_options(parser, "rows")
     parser.set_defaults(handler=_verify)
 
 
@@ -97,15 +125,19 @@ def _verify(args: argparse.Namespace) -> int:
         rows = verify.run(backend=backend, cases=args.cases, seed=args.seed, dtype=args.dtype,
                           progress=advance)
     failed = any(row.status == "FAIL" for row in rows)
+    skipped = [f"{row.op} / {row.kind}: {row.skipped}" for row in rows if row.status == "SKIP"]
+    status = EXIT_FAILED if failed else EXIT_INCOMPLETE if skipped else EXIT_PASSED
     if args.json:
         _print_json({"command": "verify", "backend": args.backend, "dtype": args.dtype,
-                     "cases": args.cases, "seed": args.seed, "passed": not failed,
-                     "rows": [row.to_json() for row in rows]})
-        return 1 if failed else 0
-    console = _wide_console()
-    console.print(_table(rows, args))
-    _print_notes(console, rows)
-    return 1 if failed else 0
+                     "cases": args.cases, "seed": args.seed,
+                     "passed": status == EXIT_PASSED, "complete": not skipped,
+                     "not_run": skipped, "rows": [row.to_json() for row in rows]})
+    else:
+        console = _wide_console()
+        console.print(_table(rows, args))
+        _print_notes(console, rows)
+    _write_junit(args, "verify", [_row_testcase(row) for row in rows])
+    return status
 
 
 BOUND_CAPTION = ("error/bound = max |actual - expected| / bound over every element, the bound "
@@ -150,11 +182,66 @@ def _print_notes(console: Console, rows: list[Row]) -> None:
             console.print(f"note {row.op} / {row.kind}: {row.notes}", markup=False,
                           highlight=False)
     failed = sum(row.status == "FAIL" for row in rows)
+    skipped = sum(row.status == "SKIP" for row in rows)
     if failed:
-        console.print(f"[bold red]{failed} of {len(rows)} checks failed[/]")
+        console.print(f"[bold red]{failed} of {len(rows)} checks failed[/]"
+                      + (f", {skipped} did not run" if skipped else ""))
+    elif skipped:
+        console.print(f"[bold yellow]INCOMPLETE: {skipped} of {len(rows)} checks did not run[/] "
+                      f"(see the reasons above; install what they name); the other "
+                      f"{len(rows) - skipped} passed. Exit status {EXIT_INCOMPLETE}.")
     else:
-        console.print(f"[green]all {len(rows)} checks passed[/] "
-                      f"({sum(row.status == 'SKIP' for row in rows)} skipped)")
+        console.print(f"[green]all {len(rows)} checks passed[/]")
+
+
+# ---------------------------------------------------------------- machine-readable reports
+
+
+def _add_report_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help=f"print the {what} as JSON on stdout instead of a table")
+    parser.add_argument("--junit-xml", metavar="FILE", type=Path,
+                        help="also write the results as JUnit XML to FILE, one <testcase> per "
+                             "row, for CI systems that show test reports")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TestCase:
+    """One ``<testcase>`` of a JUnit XML report."""
+
+    classname: str
+    name: str
+    failure: str = ""
+    skipped: str = ""
+    seconds: float = 0.0
+
+
+def _write_junit(args: argparse.Namespace, suite: str, testcases: Sequence[_TestCase]) -> None:
+    """Write ``testcases`` to ``args.junit_xml`` (when given) as one JUnit ``<testsuite>``."""
+    if args.junit_xml is None:
+        return
+    root = ElementTree.Element("testsuites")
+    element = ElementTree.SubElement(root, "testsuite", {
+        "name": f"condconv-ref {suite}", "tests": str(len(testcases)),
+        "failures": str(sum(bool(case.failure) for case in testcases)),
+        "skipped": str(sum(bool(case.skipped) and not case.failure for case in testcases)),
+        "errors": "0", "time": f"{sum(case.seconds for case in testcases):.3f}"})
+    for case in testcases:
+        entry = ElementTree.SubElement(element, "testcase", {
+            "classname": case.classname, "name": case.name, "time": f"{case.seconds:.3f}"})
+        if case.failure:
+            ElementTree.SubElement(entry, "failure", {
+                "message": case.failure.splitlines()[0]}).text = case.failure
+        elif case.skipped:
+            ElementTree.SubElement(entry, "skipped", {"message": case.skipped})
+    ElementTree.indent(root)
+    ElementTree.ElementTree(root).write(args.junit_xml, encoding="utf-8", xml_declaration=True)
+
+
+def _row_testcase(row: Row) -> _TestCase:
+    failure = "" if row.status != "FAIL" else (
+        f"{row.failed} of {row.cases} cases failed; the first, {row.detail}")
+    return _TestCase(f"condconv_ref.verify.{row.op}", row.kind, failure, row.skipped)
 
 
 # ---------------------------------------------------------------- golden
@@ -187,6 +274,15 @@ def add_golden(subcommands: argparse._SubParsersAction) -> None:
     write.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
     write.add_argument("--force", action="store_true",
                        help="replace DIR if it already holds a golden set")
+    write.add_argument("--supports-of", metavar="FILE.py:FACTORY",
+                       help="draw only cases within what the implementation FACTORY() returns "
+                            "declares it supports (as for condconv-ref check)")
+    write.add_argument("--supports", action="append", dest="limits", type=_supports_field,
+                       metavar="FIELD=VALUE", default=[],
+                       help="a limit of condconv_ref.testing.Supports, e.g. spatial_dims=2, "
+                            "padding_forms=int,per_dim, padding_modes=zeros, bias=true, "
+                            "max_size=12 (lists comma-separated); repeat for several; these "
+                            "override --supports-of")
     write.set_defaults(handler=_golden_write)
 
     check = actions.add_parser(
@@ -198,7 +294,8 @@ def add_golden(subcommands: argparse._SubParsersAction) -> None:
                        help="a golden directory (default: the set shipped in the package)")
     check.add_argument("--against", metavar="FILE.py:FACTORY",
                        help="check an implementation instead of the reference: FACTORY() in "
-                            "FILE.py returns it, as for condconv-ref check")
+                            "FILE.py returns it, as for condconv-ref check; needs --variant, "
+                            "and cases outside what it supports are skipped, not failed")
     check.add_argument("--variant", action="append", dest="variants", metavar="V",
                        choices=list(VARIANTS),
                        help="recompute only this variant's cases; repeat for several "
@@ -206,8 +303,7 @@ def add_golden(subcommands: argparse._SubParsersAction) -> None:
     check.add_argument("--backend", default="numpy", metavar="NAME",
                        help="where the reference recomputes the cases: "
                             f"{', '.join(BACKEND_NAMES)} (default: %(default)s)")
-    check.add_argument("--json", action="store_true",
-                       help="print the results as JSON instead of a table")
+    _add_report_options(check, "results")
     check.set_defaults(handler=_golden_verify)
 
 
@@ -223,11 +319,50 @@ def _progress_bar() -> Progress:
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
 
 
+_SUPPORTS_FIELDS = {field.name: field.default for field in dataclasses.fields(Supports)}
+
+
+def _supports_field(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` of :class:`~condconv_ref.testing.Supports`, the value parsed like the
+    field's default (an int, or a comma-separated tuple of ints, floats, names or booleans)."""
+    name, equals, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not equals or name not in _SUPPORTS_FIELDS:
+        raise argparse.ArgumentTypeError(
+            f"expected FIELD=VALUE with FIELD one of {', '.join(_SUPPORTS_FIELDS)}, got {text!r}")
+    default = _SUPPORTS_FIELDS[name]
+    try:
+        if isinstance(default, int):
+            return name, int(value)
+        kind = type(default[0])
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if kind is bool:
+            table = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+            return name, tuple(table[item.lower()] for item in items)
+        return name, tuple(kind(item) for item in items)
+    except (KeyError, ValueError):
+        expected = ("an integer" if isinstance(default, int) else
+                    "a comma-separated list like " + ",".join(map(str, default)).lower())
+        raise argparse.ArgumentTypeError(f"{name}: cannot read {value!r} as {expected}") from None
+
+
+def _write_supports(args: argparse.Namespace) -> Supports | None:
+    """The limits ``golden write`` draws within: ``--supports-of``'s, then ``--supports``."""
+    base = None
+    if args.supports_of:
+        base = checker.load_implementation(args.supports_of).supports or Supports()
+    if not args.limits:
+        return base
+    return dataclasses.replace(base or Supports(), **dict(args.limits))
+
+
 def _golden_write(args: argparse.Namespace) -> int:
+    supports = _write_supports(args)
     with _progress_bar() as bar:
         task = bar.add_task("writing cases", total=None)
         directory = golden.write(args.out, variants=args.variants, cases=args.cases,
                                  seed=args.seed, dtype=args.dtype, force=args.force,
+                                 supports=supports,
                                  progress=lambda done, total: bar.update(task, completed=done,
                                                                          total=total))
     written = args.cases * len(args.variants or golden.DEFAULT_VARIANTS)
@@ -237,6 +372,10 @@ def _golden_write(args: argparse.Namespace) -> int:
 
 
 def _golden_verify(args: argparse.Namespace) -> int:
+    if args.against and not args.variants:
+        raise ValueError("--against needs --variant V, the variant the implementation "
+                         "implements; without it every case of every variant would be "
+                         "handed to it")
     against = checker.load_implementation(args.against) if args.against else None
     try:
         with _progress_bar() as bar:
@@ -251,28 +390,47 @@ def _golden_verify(args: argparse.Namespace) -> int:
         print(f"condconv-ref golden verify: {args.directory} failed its integrity check "
               f"({count} problem{'s' if count > 1 else ''}); nothing was recomputed",
               file=sys.stderr)
-        return 1
-    failed = len(report.failures)
+        _write_junit(args, "golden verify", [_TestCase(
+            "condconv_ref.golden", "integrity", "\n".join(error.problems))])
+        return EXIT_FAILED
+    failed, skipped = len(report.failures), len(report.skipped)
+    ran = len(report.results) - skipped
+    status = EXIT_FAILED if failed else EXIT_INCOMPLETE if not ran else EXIT_PASSED
+    _write_junit(args, "golden verify", [_TestCase(
+        f"condconv_ref.golden.{result.variant}", result.file,
+        "\n".join(map(str, result.mismatches)), result.skipped) for result in report.results])
     if args.json:
         _print_json({"command": "golden verify", "directory": str(report.directory),
-                     "dtype": report.dtype, "compared": report.compared, "passed": not failed,
+                     "dtype": report.dtype, "compared": report.compared,
+                     "passed": status == EXIT_PASSED, "skipped": skipped,
                      "results": [jsonable({"file": r.file, "variant": r.variant,
-                                           "passed": r.passed, "units": r.units,
-                                           "where": r.where,
+                                           "status": r.status, "passed": r.passed,
+                                           "units": r.units, "where": r.where,
+                                           "skipped": r.skipped,
                                            "mismatches": [m.to_json() for m in r.mismatches]})
                                  for r in report.results]})
-        return 1 if failed else 0
+        return status
     console = _wide_console()
     console.print(_golden_table(report))
     for result in report.failures:
         for mismatch in result.mismatches:
             console.print(f"FAIL {result.file} ({result.variant}): {mismatch}", markup=False,
                           highlight=False)
+    for result in report.skipped:
+        console.print(f"skipped {result.file} ({result.variant}): {result.skipped}",
+                      markup=False, highlight=False)
+    not_run = f", {skipped} skipped (outside what the implementation supports)" if skipped else ""
     if failed:
-        console.print(f"[bold red]{failed} of {len(report.results)} cases failed[/]")
+        console.print(f"[bold red]{failed} of {ran} cases failed[/]{not_run}")
+    elif not ran:
+        console.print(f"[bold yellow]INCOMPLETE: no case was within what the implementation "
+                      f"supports[/] ({skipped} skipped); write a golden set within it with "
+                      f"condconv-ref golden write --supports-of {args.against}. Exit status "
+                      f"{EXIT_INCOMPLETE}.", highlight=False)
     else:
-        console.print(f"[green]all {len(report.results)} cases passed[/]")
-    return 1 if failed else 0
+        console.print(f"[green]{'all ' if ran > 1 else ''}{ran} case{'s' if ran > 1 else ''} "
+                      f"passed[/]{not_run}")
+    return status
 
 
 def _golden_table(report: golden.Report) -> Table:
@@ -285,12 +443,19 @@ def _golden_table(report: golden.Report) -> Table:
                             ("result", "center")):
         table.add_column(header, justify=justify, no_wrap=header in ("variant", "result"))
     for variant in dict.fromkeys(result.variant for result in report.results):
-        results = [result for result in report.results if result.variant == variant]
+        every = [result for result in report.results if result.variant == variant]
+        results = [result for result in every if not result.skipped]
+        if not results:
+            table.add_row(variant, "0", "0", "-", f"{len(every)} skipped",
+                          f"[{_STATUS_STYLE['SKIP']}]SKIP[/]")
+            continue
         failed = sum(not result.passed for result in results)
         measured = [result for result in results if not math.isnan(result.units)]
         largest = max(measured, key=lambda result: result.units, default=None)
         status = "FAIL" if failed else "PASS"
-        table.add_row(variant, str(len(results)), str(failed),
+        table.add_row(variant, str(len(results)) + (
+                          f" (+{len(every) - len(results)} skipped)" if len(every) > len(results)
+                          else ""), str(failed),
                       _units(largest.units) if largest else "-",
                       f"{largest.file}, {largest.where}" if largest else "",
                       f"[{_STATUS_STYLE[status]}]{status}[/]")
@@ -326,8 +491,13 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
                         help="seed of the cases (default: %(default)s)")
     parser.add_argument("--forward-only", action="store_true",
                         help="do not check the factory's vjp")
-    parser.add_argument("--json", action="store_true",
-                        help="print the report as JSON instead of text")
+    parser.add_argument("--save-case", metavar="FILE", type=Path,
+                        help="on failure, save the minimal failing case to FILE (.npz), to "
+                             "rerun with --case FILE or condconv_ref.golden.load_case")
+    parser.add_argument("--case", metavar="FILE", type=Path, dest="case_file",
+                        help="run only the case saved in FILE (by --save-case), in the dtype "
+                             "it was saved in, instead of searching")
+    _add_report_options(parser, "report")
     parser.set_defaults(handler=_check)
 
 
@@ -336,14 +506,31 @@ def _check(args: argparse.Namespace) -> int:
     if args.forward_only:
         implementation = checker.Implementation(implementation.forward,
                                                 supports=implementation.supports)
-    report = checker.check_implementation(implementation, variant=args.variant, dtype=args.dtype,
-                                          max_examples=args.examples, seed=args.seed,
-                                          raise_on_failure=False)
+    if args.case_file is not None:
+        case = golden.load_case(args.case_file)
+        if case.variant != args.variant:
+            raise ValueError(f"--case {args.case_file} holds a {case.variant} case, but "
+                             f"--variant is {args.variant}")
+        report = checker.check_case(implementation, case, raise_on_failure=False)
+    else:
+        report = checker.check_implementation(implementation, variant=args.variant,
+                                              dtype=args.dtype, max_examples=args.examples,
+                                              seed=args.seed, raise_on_failure=False)
+    saved = None
+    if args.save_case is not None and report.case is not None:
+        saved = golden.save_case(args.save_case, report.case)
+    _write_junit(args, "check", [_TestCase(
+        f"condconv_ref.check.{args.variant}", args.target, "" if report.passed else str(report),
+        seconds=report.seconds)])
     if args.json:
-        _print_json({"command": "check", "target": args.target, **report.to_json()})
+        _print_json({"command": "check", "target": args.target,
+                     "saved_case": None if saved is None else str(saved), **report.to_json()})
     else:
         print(report)
-    return 0 if report.passed else 1
+        if saved is not None:
+            print(f"  saved to {saved}; rerun with: condconv-ref check {args.target} "
+                  f"--variant {args.variant} --case {saved}")
+    return EXIT_PASSED if report.passed else EXIT_FAILED
 
 
 # ---------------------------------------------------------------- gpu-check
@@ -469,10 +656,50 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Golden reference and verification toolkit for CondConv-style "
                                  "layers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_debug(parser, default=False)
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subcommands)
+    for leaf in _leaf_parsers(parser):
+        _add_debug(leaf, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="print the traceback of an error in the input too")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the subcommands that run (``golden write``, not ``golden``)."""
+    leaves = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                leaves += _leaf_parsers(child) or [child]
+    return leaves
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _raised_on_purpose(error: BaseException) -> bool:
+    """Whether ``error`` comes from a ``raise`` statement of condconv_ref itself, where every
+    message names the function and the argument, rather than from inside another library."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    inside = Path(last.filename).resolve().is_relative_to(_PACKAGE)
+    return inside and linecache.getline(last.filename, last.lineno or 0).lstrip().startswith(
+        "raise")
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Bad input (one line, exit status 2) rather than a bug in the library (a traceback)."""
+    if isinstance(error, (BackendUnavailable, MemoryBudgetError, OSError)):
+        return True
+    return isinstance(error, USER_ERRORS) and _raised_on_purpose(error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -482,18 +709,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:  # --help, --version, or a usage error already printed
         code = exit_request.code
-        return code if isinstance(code, int) else (0 if code is None else 2)
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
     try:
         return args.handler(args)
-    except USER_ERRORS as error:
-        message = " ".join(str(error).split())
     except ModuleNotFoundError as error:
         if (error.name or "").partition(".")[0] != "hypothesis":
-            raise
+            return _internal_error(args, error)
         message = (f"hypothesis is not available: cannot import hypothesis ({error}); this "
                    f"command draws its cases with it (pip install hypothesis)")
+    except Exception as error:
+        if not _is_user_error(error):
+            return _internal_error(args, error)
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(error).split())
     print(f"condconv-ref {args.command}: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+
+
+def _internal_error(args: argparse.Namespace, error: BaseException) -> int:
+    traceback.print_exception(error)
+    print(f"condconv-ref {args.command}: internal error: {type(error).__name__}: {error}\n"
+          f"This is a bug in condconv_ref, not in your input; please report it with the "
+          f"traceback above (exit status {EXIT_INTERNAL}).", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -87,9 +87,11 @@ from condconv_ref.variants import (
     Case,
     reference_forward,
     reference_vjp,
+    unsupported,
 )
 
 __all__ = [
+    "CASE_FORMAT",
     "DEFAULT_VARIANTS",
     "DTYPES",
     "FORMAT",
@@ -104,6 +106,8 @@ __all__ = [
     "compare_case",
     "iter_cases",
     "load",
+    "load_case",
+    "save_case",
     "verify",
     "write",
 ]
@@ -243,7 +247,9 @@ class CaseResult:
     element (at most 1 when the case passes), ``where`` the array and element
     it was found at; ``mismatches`` everything that differs
     (:class:`condconv_ref.accuracy.Comparison`), including an exception the
-    computation raised.
+    computation raised.  ``skipped`` says why a case was not handed to an
+    implementation (it lies outside what the implementation supports); such a
+    case neither passes nor fails.
 
     Examples
     --------
@@ -261,11 +267,17 @@ class CaseResult:
     units: float = math.nan
     where: str = ""
     mismatches: tuple[Comparison, ...] = ()
+    skipped: str = ""
 
     @property
     def passed(self) -> bool:
-        """Nothing differs."""
+        """Nothing differs (also true of a skipped case: see :attr:`status`)."""
         return not self.mismatches
+
+    @property
+    def status(self) -> str:
+        """``"PASS"``, ``"FAIL"`` or ``"SKIP"``."""
+        return "SKIP" if self.skipped else "PASS" if self.passed else "FAIL"
 
 
 @dataclass(frozen=True)
@@ -294,6 +306,11 @@ class Report:
     def failures(self) -> tuple[CaseResult, ...]:
         """The cases that failed, in order."""
         return tuple(result for result in self.results if not result.passed)
+
+    @property
+    def skipped(self) -> tuple[CaseResult, ...]:
+        """The cases not handed to the implementation, outside what it supports."""
+        return tuple(result for result in self.results if result.skipped)
 
 
 # ---------------------------------------------------------------- options as JSON
@@ -846,13 +863,15 @@ def _listing_problems(directory: Path, manifest: Mapping[str, Any]) -> list[str]
     return problems
 
 
-def _member_problems(data: bytes, file: str, declared: Mapping[str, Any]) -> list[str]:
+def _member_problems(data: bytes, file: str, declared: Mapping[str, Any] | None) -> list[str]:
     """What is wrong with the zip members of a case file, read from its directory alone.
 
     Every member must be stored (not compressed), appear once, be an array the
     manifest ``declared`` and hold no more than that array's bytes and a
     ``.npy`` header: checked before any member is read, so that no archive
-    inflates to more than its manifest promises.
+    inflates to more than its manifest promises.  A file with no manifest
+    (``declared`` None: a saved case) needs ``.npy`` members no larger than
+    the archive, which a stored member cannot exceed.
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -868,6 +887,13 @@ def _member_problems(data: bytes, file: str, declared: Mapping[str, Any]) -> lis
         if member.compress_type != zipfile.ZIP_STORED:
             problems.append(f"{file}: member {member.filename!r} is compressed; golden "
                             f"members are stored, and compressed ones are refused uninflated")
+        elif declared is None and not member.filename.endswith(".npy"):
+            problems.append(f"{file}: member {member.filename!r} is not a .npy array")
+        elif declared is None:
+            if member.file_size > len(data):
+                problems.append(f"{file}: member {member.filename!r} declares "
+                                f"{member.file_size} bytes, more than the archive holds; "
+                                f"refused unread")
         elif name not in declared or not member.filename.endswith(".npy"):
             problems.append(f"{file}: member {member.filename!r} is not an array {MANIFEST} "
                             f"lists")
@@ -882,7 +908,8 @@ def _member_problems(data: bytes, file: str, declared: Mapping[str, Any]) -> lis
     return problems
 
 
-def _read_npz(data: bytes, file: str, declared: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _read_npz(data: bytes, file: str,
+              declared: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     """The arrays of one ``.npz``; raises GoldenError for anything but plain numeric arrays
     (:func:`_member_problems` says which members are read at all)."""
     if not data.startswith(b"PK\x03\x04"):  # np.load would take anything else for .npy/pickle
@@ -1024,6 +1051,85 @@ def load(directory: str | os.PathLike[str]) -> GoldenSet:
     return GoldenSet(path, manifest, tuple(cases))
 
 
+# ---------------------------------------------------------------- one case in a file
+
+CASE_FORMAT = "condconv-ref case"
+_CASE_MEMBER = "case"
+
+
+def save_case(path: str | os.PathLike[str], case: Case) -> Path:
+    """Write one case to an ``.npz`` file that :func:`load_case` reads back.
+
+    The file holds the case's arrays as they are (the values handed to an
+    implementation, in its dtype) and, in the member ``case``, a JSON record of
+    the variant, options, longest sums, seed and dtype.  It is written
+    atomically.  ``condconv-ref check --save-case FILE`` saves the minimal
+    failing case this way, and ``condconv-ref check --case FILE`` reruns it.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from condconv_ref import golden
+    >>> case = golden.load(golden.SHIPPED).cases[8].case
+    >>> path = golden.save_case(pathlib.Path(tempfile.mkdtemp()) / "failing.npz", case)
+    >>> again = golden.load_case(path)
+    >>> again.describe() == case.describe(), again.dtype
+    (True, 'float64')
+    """
+    record = {"format": CASE_FORMAT, "format_version": FORMAT_VERSION,
+              "library_version": __version__, "variant": case.variant,
+              "options": _to_json(case.options), "lengths": list(case.lengths),
+              "seed": case.seed, "dtype": case.dtype, "arrays": list(case.arrays)}
+    arrays = {name: np.asarray(to_numpy(a)) for name, a in case.arrays.items()}
+    path = Path(path)
+    text = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)  # numeric, as every member
+    _write_atomic(path, _npz_bytes({**arrays, _CASE_MEMBER: text}))
+    return path
+
+
+_CASE_FILE_LIMIT = 256 * 2**20
+"""Bytes a saved case may hold: a minimal failing case is small; this keeps a wrong path
+from reading a large file into memory."""
+
+
+def load_case(path: str | os.PathLike[str]) -> Case:
+    """Read a case written by :func:`save_case`.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    GoldenError
+        If it is not a case file of this format (the problems name the file).
+
+    Examples
+    --------
+    A golden case file holds no case record, so it is refused:
+
+    >>> from condconv_ref import golden
+    >>> golden.load_case(golden.SHIPPED / "0000-condconv.npz")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    condconv_ref.golden.GoldenError: 0000-condconv.npz: not a 'condconv-ref case' file ...
+    """
+    path = Path(path)
+    data = _read_regular(path.parent, path.name, _CASE_FILE_LIMIT)
+    if len(data) > _CASE_FILE_LIMIT:
+        raise GoldenError([f"{path.name}: larger than {_CASE_FILE_LIMIT} bytes, which no saved "
+                           f"case is; refused"])
+    arrays = _read_npz(data, path.name, None)
+    try:
+        record = json.loads(arrays.pop(_CASE_MEMBER).astype(np.uint8).tobytes().decode())
+        if record.get("format") != CASE_FORMAT or record.get("variant") not in VARIANTS:
+            raise KeyError("format")
+        inputs = {name: arrays[name] for name in record["arrays"]}
+        return Case(record["variant"], inputs, _from_json(record["options"]),
+                    tuple(record["lengths"]), None, int(record["seed"]), str(record["dtype"]))
+    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise GoldenError([f"{path.name}: not a {CASE_FORMAT!r} file written by "
+                           f"golden.save_case (condconv-ref check --save-case)"]) from None
+
+
 # ---------------------------------------------------------------- comparing
 
 
@@ -1131,13 +1237,17 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
     against : Implementation, optional
         A user's implementation to check instead of the reference: its
         ``forward(case)`` (and ``vjp(case, cotangent)`` when given) receive
-        each stored case with NumPy arrays in the set's dtype.
+        each stored case of ``variants`` (required then) with NumPy arrays in
+        the set's dtype, except the cases outside ``against.supports``
+        (:func:`condconv_ref.variants.unsupported`), which are skipped with
+        the reason.
     backend : str or Backend
         Where the reference recomputes the cases (``numpy``, ``torch``,
         ``cupy``, ...), in the set's dtype; ignored with ``against``.
     variants : sequence of str, optional
         Recompute only the cases of these variants (every file is still
-        checked); default all.
+        checked); default all.  Required with ``against``: the variant the
+        implementation implements.
     progress : callable, optional
         Called as ``progress(done, total)`` after every case.
 
@@ -1174,6 +1284,16 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
     >>> mine = Implementation(reference_forward, reference_vjp)
     >>> golden.verify(golden.SHIPPED, against=mine, variants=["conv"]).compared
     'implementation, forward and VJP'
+
+    A 2-D implementation is handed the 2-D cases only:
+
+    >>> from condconv_ref.testing import Supports
+    >>> two_d = Implementation(reference_forward, supports=Supports(spatial_dims=(2,)))
+    >>> report = golden.verify(golden.SHIPPED, against=two_d, variants=["condconv_layer"])
+    >>> [result.status for result in report.results]
+    ['SKIP', 'PASS', 'SKIP', 'SKIP', 'SKIP', 'SKIP', 'PASS']
+    >>> report.skipped[0].skipped
+    'outside what it supports: 1 spatial dims, spatial_dims=(2,)'
     """
     chosen = None
     if against is None:
@@ -1188,11 +1308,18 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
                                  or any(name not in VARIANTS for name in variants)):
         raise ValueError(f"golden.verify: variants must be a list of names from "
                          f"{', '.join(VARIANTS)}, got {variants!r}")
+    if against is not None and not variants:
+        raise ValueError("golden.verify: against needs variants, the variant(s) the "
+                         "implementation implements; every other case would be handed to it")
     golden = load(directory)
     selected = [case for case in golden.cases if variants is None or case.variant in variants]
     results = []
     for done, case in enumerate(selected, start=1):
-        if against is not None:
+        outside = [] if against is None else unsupported(case.case, against.supports or Supports())
+        if outside:
+            results.append(CaseResult(case.index, case.file, case.variant,
+                                      skipped="outside what it supports: " + "; ".join(outside)))
+        elif against is not None:
             results.append(_implementation_result(case, against))
         else:
             try:

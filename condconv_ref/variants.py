@@ -50,6 +50,7 @@ Examples
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -57,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from condconv_ref._cases import ConvConfig, arrays_for
+from condconv_ref._cases import CondConvArrays, ConvConfig, Supports, arrays_for
 from condconv_ref._validate import ConvGeometry, conv_geometry
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.condconv import (
@@ -106,6 +107,7 @@ __all__ = [
     "build_case",
     "reference_forward",
     "reference_vjp",
+    "unsupported",
 ]
 
 TEMPERATURE_RANGE = (0.5, 4.0)
@@ -270,6 +272,12 @@ class Variant:
     temperature: bool = False
     buffers: tuple[str, ...] = ()
 
+    @property
+    def takes_values(self) -> bool:
+        """Whether ``build`` also takes ``values``, arrays drawn value by value
+        (:func:`build_case`); otherwise its arrays always come from the seed."""
+        return "values" in inspect.signature(self.build).parameters
+
 
 def bind(op: Callable[..., Any], case: Case, *, vjp: bool = False) -> Callable[..., Any]:
     """``op`` as a function of ``case``'s arrays by keyword (after the cotangent for a VJP).
@@ -347,7 +355,7 @@ def reference_vjp(case: Case, cotangent: Any, backend: str | Backend | None = No
 
 
 def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
-               temperature: float | None = None) -> Case:
+               temperature: float | None = None, values: CondConvArrays | None = None) -> Case:
     """The case of ``variant`` for ``config``, its arrays drawn from ``seed``.
 
     Parameters
@@ -363,6 +371,12 @@ def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
     temperature : float, optional
         The softmax temperature of ``route_softmax`` / ``dynamic_conv_layer``;
         drawn log-uniformly from :data:`TEMPERATURE_RANGE` when None.
+    values : CondConvArrays, optional
+        The arrays of ``config`` (NumPy, float64) to use instead of those
+        :func:`~condconv_ref.testing.arrays_for` draws from ``seed``: what
+        :func:`condconv_ref.testing.cases` draws value by value for small
+        cases, so that hypothesis shrinks the values too.  The softmax routing
+        MLP is still built from ``seed``, clear of its ReLU kinks.
 
     Raises
     ------
@@ -393,8 +407,121 @@ def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
         raise ValueError(f"build_case: variant {variant!r} needs a depthwise config "
                          f"(groups == in_channels), got groups={config.groups}, "
                          f"in_channels={config.in_channels}")
-    arrays, options, lengths = entry.build(config, seed, temperature)
+    if values is None:
+        arrays, options, lengths = entry.build(config, seed, temperature)
+    elif entry.takes_values:
+        arrays, options, lengths = entry.build(config, seed, temperature, values)
+    else:
+        raise ValueError(f"build_case: variant {variant!r} draws its arrays from the seed "
+                         f"only; values must be None")
     return Case(variant, arrays, options, lengths, config, seed)
+
+
+def _padding_form(padding: Any) -> str:
+    """Which of :data:`condconv_ref.testing.strategies.PADDING_FORMS` ``padding`` is written in."""
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return "int"
+    return "pairs" if any(isinstance(p, (tuple, list)) for p in padding) else "per_dim"
+
+
+def _per_dim(value: Any, nd: int) -> tuple[int, ...]:
+    return (value,) * nd if isinstance(value, int) else tuple(value)
+
+
+def _limit(reasons: list[str], what: str, value: Any, limit: int, field_name: str) -> None:
+    if value > limit:
+        reasons.append(f"{what} {value} > {field_name}={limit}")
+
+
+def unsupported(case: Case, supports: Supports) -> list[str]:
+    """Why ``case`` lies outside what ``supports`` declares; empty when it lies inside.
+
+    A case is inside when :func:`condconv_ref.testing.cases` could draw it
+    from ``supports``: its number of spatial dims, padding form and mode,
+    bias, and every size, stride, dilation, padding amount, group count and
+    temperature within the limits.  Golden-vector verification
+    (:func:`condconv_ref.golden.verify`) does not hand an implementation the
+    cases outside.
+
+    Examples
+    --------
+    >>> from condconv_ref import golden
+    >>> from condconv_ref.testing import Supports
+    >>> case = golden.load(golden.SHIPPED).cases[8].case
+    >>> case.x.ndim, case.options["padding"], "bias" in case.arrays
+    (4, ((0, 1), (1, 1)), False)
+    >>> unsupported(case, Supports(spatial_dims=(1,), padding_forms=("int",), bias=(True,)))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['no bias, bias=(True,)', '2 spatial dims, spatial_dims=(1,)',
+     "padding ((0, 1), (1, 1)) (form 'pairs'), padding_forms=('int',)"]
+    >>> unsupported(case, Supports())
+    []
+    """
+    entry = VARIANTS[case.variant]
+    arrays, options, reasons = case.arrays, case.options, []
+    present = any(name in arrays for name in ("bias", "route_bias", "fc1_bias", "fc2_bias"))
+    if present not in supports.bias:
+        reasons.append(f"{'a' if present else 'no'} bias, bias={supports.bias}")
+    x = arrays.get("x")
+    if x is not None:
+        _limit(reasons, "batch", x.shape[0], supports.max_batch, "max_batch")
+    experts = arrays.get("experts", arrays.get("routing"))
+    if experts is not None and "kernel" not in arrays:
+        _limit(reasons, "experts", experts.shape[0] if "experts" in arrays else experts.shape[1],
+               supports.max_experts, "max_experts")
+    if "temperature" in options:
+        low, high = supports.temperatures
+        if not low <= options["temperature"] <= high:
+            reasons.append(f"temperature {options['temperature']:.3g} outside "
+                           f"temperatures={supports.temperatures}")
+    if entry.linear:
+        _limit(reasons, "F_in", x.shape[1], supports.max_features, "max_features")
+        _limit(reasons, "F_out", arrays["experts"].shape[1], supports.max_features,
+               "max_features")
+        return reasons
+    geometry = case.geometry
+    if geometry is None:
+        return reasons
+    return reasons + _conv_unsupported(case, supports, entry)
+
+
+def _conv_unsupported(case: Case, supports: Supports, entry: Variant) -> list[str]:
+    """The reasons of :func:`unsupported` that concern the convolution's shape and options."""
+    reasons: list[str] = []
+    x, options = case.x, case.options
+    kernel = case.arrays.get("experts", case.arrays.get("kernel"))
+    nd = x.ndim - 2
+    if nd not in supports.spatial_dims:
+        reasons.append(f"{nd} spatial dims, spatial_dims={supports.spatial_dims}")
+    padding = options.get("padding", 0)
+    form = _padding_form(padding)
+    if form not in supports.padding_forms:
+        written = "" if form == padding else f" (form {form!r})"
+        reasons.append(f"padding {padding!r}{written}, padding_forms={supports.padding_forms}")
+    mode = options.get("padding_mode", "zeros")
+    if mode not in supports.padding_modes:
+        reasons.append(f"padding_mode {mode!r}, padding_modes={supports.padding_modes}")
+    channels, out_channels = x.shape[1], kernel.shape[-nd - 2]
+    groups = channels if entry.depthwise else options.get("groups", 1)
+    _limit(reasons, "groups" if not entry.depthwise else "channels", groups,
+           supports.max_groups, "max_groups")
+    _limit(reasons, "channels per group", channels // groups, supports.max_channels_per_group,
+           "max_channels_per_group")
+    _limit(reasons, "outputs per group", out_channels // groups, supports.max_out_per_group,
+           "max_out_per_group")
+    for what, values, limit, name in (
+            ("input size", x.shape[2:], supports.max_size, "max_size"),
+            ("kernel size", kernel.shape[-nd:], supports.max_kernel, "max_kernel"),
+            ("stride", _per_dim(options.get("stride", 1), nd), supports.max_stride, "max_stride"),
+            ("dilation", _per_dim(options.get("dilation", 1), nd), supports.max_dilation,
+             "max_dilation")):
+        _limit(reasons, what, max(values), limit, name)
+    if not isinstance(padding, str):
+        _limit(reasons, "padding", max(max(pair) for pair in case.geometry.padding),
+               supports.max_padding, "max_padding")
+    return reasons
 
 
 # ---------------------------------------------------------------- builders
@@ -412,8 +539,10 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def _conv_arrays(config: ConvConfig, seed: int) -> Any:
-    return arrays_for(config, xp=np, seed=seed)
+def _conv_arrays(config: ConvConfig, seed: int, values: CondConvArrays | None = None) -> Any:
+    """The arrays of ``config``: ``values`` when given (drawn element by element by
+    :func:`condconv_ref.testing.cases`), else drawn from ``seed``."""
+    return arrays_for(config, xp=np, seed=seed) if values is None else values
 
 
 def _conv_lengths(config: ConvConfig) -> tuple[int, int]:
@@ -434,65 +563,81 @@ def _depthwise_options(config: ConvConfig) -> dict[str, Any]:
                 padding_mode=config.padding_mode)
 
 
-def _build_conv(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_conv(config: ConvConfig, seed: int, temperature: Any,
+                values: Any = None) -> Any:
     """``conv``: expert 0 of the configuration as the kernel."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     bias = None if a.bias is None else a.bias[0]
     return (_present(x=a.x, kernel=a.experts[0], bias=bias), config.options(),
             _conv_lengths(config))
 
 
-def _build_mix(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    a = _conv_arrays(config, seed)
+def _build_mix(config: ConvConfig, seed: int, temperature: Any,
+               values: Any = None) -> Any:
+    a = _conv_arrays(config, seed, values)
     size = math.prod(a.experts.shape[1:])
     lengths = (config.n_experts, max(config.n_experts, config.batch, size))
     return {"routing": a.routing, "experts": a.experts}, {}, lengths
 
 
-def _build_route_sigmoid(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    a = _conv_arrays(config, seed)
+def _build_route_sigmoid(config: ConvConfig, seed: int, temperature: Any,
+                         values: Any = None) -> Any:
+    a = _conv_arrays(config, seed, values)
     return (_present(x=a.x, weight=a.route_weight, bias=a.route_bias), {},
             _conv_lengths(config))
 
 
-def _build_condconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_condconv(config: ConvConfig, seed: int, temperature: Any,
+                    values: Any = None) -> Any:
     """``condconv`` and ``moe_condconv``: external routing weights in (0, 1)."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     return (_present(x=a.x, experts=a.experts, routing=a.routing, bias=a.bias),
             config.options(), _conv_lengths(config))
 
 
-def _layer_arrays(config: ConvConfig, seed: int) -> dict[str, Any]:
-    a = _conv_arrays(config, seed)
+def _layer_arrays(config: ConvConfig, seed: int,
+                  values: CondConvArrays | None = None) -> dict[str, Any]:
+    a = _conv_arrays(config, seed, values)
     return _present(x=a.x, experts=a.experts, bias=a.bias, route_weight=a.route_weight,
                     route_bias=a.route_bias)
 
 
-def _build_condconv_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_condconv_layer(config: ConvConfig, seed: int, temperature: Any,
+                          values: Any = None) -> Any:
     """``condconv_layer``: sigmoid routing parameters instead of routing weights."""
-    return _layer_arrays(config, seed), config.options(), _conv_lengths(config)
+    return _layer_arrays(config, seed, values), config.options(), _conv_lengths(config)
 
 
-def _build_depthwise(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    arrays, _, lengths = _build_condconv(config, seed, temperature)
+def _build_depthwise(config: ConvConfig, seed: int, temperature: Any,
+                     values: Any = None) -> Any:
+    arrays, _, lengths = _build_condconv(config, seed, temperature, values)
     return arrays, _depthwise_options(config), lengths
 
 
-def _build_depthwise_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    return _layer_arrays(config, seed), _depthwise_options(config), _conv_lengths(config)
+def _build_depthwise_layer(config: ConvConfig, seed: int, temperature: Any,
+                           values: Any = None) -> Any:
+    return _layer_arrays(config, seed, values), _depthwise_options(config), _conv_lengths(config)
 
 
-def _linear_arrays(config: ConvConfig, seed: int, *, layer: bool) -> Any:
-    """(B, F_in) inputs sized by the configuration: B, F_in = C, F_out = O, E."""
+def _linear_arrays(config: ConvConfig, seed: int, values: CondConvArrays | None = None, *,
+                   layer: bool) -> Any:
+    """(B, F_in) inputs sized by the configuration: B, F_in = C, F_out = O, E; from
+    ``values`` (a configuration with one spatial element, unit kernel) when given."""
     batch, in_features, out_features = config.batch, config.in_channels, config.out_channels
     n_experts = config.n_experts
-    rng = _rng(seed, 1)
-    x = rng.standard_normal((batch, in_features))
-    experts = rng.standard_normal((n_experts, out_features, in_features)) / math.sqrt(in_features)
-    routing = rng.uniform(size=(batch, n_experts))
-    route_weight = rng.standard_normal((n_experts, in_features)) / math.sqrt(in_features)
-    bias = rng.standard_normal((n_experts, out_features)) if config.bias else None
-    route_bias = rng.standard_normal(n_experts) if config.bias else None
+    if values is not None:
+        x, experts = values.x[:, :, 0], values.experts[..., 0]
+        routing, route_weight = values.routing, values.route_weight
+        bias, route_bias = values.bias, values.route_bias
+    else:
+        rng = _rng(seed, 1)
+        x = rng.standard_normal((batch, in_features))
+        experts = (rng.standard_normal((n_experts, out_features, in_features))
+                   / math.sqrt(in_features))
+        routing = rng.uniform(size=(batch, n_experts))
+        route_weight = rng.standard_normal((n_experts, in_features)) / math.sqrt(in_features)
+        bias = rng.standard_normal((n_experts, out_features)) if config.bias else None
+        route_bias = rng.standard_normal(n_experts) if config.bias else None
     lengths = (n_experts * in_features,
                max(n_experts * in_features, n_experts * out_features, batch,
                    out_features * in_features))
@@ -504,13 +649,15 @@ def _linear_arrays(config: ConvConfig, seed: int, *, layer: bool) -> Any:
     return arrays, {}, lengths
 
 
-def _build_linear(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_linear(config: ConvConfig, seed: int, temperature: Any,
+                  values: Any = None) -> Any:
     """``cond_linear`` and ``moe_cond_linear``."""
-    return _linear_arrays(config, seed, layer=False)
+    return _linear_arrays(config, seed, values, layer=False)
 
 
-def _build_linear_layer(config: ConvConfig, seed: int, temperature: Any) -> Any:
-    return _linear_arrays(config, seed, layer=True)
+def _build_linear_layer(config: ConvConfig, seed: int, temperature: Any,
+                        values: Any = None) -> Any:
+    return _linear_arrays(config, seed, values, layer=True)
 
 
 def _softmax_routing(x: np.ndarray, n_experts: int, bias: bool, seed: int,
@@ -543,16 +690,18 @@ def _softmax_routing(x: np.ndarray, n_experts: int, bias: bool, seed: int,
     return arrays, drawn if temperature is None else float(temperature)
 
 
-def _build_route_softmax(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_route_softmax(config: ConvConfig, seed: int, temperature: Any,
+                         values: Any = None) -> Any:
     """``route_softmax`` of the configuration's input, away from ReLU kinks."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
     return {"x": a.x, **routing}, {"temperature": temperature}, _conv_lengths(config)
 
 
-def _build_dynamic(config: ConvConfig, seed: int, temperature: Any) -> Any:
+def _build_dynamic(config: ConvConfig, seed: int, temperature: Any,
+                   values: Any = None) -> Any:
     """``dynamic_conv_layer``: the experts, softmax routing parameters, temperature."""
-    a = _conv_arrays(config, seed)
+    a = _conv_arrays(config, seed, values)
     routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
     arrays = _present(x=a.x, experts=a.experts, bias=a.bias, **routing)
     return arrays, {**config.options(), "temperature": temperature}, _conv_lengths(config)

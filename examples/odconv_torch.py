@@ -37,7 +37,7 @@ class ODConv2d(nn.Module):
 
     def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, kernel_num=4, attention_channel=16, temperature=1.0,
-                 heads=HEADS, head_bias=True):
+                 heads=HEADS, head_bias=HEADS):
         super().__init__()
         self.in_planes, self.out_planes, self.groups = in_planes, out_planes, groups
         self.kernel_size = tuple(kernel_size)
@@ -49,7 +49,8 @@ class ODConv2d(nn.Module):
                  "spatial": self.kernel_size[0] * self.kernel_size[1], "kernel": kernel_num}
         for head in HEADS:
             setattr(self, f"{head}_fc", nn.Conv2d(attention_channel, sizes[head], 1,
-                                                  bias=head_bias) if head in heads else None)
+                                                  bias=head in head_bias)
+                    if head in heads else None)
         self.weight = nn.Parameter(torch.randn(kernel_num, out_planes, in_planes // groups,
                                                *self.kernel_size))
 
@@ -91,7 +92,11 @@ def build(case):
                       kernel_num=kernel_num, attention_channel=case.arrays["fc_weight"].shape[0],
                       temperature=options["temperature"],
                       heads=[head for head in HEADS if f"{head}_weight" in case.arrays],
-                      head_bias=any(f"{head}_bias" in case.arrays for head in HEADS))
+                      head_bias=[head for head in HEADS if f"{head}_bias" in case.arrays])
+    for name, fixed in (("weight", 1.0), ("bias", 0.0)):
+        if f"bn_{name}" not in case.arrays:  # a batch-norm affine part the case leaves out:
+            del module.bn._parameters[name]  # a constant (1 or 0), not a parameter
+            module.bn.register_buffer(name, torch.full((module.bn.num_features,), fixed))
     return module.train(options["batch_norm"] == "train")
 
 

@@ -455,3 +455,38 @@ def test_a_gradient_of_the_wrong_kind_fails_with_its_reason():
     report = _failing(reference_forward, "condconv", vjp=vjp)
     (mismatch,) = report.mismatches
     assert mismatch.what == "gradient 'x'" and "has dtype int32 (kind 'i')" in mismatch.reason
+
+
+def test_module_parameter_the_case_does_not_set_is_named_not_run_with_its_built_values():
+    """A layer that always has an expert bias, checked on a case without one: without the
+    check it ran with its ``torch.empty`` bias and reported a numeric mismatch."""
+
+    def always_biased(case):
+        n_experts, out_features, in_features = case.arrays["experts"].shape
+        layer = CondLinear(in_features, out_features, n_experts, bias=True)
+        layer.bias = torch.nn.Parameter(torch.empty(n_experts, out_features))
+        return layer
+
+    implementation = torch_implementation(always_biased, condconv_torch.PARAMETERS)
+    report = check_implementation(implementation, variant="cond_linear_layer", max_examples=20,
+                                  raise_on_failure=False)
+    assert not report.passed and "bias" not in report.case.arrays
+    (mismatch,) = report.mismatches
+    assert mismatch.what == "forward"
+    assert "module parameter 'bias' is not mapped from the case" in mismatch.reason
+    assert "mapped from 'bias', which this case does not have" in mismatch.reason
+
+
+def test_module_parameter_missing_from_the_mapping_is_named():
+    def build(case):
+        n_experts, out_features, in_features = case.arrays["experts"].shape
+        layer = CondLinear(in_features, out_features, n_experts, "bias" in case.arrays)
+        layer.register_parameter("gain", torch.nn.Parameter(torch.ones(())))  # never mapped
+        return layer
+
+    implementation = torch_implementation(build, condconv_torch.PARAMETERS)
+    report = check_implementation(implementation, variant="cond_linear_layer", max_examples=5,
+                                  raise_on_failure=False)
+    assert "module parameter 'gain' is not mapped from the case: no case array is " \
+           "mapped to it" in str(report)
+

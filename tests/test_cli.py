@@ -4,6 +4,7 @@ file it is given under its package's name when it has one."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 import condconv_ref
 from condconv_ref import conv, conv_vjp, memory_budget, verify
-from condconv_ref.cli import main
+from condconv_ref.cli import EXIT_INCOMPLETE, main
 from condconv_ref.testing.checker import load_implementation
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -120,15 +121,22 @@ def test_check_that_raises_fails_its_row_without_a_traceback(monkeypatch, capsys
     assert "Traceback" not in captured.out + captured.err
 
 
-def test_oracle_rows_are_skipped_without_scipy(monkeypatch, capsys):
+def test_missing_scipy_is_reported_incomplete_not_passed(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "scipy", None)  # importing scipy now fails
     oracles = [c for c in verify.CHECKS if c.kind == verify.ORACLE]
-    monkeypatch.setattr(verify, "CHECKS", oracles)
-    assert main(["verify", "--cases", "1"]) == 0
+    finite_differences = next(c for c in verify.CHECKS if c.kind == verify.FINITE_DIFFERENCES)
+    monkeypatch.setattr(verify, "CHECKS", [finite_differences, *oracles])
+    assert main(["verify", "--cases", "1"]) == EXIT_INCOMPLETE == 3
     out = _text(capsys.readouterr().out)
     for check in oracles:
         assert "SKIP" in _row_line(out, check.op, check.kind)
         assert f"{check.op} / {verify.ORACLE} skipped: scipy is not installed" in out
+    assert f"INCOMPLETE: {len(oracles)} of {len(oracles) + 1} checks did not run" in out
+    assert "checks passed" not in out
+    assert main(["verify", "--cases", "1", "--json"]) == EXIT_INCOMPLETE
+    document = json.loads(capsys.readouterr().out)
+    assert document["passed"] is False and document["complete"] is False
+    assert len(document["not_run"]) == len(oracles)
 
 
 def test_unavailable_backend_is_one_line_and_exit_2(monkeypatch, capsys):

@@ -187,7 +187,8 @@ def test_numpydoc_parses_every_documented_docstring():
                 docscrape.get_doc_object(obj)
 
 
-@pytest.mark.parametrize("script", ["fd_step_error.py", "bench_chart.py"])
+@pytest.mark.parametrize("script", ["fd_step_error.py", "bench_chart.py", "routing.py",
+                                    "grouped_batch_trick.py"])
 def test_figure_scripts_draw(script, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib

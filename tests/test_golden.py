@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -10,16 +11,20 @@ import os
 import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from condconv_ref import golden
-from condconv_ref.cli import main
+from condconv_ref.cli import EXIT_INCOMPLETE, main
+from condconv_ref.testing import Supports
 from condconv_ref.testing.checker import load_implementation
-from condconv_ref.variants import VARIANTS, reference_forward, reference_vjp
+from condconv_ref.variants import VARIANTS, reference_forward, reference_vjp, unsupported
 
 SMALL_VARIANTS = ["condconv", "cond_linear_layer"]
+SUPPORTS_2D = Supports(spatial_dims=(2,), padding_forms=("int", "per_dim"))
+"""What examples/condconv_torch.py declares."""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -746,7 +751,7 @@ def test_against_fails_a_broken_implementation_naming_file_and_array(written,
 
 def test_against_an_implementation_that_raises_fails_its_cases(written, implementation_file):
     spec = f"{implementation_file}:raising"
-    report = golden.verify(written, against=load_implementation(spec))
+    report = golden.verify(written, against=load_implementation(spec), variants=SMALL_VARIANTS)
     assert len(report.failures) == 4
     assert all("raised RuntimeError: not implemented yet" in str(r.mismatches[0])
                for r in report.failures)
@@ -759,10 +764,72 @@ def test_against_an_implementation_that_raises_fails_its_cases(written, implemen
 ])
 def test_against_bad_spec_is_one_line_exit_2(written, implementation_file, spec, message,
                                              capsys):
-    argv = ["golden", "verify", str(written), "--against", spec.format(file=implementation_file)]
+    argv = ["golden", "verify", str(written), "--against", spec.format(file=implementation_file),
+            "--variant", "cond_linear_layer"]
     assert main(argv) == 2
     (line,) = _lines(capsys.readouterr().err)
     assert message in line
+
+
+EXAMPLE_LAYER = f"{Path(__file__).resolve().parents[1] / 'examples' / 'condconv_torch.py'}:factory"
+
+
+def test_against_hands_a_layer_only_the_cases_it_supports(capsys):
+    pytest.importorskip("torch")
+    argv = ["golden", "verify", "--against", EXAMPLE_LAYER, "--variant", "condconv_layer"]
+    assert main(argv) == 0
+    out = ANSI.sub("", capsys.readouterr().out)
+    shipped = [case for case in golden.load(golden.SHIPPED).cases
+               if case.variant == "condconv_layer"]
+    supported = [case for case in shipped if not unsupported(case.case, SUPPORTS_2D)]
+    assert 0 < len(supported) < len(shipped)
+    passed = f"all {len(supported)} cases" if len(supported) > 1 else f"{len(supported)} case"
+    assert f"{passed} passed, {len(shipped) - len(supported)} skipped" in out
+    assert "skipped 0007-condconv_layer.npz (condconv_layer): outside what it supports: " \
+           "1 spatial dims, spatial_dims=(2,)" in out
+    assert "too many values to unpack" not in out
+
+
+def test_against_without_variant_is_one_line_exit_2(capsys):
+    assert main(["golden", "verify", "--against", EXAMPLE_LAYER]) == 2
+    (line,) = _lines(capsys.readouterr().err)
+    assert "--against needs --variant V" in line
+    with pytest.raises(ValueError, match="golden.verify: against needs variants"):
+        golden.verify(golden.SHIPPED, against=load_implementation(EXAMPLE_LAYER))
+
+
+def test_against_with_no_supported_case_is_incomplete_not_passed(written, capsys):
+    pytest.importorskip("torch")
+    assert main(["golden", "verify", str(written), "--against", EXAMPLE_LAYER,
+                 "--variant", "condconv"]) == EXIT_INCOMPLETE
+    assert "INCOMPLETE: no case was within what the implementation supports" in ANSI.sub(
+        "", capsys.readouterr().out)
+
+
+def test_write_draws_within_supports_given_on_the_command_line(tmp_path, capsys):
+    pytest.importorskip("torch")
+    directory = tmp_path / "mine"
+    assert main(["golden", "write", "--out", str(directory), "--variant", "condconv_layer",
+                 "--cases", "3", "--supports-of", EXAMPLE_LAYER,
+                 "--supports", "padding_modes=zeros,reflect", "--supports", "max_size=5"]) == 0
+    cases = [case.case for case in golden.load(directory).cases]
+    wanted = dataclasses.replace(SUPPORTS_2D, padding_modes=("zeros", "reflect"), max_size=5)
+    assert len(cases) == 3 and all(not unsupported(case, wanted) for case in cases)
+    assert golden.load(directory).manifest["generator"]["supports"]["max_size"] == 5
+    capsys.readouterr()
+    assert main(["golden", "verify", str(directory), "--against", EXAMPLE_LAYER,
+                 "--variant", "condconv_layer"]) == 0
+    assert "all 3 cases passed" in ANSI.sub("", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("limit, message", [
+    ("spatial_dims", "expected FIELD=VALUE"), ("max_sizes=3", "expected FIELD=VALUE"),
+    ("max_size=big", "max_size: cannot read 'big' as an integer"),
+    ("bias=maybe", "bias: cannot read 'maybe'")])
+def test_write_bad_supports_option_is_one_line_exit_2(tmp_path, limit, message, capsys):
+    assert main(["golden", "write", "--out", str(tmp_path / "x"), "--supports", limit]) == 2
+    (line,) = _lines(capsys.readouterr().err)
+    assert message in line and "--supports" in line
 
 
 def test_unavailable_backend_is_one_line_exit_2(written, capsys):
@@ -776,3 +843,22 @@ def test_unavailable_backend_is_one_line_exit_2(written, capsys):
 def test_every_registered_variant_can_be_written(tmp_path):
     directory = golden.write(tmp_path / "all", variants=list(VARIANTS), cases=1, seed=2)
     assert golden.verify(directory).passed
+
+
+def test_a_saved_case_is_read_as_safely_as_a_golden_file(tmp_path):
+    """load_case refuses what golden loading refuses: a link, and a compressed member (which
+    could inflate to any size); the saved file itself reads back."""
+    case = golden.load(golden.SHIPPED).cases[0].case
+    saved = golden.save_case(tmp_path / "case.npz", case)
+    assert golden.load_case(saved).describe() == case.describe()
+    link = tmp_path / "link.npz"
+    link.symlink_to(saved)
+    with pytest.raises(golden.GoldenError, match="link"):
+        golden.load_case(link)
+    compressed = tmp_path / "compressed.npz"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(compressed, "w",
+                                                           zipfile.ZIP_DEFLATED) as target:
+        for member in source.infolist():
+            target.writestr(member.filename, source.read(member.filename))
+    with pytest.raises(golden.GoldenError, match="compressed"):
+        golden.load_case(compressed)

@@ -1,5 +1,5 @@
 """``condconv_ref.layouts``: every converter is undone by its inverse, and the flattened
-TensorFlow / PyTorch storages mean what the public layers (seed documents 000 and 004) do."""
+TensorFlow / PyTorch storages mean what the public layers (timm, TensorFlow Model Garden) do."""
 
 from __future__ import annotations
 

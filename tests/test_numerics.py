@@ -87,6 +87,24 @@ def test_assert_close_requires_matching_nan_positions(backend):
                      xp.asarray([1.0, 2.0], device=device))
 
 
+def test_assert_close_equal_nan_switch_decides_whether_nan_matches_nan(backend):
+    xp, device = backend.xp, backend.device
+    with_nan = xp.asarray([1.0, math.nan], device=device)
+    assert_close(with_nan, xp.asarray([1.0, math.nan], device=device))
+    with pytest.raises(AssertionError, match=r"(?s)1 of 2 elements differ.*index \(1,\)"):
+        assert_close(with_nan, xp.asarray([1.0, math.nan], device=device), equal_nan=False)
+    assert_close(xp.asarray([1.0, math.inf], device=device),
+                 xp.asarray([1.0, math.inf], device=device), equal_nan=False)
+
+
+@pytest.mark.parametrize("actual, desired, argument", [
+    (1.0, numpy.array(1.0), "actual"), (numpy.array([1.0]), [1.0], "desired"),
+    (numpy.array(True), True, "desired")])
+def test_assert_close_names_itself_for_python_scalars_and_lists(actual, desired, argument):
+    with pytest.raises(TypeError, match=f"assert_close: {argument} must be an array"):
+        assert_close(actual, desired)
+
+
 def test_assert_close_rejects_dtype_and_shape_mismatch(backend):
     xp = backend.xp
     a = _random(backend, (2, 3), seed=0)

@@ -25,6 +25,7 @@ from condconv_ref.testing.checker import (
     Implementation,
     ImplementationMismatch,
     Report,
+    check_case,
     check_implementation,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "arrays_for",
     "assert_close",
     "cases",
+    "check_case",
     "check_implementation",
     "check_vjp",
     "condconv_inputs",

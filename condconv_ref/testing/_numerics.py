@@ -225,11 +225,15 @@ def _same_shape(
         ) from exc
 
 
-def _mismatch_mask(actual: Any, desired: Any, rtol: float, atol: float, *, xp: ModuleType) -> Any:
-    """True where the elements differ beyond tolerance; NaN matches NaN, inf matches inf."""
+def _mismatch_mask(actual: Any, desired: Any, rtol: float, atol: float, *, equal_nan: bool,
+                   xp: ModuleType) -> Any:
+    """True where the elements differ beyond tolerance; inf matches inf of its sign, and NaN
+    matches NaN when ``equal_nan`` (otherwise every NaN is a mismatch)."""
     if not xp.isdtype(actual.dtype, ("real floating", "complex floating")):
         return actual != desired
-    identical = (actual == desired) | (xp.isnan(actual) & xp.isnan(desired))
+    identical = actual == desired
+    if equal_nan:
+        identical = identical | (xp.isnan(actual) & xp.isnan(desired))
     zeros = xp.zeros_like(actual)
     difference = xp.where(identical, zeros, actual) - xp.where(identical, zeros, desired)
     close = xp.abs(difference) <= atol + rtol * xp.abs(desired)
@@ -247,12 +251,13 @@ def assert_close(
     check_dtype: bool = True,
     check_shape: bool = True,
     check_namespace: bool = True,
+    equal_nan: bool = True,
 ) -> None:
     """Assert that two arrays match in namespace, device, dtype, shape and values.
 
     Elements must satisfy ``|actual - desired| <= atol + rtol * |desired|``,
-    or be equal (so infinities of one sign match), or both be NaN.  Boolean
-    and integer arrays must be equal.
+    or be equal (so infinities of one sign match), or both be NaN (unless
+    ``equal_nan`` is False).  Boolean and integer arrays must be equal.
 
     Parameters
     ----------
@@ -272,9 +277,16 @@ def assert_close(
     check_namespace : bool, optional
         Require one array namespace (and then one device).  If False,
         ``desired`` is copied through host memory into ``actual``'s namespace.
+    equal_nan : bool, optional
+        Whether NaN in both arrays at one index counts as equal (default, as in
+        :func:`numpy.testing.assert_allclose`).  If False, any NaN is a
+        mismatch, as in :func:`torch.testing.assert_close`.
 
     Raises
     ------
+    TypeError
+        If ``actual`` or ``desired`` is not an array (a Python scalar or a
+        list, say).
     AssertionError
         On any mismatch.  A value mismatch reports how many elements differ,
         the index of the worst one (largest ``|actual - desired|``, where NaN
@@ -291,7 +303,19 @@ def assert_close(
     ... except AssertionError as error:
     ...     print("(1,)" in str(error), "y" in str(error))
     True True
+    >>> nan = np.array([np.nan])
+    >>> assert_close(nan, nan)
+    >>> assert_close(nan, nan, equal_nan=False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    AssertionError: array: 1 of 1 elements differ ...
     """
+    for argument, value in (("actual", actual), ("desired", desired)):
+        if (isinstance(value, (bool, int, float, complex))
+                or not array_api_compat.is_array_api_obj(value)):
+            raise TypeError(f"assert_close: {argument} must be an array of an array API "
+                            f"namespace, got {type(value).__name__} {value!r:.60}; wrap it "
+                            f"with the namespace's asarray")
     xp = array_api_compat.array_namespace(actual)
     desired = _same_kind(xp, name, actual, desired, check_namespace)
     default_rtol, default_atol = max(
@@ -303,7 +327,7 @@ def assert_close(
     dtype = _common_dtype(xp, name, actual, desired, check_dtype)
     actual, desired = xp.astype(actual, dtype, copy=False), xp.astype(desired, dtype, copy=False)
     actual, desired = _same_shape(xp, name, actual, desired, check_shape)
-    mismatch = _mismatch_mask(actual, desired, rtol, atol, xp=xp)
+    mismatch = _mismatch_mask(actual, desired, rtol, atol, equal_nan=equal_nan, xp=xp)
     if bool(xp.any(mismatch)):
         raise AssertionError(_mismatch_message(name, actual, desired, mismatch, rtol, atol))
 

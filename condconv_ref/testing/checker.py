@@ -68,6 +68,7 @@ __all__ = [
     "Implementation",
     "ImplementationMismatch",
     "Report",
+    "check_case",
     "check_implementation",
     "load_implementation",
 ]
@@ -176,10 +177,21 @@ class Report:
             if self.case.options:
                 lines.append("  " + ", ".join(f"{name}={value!r}"
                                               for name, value in self.case.options.items()))
+            lines += [f"  {name} = {_values_text(a)}" for name, a in self.case.arrays.items()
+                      if np.size(a) <= _SHOWN_VALUES]
         lines += [f"  {mismatch}" for mismatch in self.mismatches]
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
+
+
+_SHOWN_VALUES = 8
+"""Arrays of a failing case with at most this many elements are printed in the report."""
+
+
+def _values_text(values: Any) -> str:
+    """A small array on one line, e.g. ``[[1.0, -1.0]]``."""
+    return str(np.asarray(values, dtype=np.float64).tolist())
 
 
 class ImplementationMismatch(AssertionError):
@@ -291,19 +303,20 @@ def _backend(fn: str, backend: Any) -> Backend:
     return backend
 
 
-def _implementation(forward: Any, vjp: Any, supports: Supports | None) -> Implementation:
+def _implementation(forward: Any, vjp: Any, supports: Supports | None,
+                    fn: str = "check_implementation") -> Implementation:
     if isinstance(forward, Implementation):
         given = forward
         forward, vjp = given.forward, vjp if vjp is not None else given.vjp
         supports = supports if supports is not None else given.supports
     if not callable(forward):
-        raise TypeError(f"check_implementation: forward must be callable or an Implementation, "
+        raise TypeError(f"{fn}: forward must be callable or an Implementation, "
                         f"got {type(forward).__name__}")
     if vjp is not None and not callable(vjp):
-        raise TypeError(f"check_implementation: vjp must be callable, got {type(vjp).__name__}")
+        raise TypeError(f"{fn}: vjp must be callable, got {type(vjp).__name__}")
     if supports is not None and not isinstance(supports, Supports):
-        raise TypeError(f"check_implementation: supports must be a "
-                        f"condconv_ref.testing.Supports, got {supports!r}")
+        raise TypeError(f"{fn}: supports must be a condconv_ref.testing.Supports, "
+                        f"got {supports!r}")
     return Implementation(forward, vjp, supports)
 
 
@@ -368,6 +381,9 @@ def check_implementation(
         no case.
     condconv_ref.backends.BackendUnavailable
         If ``backend`` cannot be used here.
+    ValueError
+        When called inside a hypothesis test (``@given``): check the cases
+        your test draws with :func:`check_case` instead.
     ModuleNotFoundError
         Without hypothesis, which draws the cases.
     condconv_ref.MemoryBudgetError
@@ -397,8 +413,7 @@ def check_implementation(
         raise ValueError(f"check_implementation: variant must be one of {list(LAYER_VARIANTS)} "
                          f"(or another of {sorted(set(VARIANTS) - set(LAYER_VARIANTS))}), "
                          f"got {variant!r}")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"check_implementation: dtype must be one of {DTYPES}, got {dtype!r}")
+    _check_dtype("check_implementation", dtype)
     count = check_positive_int("check_implementation", "max_examples", max_examples)
     seed = check_positive_int("check_implementation", "seed", seed, minimum=0)
     if not isinstance(raise_on_failure, bool):
@@ -408,10 +423,19 @@ def check_implementation(
     search = _Search(dtype, _backend("check_implementation", backend))
     # Only the search needs hypothesis; the rest of the module works without it.
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis.control import currently_in_test_context
     from hypothesis import seed as hypothesis_seed
     from hypothesis.errors import Flaky, Unsatisfiable
 
     from condconv_ref.testing.strategies import cases
+
+    if currently_in_test_context():
+        raise ValueError(
+            "check_implementation: called inside a hypothesis test (@given); it runs a "
+            "hypothesis search of its own, and hypothesis refuses nested searches. Draw the "
+            "case in your test instead, with @given(condconv_ref.testing.cases(variant, "
+            "supports)) or data.draw(cases(...)), and check it with "
+            "condconv_ref.testing.check_case(implementation, case)")
 
     @settings(max_examples=count, database=None, deadline=None, derandomize=False,
               phases=[Phase.generate, Phase.shrink], verbosity=Verbosity.quiet,
@@ -438,16 +462,99 @@ def check_implementation(
         note = "the failure did not reproduce when replayed: is the implementation deterministic?"
     except Unsatisfiable:
         raise ValueError("check_implementation: supports admit no valid case") from None
-    seconds = time.perf_counter() - started
+    return _finish(search, variant, implementation, seed, time.perf_counter() - started, note,
+                   raise_on_failure)
+
+
+def _finish(search: _Search, variant: str, implementation: Implementation, seed: int,
+            seconds: float, note: str, raise_on_failure: bool) -> Report:
+    """The :class:`Report` of a finished search (raised as :class:`ImplementationMismatch`
+    when it failed and ``raise_on_failure``)."""
     failure = search.failure
     largest = max(search.passing, key=lambda c: c.units, default=None)
-    report = Report(variant, dtype, failure is None, search.examples,
+    report = Report(variant, search.dtype, failure is None, search.examples,
                     failure.case if failure else None, failure.mismatches if failure else (),
                     largest.units if largest else 0.0, largest.where if largest else "",
                     implementation.vjp is not None, seed, seconds, note)
     if failure is not None and raise_on_failure:
         raise ImplementationMismatch(report)
     return report
+
+
+def _check_dtype(fn: str, dtype: Any) -> str:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"{fn}: dtype must be one of {DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def check_case(
+    forward: Callable[[Case], Any] | Implementation,
+    case: Case,
+    *,
+    vjp: Callable[[Case, Any], Mapping[str, Any]] | None = None,
+    dtype: str | None = None,
+    backend: str | Backend = "numpy",
+    raise_on_failure: bool = True,
+) -> Report:
+    """Check an implementation on one given case, with no search of its own.
+
+    This is the way to check an implementation inside your own hypothesis
+    test: draw the case there, with :func:`condconv_ref.testing.cases` (or
+    ``data.draw(cases(...))``), and let your ``@given`` shrink it.
+    :func:`check_implementation` runs a hypothesis search itself, and
+    hypothesis refuses a search nested in another.  It also reruns a case
+    saved by ``condconv-ref check --save-case`` (read it with
+    :func:`condconv_ref.golden.load_case`).
+
+    Parameters
+    ----------
+    forward : callable or Implementation
+        As for :func:`check_implementation` (``supports`` plays no part).
+    case : condconv_ref.variants.Case
+        The case, e.g. drawn by :func:`condconv_ref.testing.cases`.
+    vjp : callable, optional
+        Checked when given (or carried by an :class:`Implementation`).
+    dtype : {'float64', 'float32', 'float16', 'bfloat16'}, optional
+        The dtype the implementation computes in: the case's arrays are
+        rounded to it; default ``case.dtype``.
+    backend : str or Backend
+        Where the reference runs.
+    raise_on_failure : bool
+        Raise :class:`ImplementationMismatch` (an ``AssertionError``) on a
+        mismatch (default), or return the failing :class:`Report`.
+
+    Returns
+    -------
+    Report
+        With ``examples == 1``; on failure ``case`` is the case as handed over.
+
+    Examples
+    --------
+    >>> from hypothesis import given, settings
+    >>> from condconv_ref.testing import Supports, cases, check_case
+    >>> from condconv_ref.variants import reference_forward, reference_vjp
+    >>> @settings(max_examples=5)
+    ... @given(cases("condconv_layer", Supports(spatial_dims=(2,))))
+    ... def test_my_layer(case):
+    ...     check_case(reference_forward, case, vjp=reference_vjp, dtype="float32")
+    >>> test_my_layer()
+    """
+    from condconv_ref.variants import Case as CaseType
+
+    if not isinstance(case, CaseType):
+        raise TypeError(f"check_case: case must be a condconv_ref.variants.Case, got "
+                        f"{type(case).__name__}")
+    dtype = _check_dtype("check_case", case.dtype if dtype is None else dtype)
+    implementation = _implementation(forward, vjp, None, fn="check_case")
+    search = _Search(dtype, _backend("check_case", backend))
+    started = time.perf_counter()
+    search.examples = 1
+    handed = _in_dtype(case, dtype)
+    mismatches = _check_case(handed, implementation, search)
+    if mismatches:
+        search.failure = _CaseFailed(handed, mismatches)
+    return _finish(search, case.variant, implementation, case.seed, time.perf_counter() - started,
+                   "", raise_on_failure)
 
 
 # ---------------------------------------------------------------- implementations in files

@@ -38,6 +38,7 @@ import math
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
@@ -52,7 +53,9 @@ __all__ = [
     "CondConvArrays",
     "ConvConfig",
     "Supports",
+    "PRECISIONS",
     "arrays_for",
+    "case_values",
     "cases",
     "condconv_inputs",
     "conv_configs",
@@ -221,6 +224,64 @@ def conv_configs(
                       n_experts=n_experts, bias=has_bias)
 
 
+# ---------------------------------------------------------------- values that shrink
+
+PRECISIONS = 8
+"""The finest grid :func:`case_values` rounds to: :math:`2^{-8}`."""
+
+
+def _rounded(values: Any, bits: int | None) -> Any:
+    """``values`` rounded to multiples of ``2**-bits``, none of them to 0 (the smallest
+    magnitude is ``2**-bits``), so rounding keeps every term of a sum present."""
+    if values is None or bits is None:
+        return values
+    steps = np.maximum(np.round(np.abs(values) * 2.0**bits), 1.0)
+    return np.sign(values) * steps / 2.0**bits
+
+
+@st.composite
+def case_values(draw: st.DrawFn, config: ConvConfig, seed: int) -> CondConvArrays:
+    r"""Strategy of the arrays of ``config`` from ``seed``, rounded to a drawn grid, for
+    :func:`condconv_ref.variants.build_case`'s ``values``.
+
+    Half of the draws keep the values :func:`arrays_for` makes from ``seed``;
+    the others round every array to multiples of :math:`2^{-b}` (a nonzero
+    value to at least :math:`2^{-b}` in magnitude, so no term drops out), with
+    ``b`` drawn from 0 to :data:`PRECISIONS`.  Hypothesis shrinks towards
+    rounding, then towards ``b = 0``: a failing case comes out with whole
+    numbers (mostly 1, -1, 2) wherever the failure allows it, not only with
+    small shapes.  Values are drawn from the seed rather than element by element
+    (``hypothesis.extra.array_api``) because a case holds up to thousands
+    of elements: drawn one by one they would make each example far slower, and
+    drawn with a fill value most elements would be equal, which hides the
+    indexing bugs the checker looks for.
+
+    Examples
+    --------
+    >>> from hypothesis import given
+    >>> config = ConvConfig(batch=1, in_channels=2, out_channels=2, groups=1, spatial=(3,),
+    ...                     kernel=(2,), stride=(1,), dilation=(1,), padding=0,
+    ...                     padding_mode="zeros", n_experts=2, bias=True)
+    >>> @given(case_values(config, seed=0))
+    ... def test_values(a):
+    ...     assert a.experts.shape == config.experts_shape and a.bias.shape == (2, 2)
+    ...     assert ((0 <= a.routing) & (a.routing <= 1)).all()
+    >>> test_values()
+    >>> from hypothesis import find
+    >>> whole = find(case_values(config, seed=0), lambda a: True)
+    >>> bool((whole.x == np.round(whole.x)).all())
+    True
+    """
+    # Both choices are always drawn, so the shrinker can switch rounding on and lower b.
+    rounds = not draw(st.booleans())
+    bits = draw(st.integers(0, PRECISIONS))
+    bits = bits if rounds else None
+    drawn = arrays_for(config, xp=np, seed=seed)
+    return CondConvArrays(*(_rounded(getattr(drawn, name), bits)
+                            for name in ("x", "experts", "routing", "bias", "route_weight",
+                                         "route_bias")))
+
+
 # ---------------------------------------------------------------- whole cases of a variant
 
 
@@ -232,9 +293,10 @@ def cases(draw: st.DrawFn, variant: str, supports: Supports | None = None, *, xp
     """Strategy of whole :class:`condconv_ref.variants.Case` objects of ``variant``.
 
     A configuration from :func:`conv_configs` within ``supports``, a seed for
-    its arrays (:func:`condconv_ref.variants.build_case`) and, for the softmax
-    variants, a temperature.  Shrinking goes towards small configurations,
-    seed 0 and the simplest temperature.
+    its arrays, a grid to round them to (:func:`case_values`) and, for the
+    softmax variants, a temperature.  Shrinking goes towards small
+    configurations, whole-number values (0, 1, -1, ...), seed 0 and the
+    simplest temperature.
 
     Parameters
     ----------
@@ -277,5 +339,6 @@ def cases(draw: st.DrawFn, variant: str, supports: Supports | None = None, *, xp
     elif entry.temperature:
         temperature = draw(st.floats(*supports.temperatures, allow_nan=False,
                                      allow_infinity=False))
-    case = build_case(variant, config, seed, temperature=temperature)
+    values = draw(case_values(config, seed)) if entry.takes_values else None
+    case = build_case(variant, config, seed, temperature=temperature, values=values)
     return case if xp is None else case.to(xp, dtype=dtype, device=device)

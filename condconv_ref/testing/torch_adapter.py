@@ -95,6 +95,29 @@ def _mapping(parameters: Mapping[str, Any]) -> dict[str, tuple[str, Converter | 
     return mapping
 
 
+def _check_every_parameter_set(module: Any, replaced: Mapping[str, Any],
+                               mapping: Mapping[str, tuple[str, Converter | None]],
+                               case: Case) -> None:
+    """Raise when a parameter of ``module`` gets no value from ``case``: it would run with the
+    values it was built with (``torch.empty`` garbage, or a random initialisation)."""
+    sources = {target: name for name, (target, _) in mapping.items()}
+    for target, _ in module.named_parameters():
+        if target in replaced:
+            continue
+        if target in sources:
+            reason = (f"it is mapped from {sources[target]!r}, which this case does not have "
+                      f"(case arrays: {sorted(case.arrays)}); build the module without "
+                      f"{target!r} for such cases, or narrow supports (e.g. "
+                      f"Supports(bias=(True,)))")
+        else:
+            reason = (f"no case array is mapped to it (mapped: "
+                      f"{sorted(sources)}); add it to parameters, or build the module "
+                      f"without it")
+        raise ValueError(f"torch_implementation: module parameter {target!r} is not mapped "
+                         f"from the case: {reason}; it would run with the values it was built "
+                         f"with")
+
+
 def torch_implementation(
     build: Callable[[Case], Any],
     parameters: Mapping[str, str | tuple[str, Converter]],
@@ -119,8 +142,11 @@ def torch_implementation(
         the module's, e.g. ``lambda e, case: layouts.to_torch_flat_experts(e)``.
         Converters must be differentiable torch code (the converters of
         :mod:`condconv_ref.layouts` are).  Every array of a case must be mapped
-        here or named in ``inputs``; a case array that is not is reported as a
-        failure of the implementation.
+        here or named in ``inputs``, and every parameter of the module must get
+        its value from an array of the case (buffers may keep theirs); either
+        kind of gap is reported as a failure of the implementation, naming the
+        array or parameter, rather than run with the values the module was
+        built with.
     inputs : sequence of str
         Case arrays passed positionally to the module: ``("x",)``, or
         ``("x", "routing")`` for the external-routing ``condconv`` variant.
@@ -170,6 +196,7 @@ def torch_implementation(
                                  f"{target!r} (for {name!r}); it has {sorted(known)}")
             tensor = tensors[name]
             replaced[target] = tensor if converter is None else converter(tensor, case)
+        _check_every_parameter_set(module, replaced, mapping, case)
         output = functional_call(module, replaced, tuple(tensors[name] for name in inputs))
         return output, tensors
 

@@ -1,6 +1,6 @@
 """Check a PyTorch CondConv layer against condconv_ref: the how-to's script.
 
-The layer is the one of the seed document 000, a common way to write CondConv
+The layer is written the way much public PyTorch code writes CondConv
 in PyTorch: experts stored flattened (E, O*C/g*kh*kw), sigmoid routing from
 nn.Linear on the pooled input, and the grouped-conv batch trick.  Its zeros
 path calls ``F.conv2d(..., padding="valid")`` and so ignores ``padding``.  The
@@ -35,7 +35,8 @@ OUTPUT = Path(__file__).with_suffix(".out.txt")
 
 
 class CondConv2D(nn.Module):
-    """The seed document's layer, with the bug ``bug`` ("padding", "detached" or None)."""
+    """A CondConv layer as public code writes it, with the bug ``bug`` ("padding",
+    "detached" or None)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, padding_mode="zeros", num_experts=3, bug=None):
