@@ -50,7 +50,7 @@ CALLS = {
     "dynamic_conv_layer": ({"x": X}, {"experts": (3, 5, 4, 3), "bias": (3, 5), **_SOFTMAX},
                            {"temperature": 2.0}),
 }
-PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS)])
+PUBLIC_OPS = sorted([*CALLS, *(name + suffix for name in CALLS for suffix in ("_vjp", "_jvp"))])
 
 
 def test_every_public_op_taking_arrays_is_counted():
@@ -64,11 +64,13 @@ def test_every_public_op_taking_arrays_is_counted():
 
 @pytest.mark.parametrize("name", PUBLIC_OPS)
 def test_each_public_op_resolves_the_namespace_once(backend, name, monkeypatch):
-    op = name.removesuffix("_vjp")
+    op = name.removesuffix("_vjp").removesuffix("_jvp")
     shapes, param_shapes, options = CALLS[op]
     args = list(_arrays(backend, shapes).values())
     if param_shapes is not None:
         args.append(_arrays(backend, param_shapes))
+    if name.endswith("_jvp"):  # a tangent for every argument
+        args.insert(0, _arrays(backend, {**shapes, **(param_shapes or {})}))
     if name.endswith("_vjp"):
         output = getattr(condconv_ref, op)(*args, **options)
         args.insert(0, backend.asarray(np.ones(tuple(output.shape)), dtype="float64"))
