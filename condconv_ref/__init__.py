@@ -3,7 +3,8 @@
 Every op is written once against the Python array API standard and runs on
 any compliant namespace (NumPy, CuPy, torch, array-api-strict).  Each op
 ``f`` has a hand-derived ``f_vjp(cotangent, *args)`` that returns a dict of
-gradients keyed by argument name.
+gradients keyed by argument name, and ``f_jvp(tangents, *args)`` that returns
+the output's derivative along tangents keyed the same way (forward mode).
 
 Which module is which (data flows down only: layers, engines, validation):
 
@@ -11,7 +12,8 @@ Which module is which (data flows down only: layers, engines, validation):
   ``depthwise``, ``linear``, ``dynamic``.  Each op resolves the namespace and
   validates its arguments once, then calls the layers below.
 * plumbing shared by the ops: ``_layer`` (routing computed from ``x`` → op,
-  and the VJP through both paths) and ``_mixing`` (expert mixing → conv, and
+  and the VJP and JVP through both paths), ``_tangent`` (forward mode: the
+  product rule's terms, a convolution's tangent) and ``_mixing`` (expert mixing → conv, and
   its VJP; CondConv's validation).
 * engines on validated arrays: ``_conv_engine`` (the one entry point of
   every convolution, which picks its form by shape: ``_gather`` for small
