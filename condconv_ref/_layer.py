@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from condconv_ref._routing import sigmoid_routing, sigmoid_routing_vjp
+from condconv_ref._routing import sigmoid_routing, sigmoid_routing_jvp, sigmoid_routing_vjp
 from condconv_ref._validate import check_ndim, check_nonempty, check_shape
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "SIGMOID",
     "check_sigmoid_router",
     "layer",
+    "layer_jvp",
     "layer_params",
     "layer_vjp",
 ]
@@ -42,10 +43,14 @@ class Router(NamedTuple):
     ``route(x, p, *, xp)`` returns the routing (B, E) and whatever its VJP
     needs; ``route_vjp(grads, x, p, saved, *, xp)`` turns the op's gradients
     into the layer's: ``"x"`` through both paths and one entry per param given.
+    ``route_jvp(tangents, x, p, saved, *, xp)`` returns the routing's tangent
+    along the layer's ``tangents`` (keyed like its gradients), or ``None`` when
+    no tangent reaches the routing.
     """
 
     route: Callable[..., tuple[Any, Any]]
     route_vjp: Callable[..., dict[str, Any]]
+    route_jvp: Callable[..., Any] | None = None
 
 
 def layer_params(fn: str, params: Any,
@@ -81,6 +86,20 @@ def layer_vjp(cotangent: Any, x: Any, p: dict[str, Any], router: Router, op_vjp:
     return router.route_vjp(grads, x, p, saved, xp=xp)
 
 
+def layer_jvp(tangents: dict[str, Any], x: Any, p: dict[str, Any], router: Router, op_jvp: Op,
+              *, xp: ModuleType) -> Any:
+    """The layer's tangent: the routing's tangent from the router, then ``op_jvp`` along
+    ``x``, ``experts``, ``bias`` and the routing (``x`` thus reaches it along both paths)."""
+    if router.route_jvp is None:
+        raise NotImplementedError("layer_jvp: this router has no route_jvp")
+    routing, saved = router.route(x, p, xp=xp)
+    op_tangents = {name: tangents[name] for name in ("x", "experts", "bias") if name in tangents}
+    routing_tangent = router.route_jvp(tangents, x, p, saved, xp=xp)
+    if routing_tangent is not None:
+        op_tangents["routing"] = routing_tangent
+    return op_jvp(op_tangents, x, p["experts"], routing, p["bias"], xp=xp)
+
+
 # ---------------------------------------------------------------- CondConv's sigmoid router
 
 
@@ -114,5 +133,14 @@ def _route_sigmoid_vjp(grads: dict[str, Any], x: Any, p: dict[str, Any], saved: 
     return result
 
 
-SIGMOID = Router(_route_sigmoid, _route_sigmoid_vjp)
+def _route_sigmoid_jvp(tangents: dict[str, Any], x: Any, p: dict[str, Any], saved: None, *,
+                       xp: ModuleType) -> Any:
+    """The sigmoid routing's tangent along the layer's ``x``, ``route_weight``, ``route_bias``."""
+    own = {"x": tangents.get("x"), "weight": tangents.get("route_weight"),
+           "bias": tangents.get("route_bias")}
+    return sigmoid_routing_jvp({name: t for name, t in own.items() if t is not None}, x,
+                               p["route_weight"], p["route_bias"], xp=xp)
+
+
+SIGMOID = Router(_route_sigmoid, _route_sigmoid_vjp, _route_sigmoid_jvp)
 """CondConv's router, :func:`condconv_ref.route_sigmoid` on ``route_weight`` and ``route_bias``."""

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from condconv_ref._conv_engine import conv_memory
+from condconv_ref._tangent import conv_tangent
 from condconv_ref._validate import (
     ConvGeometry,
     ConvOptions,
@@ -35,9 +36,11 @@ __all__ = [
     "check_condconv",
     "condconv_memory",
     "mix",
+    "mix_jvp",
     "mix_vjp",
     "mixed",
     "mixed_conv",
+    "mixed_conv_jvp",
     "mixed_conv_vjp",
     "mixed_vjp",
     "moe_memory",
@@ -64,6 +67,20 @@ def mix_vjp(cotangent: Any, routing: Any, experts: Any, *, xp: ModuleType) -> di
         "routing": flat_cotangent @ xp.matrix_transpose(flat_experts),
         "experts": xp.reshape(xp.matrix_transpose(routing) @ flat_cotangent, experts.shape),
     }
+
+
+def mix_jvp(routing_tangent: Any, experts_tangent: Any, routing: Any, experts: Any, *,
+            xp: ModuleType) -> Any:
+    """The tangent of :func:`mix`, :math:`\\dot\\alpha W + \\alpha \\dot W`; ``None`` when
+    both tangents are ``None`` (zero).  Derived in :func:`condconv_ref.mix_experts_jvp`."""
+    terms = []
+    if routing_tangent is not None:
+        terms.append(mix(routing_tangent, experts, xp=xp))
+    if experts_tangent is not None:
+        terms.append(mix(routing, experts_tangent, xp=xp))
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def mixed(experts: Any, routing: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any]:
@@ -98,6 +115,21 @@ def mixed_conv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any
     kernel, mixed_bias = mixed(experts, routing, bias, xp=xp)
     conv_grads = conv_vjp(cotangent, x, kernel, mixed_bias, geometry, xp=xp)
     return mixed_vjp(conv_grads, experts, routing, bias, xp=xp)
+
+
+def mixed_conv_jvp(tangents: dict[str, Any], x: Any, experts: Any, routing: Any, bias: Any,
+                   geometry: ConvGeometry, *, xp: ModuleType) -> Any:
+    """JVP of :func:`mixed_conv` along ``tangents`` (any of ``x``, ``experts``, ``routing``,
+    ``bias``): the tangents of the mixed kernels and bias, then the conv's tangent."""
+    kernel, _ = mixed(experts, routing, bias, xp=xp)
+    routing_tangent = tangents.get("routing")
+    conv_tangents = {"x": tangents.get("x"),
+                     "kernel": mix_jvp(routing_tangent, tangents.get("experts"), routing,
+                                       experts, xp=xp),
+                     "bias": None if bias is None else mix_jvp(
+                         routing_tangent, tangents.get("bias"), routing, bias, xp=xp)}
+    return conv_tangent({name: t for name, t in conv_tangents.items() if t is not None},
+                        x, kernel, geometry, xp=xp)
 
 
 def check_condconv(fn: str, x: Any, experts: Any, routing: Any, bias: Any,

@@ -32,14 +32,17 @@ from condconv_ref.memory import check_memory
 __all__ = [
     "SoftmaxRouting",
     "affine",
+    "affine_jvp",
     "affine_vjp",
     "check_softmax_routing",
     "global_average_pool",
     "global_average_pool_vjp",
     "routing_memory",
     "sigmoid_routing",
+    "sigmoid_routing_jvp",
     "sigmoid_routing_vjp",
     "softmax_routing",
+    "softmax_routing_jvp",
     "softmax_routing_vjp",
     "stable_sigmoid",
     "stable_softmax",
@@ -116,6 +119,19 @@ def sigmoid_routing_vjp(cotangent: Any, x: Any, weight: Any, bias: Any, *,
     return grads
 
 
+def sigmoid_routing_jvp(tangents: dict[str, Any], x: Any, weight: Any, bias: Any, *,
+                        xp: ModuleType) -> Any:
+    """:func:`condconv_ref.route_sigmoid_jvp` on validated arguments (``tangents`` keyed
+    ``x``, ``weight``, ``bias``, absent ones zero); ``None`` when no tangent is given."""
+    pooled, logits = _logits(x, weight, bias, xp=xp)
+    x_tangent = tangents.get("x")
+    logits_tangent = affine_jvp(None if x_tangent is None else global_average_pool(x_tangent, xp=xp),
+                                tangents.get("weight"), tangents.get("bias"), pooled, weight,
+                                xp=xp)
+    if logits_tangent is None:
+        return None
+    return stable_sigmoid(logits, xp=xp)[1] * logits_tangent
+
 
 # ---------------------------------------------------------------- softmax routing (DY-Conv)
 
@@ -180,6 +196,25 @@ def affine(inputs: Any, weight: Any, bias: Any, *, xp: ModuleType) -> Any:
     """``inputs @ weight.T + bias`` for inputs (B, N_in), weight (N_out, N_in), bias (N_out,)."""
     outputs = matmul(inputs, xp.matrix_transpose(weight), xp=xp)
     return outputs if bias is None else outputs + bias
+
+
+def affine_jvp(inputs_tangent: Any, weight_tangent: Any, bias_tangent: Any, inputs: Any,
+               weight: Any, *, xp: ModuleType) -> Any:
+    """The tangent of :func:`affine`, :math:`\\dot u W^\\top + u \\dot W^\\top + \\dot b`
+    (absent tangents ``None``); ``None`` when all three are ``None``."""
+    terms = []
+    if inputs_tangent is not None:
+        terms.append(matmul(inputs_tangent, xp.matrix_transpose(weight), xp=xp))
+    if weight_tangent is not None:
+        terms.append(matmul(inputs, xp.matrix_transpose(weight_tangent), xp=xp))
+    if bias_tangent is not None:
+        terms.append(xp.broadcast_to(bias_tangent, (inputs.shape[0], weight.shape[0])))
+    if not terms:
+        return None
+    result = terms[0]
+    for term in terms[1:]:
+        result = result + term
+    return result
 
 
 def affine_vjp(grad_outputs: Any, inputs: Any, weight: Any, *,
@@ -268,3 +303,25 @@ def softmax_routing_vjp(cotangent: Any, x_shape: tuple[int, ...], fc1_weight: An
     if fc2_bias is not None:
         grads["fc2_bias"] = xp.sum(grad_logits, axis=0)
     return grads
+
+
+def softmax_routing_jvp(tangents: dict[str, Any], fc1_weight: Any, fc2_weight: Any,
+                        forward: SoftmaxRouting, temperature: float, *,
+                        xp: ModuleType) -> Any:
+    """JVP worker of :func:`condconv_ref.route_softmax` from the intermediates ``forward``
+    (``tangents`` keyed like its VJP's gradients); ``None`` when no tangent is given.
+
+    The softmax's Jacobian :math:`(\\mathrm{diag}\\,\\alpha - \\alpha\\alpha^\\top)/T` is
+    symmetric, so :func:`stable_softmax_vjp` applies it to the logits' tangent too.
+    """
+    x_tangent = tangents.get("x")
+    pooled_tangent = None if x_tangent is None else global_average_pool(x_tangent, xp=xp)
+    pre_tangent = affine_jvp(pooled_tangent, tangents.get("fc1_weight"),
+                             tangents.get("fc1_bias"), forward.pooled, fc1_weight, xp=xp)
+    hidden_tangent = None if pre_tangent is None else xp.where(
+        forward.hidden_preactivation <= 0, 0.0, pre_tangent)
+    logits_tangent = affine_jvp(hidden_tangent, tangents.get("fc2_weight"),
+                                tangents.get("fc2_bias"), forward.hidden, fc2_weight, xp=xp)
+    if logits_tangent is None:
+        return None
+    return stable_softmax_vjp(logits_tangent, forward.routing, xp=xp) / temperature

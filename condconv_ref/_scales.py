@@ -42,7 +42,12 @@ import numpy as np
 from condconv_ref.accuracy import ELEMENTARY_ROUNDINGS, precision
 from condconv_ref.backends import to_numpy
 
-__all__ = ["MULTILINEAR", "depth", "forward_scale", "vjp_scale"]
+__all__ = ["MULTILINEAR", "TANGENT_ADDITIONS", "depth", "forward_scale", "jvp_depth",
+           "jvp_scale", "vjp_scale"]
+
+TANGENT_ADDITIONS = 4
+"""Additions a JVP adds to the forward's longest chain: the product rule's terms of an op (at
+most four, one per argument: three additions) and one more term in the routing's logits."""
 
 MULTILINEAR = ("conv", "mix_experts", "condconv", "moe_condconv", "depthwise_condconv",
                 "cond_linear", "moe_cond_linear")
@@ -175,6 +180,13 @@ def _sigmoid_vjp(alpha: np.ndarray, alpha_scale: np.ndarray, slope: np.ndarray,
     return grad, np.abs(cotangent) * slope_scale + cotangent_scale * slope + np.abs(grad)
 
 
+def _sigmoid_slope(routing: _Routing, v: np.ndarray, v_scale: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``v * sigmoid'(z)`` and its scale, for an inexact ``v``: the sigmoid's Jacobian (diagonal,
+    so the same for its VJP and its JVP) applied to ``v`` (:func:`_sigmoid_vjp`)."""
+    return _sigmoid_vjp(routing.value, routing.scale, routing.saved["slope"], v, v_scale)
+
+
 def _sigmoid_routing_vjp(routing: _Routing, cotangent: np.ndarray,
                          cotangent_scale: np.ndarray) -> dict[str, np.ndarray]:
     saved = routing.saved
@@ -238,6 +250,14 @@ def _softmax_vjp(alpha: np.ndarray, alpha_scale: np.ndarray, cotangent: np.ndarr
     grad_logits = alpha * difference / temperature
     return grad_logits, (alpha_scale * np.abs(difference) + alpha * difference_scale
                          + alpha * np.abs(difference)) / temperature + np.abs(grad_logits)
+
+
+def _softmax_jacobian(routing: _Routing, cotangent: np.ndarray, cotangent_scale: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The softmax's Jacobian (symmetric: the same for its VJP and its JVP) applied to an
+    inexact ``cotangent``, and the scale of the result (:func:`_softmax_vjp`)."""
+    return _softmax_vjp(routing.value, routing.scale, cotangent, cotangent_scale,
+                        routing.saved["temperature"])
 
 
 def _softmax_routing_vjp(routing: _Routing, cotangent: np.ndarray,
@@ -568,3 +588,107 @@ def vjp_scale(case: Any, cotangent: Any, dtype: Any = "float64") -> dict[str, np
         if name in arrays:
             scales[name] = through_routing[own]
     return scales
+
+
+# ---------------------------------------------------------------- forward mode
+
+
+def jvp_depth(case: Any) -> int:
+    """The longest chain of roundings of ``case``'s JVP: the forward's, plus
+    :data:`TANGENT_ADDITIONS`."""
+    return depth(case, vjp=False) + TANGENT_ADDITIONS
+
+
+def _affine_tangent(inputs: np.ndarray, inputs_scale: np.ndarray, inputs_tangent: np.ndarray,
+                    tangent_scale: np.ndarray, weight: np.ndarray, weight_tangent: np.ndarray,
+                    bias_tangent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tangent of ``u @ W.T + b`` for an inexact ``u`` and its inexact tangent, exact
+    ``W`` and tangents of ``W`` and ``b``, and its scale (:func:`_affine`'s rule per term)."""
+    value = inputs_tangent @ weight.T + inputs @ weight_tangent.T + bias_tangent
+    scale = ((tangent_scale + np.abs(inputs_tangent)) @ np.abs(weight).T
+             + (inputs_scale + np.abs(inputs)) @ np.abs(weight_tangent).T + np.abs(bias_tangent))
+    return value, scale
+
+
+def _routing_tangent(variant: str, routing: _Routing, arrays: dict[str, np.ndarray],
+                     tangents: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The routing's tangent along ``tangents`` (absent ones zero) and its scale."""
+    def tangent(name: str) -> np.ndarray:
+        return tangents.get(name, np.zeros(arrays[name].shape))
+
+    saved = routing.saved
+    pool = saved["pool"]
+    moved = _pool(tangent("x"), pooled=variant != "cond_linear_layer")
+    if routing.kind == "sigmoid":
+        own = "" if variant in _ROUTING_VARIANTS else "route_"
+        weight = arrays[own + "weight"]
+        logits = _affine_tangent(pool.value, pool.scale, moved.value, moved.scale, weight,
+                                 tangent(own + "weight"),
+                                 tangents.get(own + "bias", np.zeros(weight.shape[0])))
+        return _sigmoid_slope(routing, *logits)
+    fc1, fc2 = arrays["fc1_weight"], arrays["fc2_weight"]
+    pre, pre_scale = _affine_tangent(pool.value, pool.scale, moved.value, moved.scale, fc1,
+                                     tangent("fc1_weight"),
+                                     tangents.get("fc1_bias", np.zeros(fc1.shape[0])))
+    active = saved["pre"] > 0
+    logits = _affine_tangent(saved["hidden"], saved["hidden_scale"], pre * active,
+                             pre_scale * active, fc2, tangent("fc2_weight"),
+                             tangents.get("fc2_bias", np.zeros(fc2.shape[0])))
+    return _softmax_jacobian(routing, *logits)
+
+
+def _call_jvp(variant: str, tangents: dict[str, np.ndarray], arrays: dict[str, np.ndarray],
+              options: dict[str, Any]) -> Any:
+    from condconv_ref.variants import VARIANTS
+
+    return VARIANTS[variant].jvp(tangents, **arrays, **options)
+
+
+def jvp_scale(case: Any, tangents: Any, dtype: Any = "float64") -> np.ndarray:
+    """The scale of every element of ``case``'s reference JVP along ``tangents`` (a mapping
+    keyed like the VJP's gradients, absent keys zero; exact inputs, like the arrays),
+    computed in ``dtype``.
+
+    Multilinear ops: the JVP on the absolute values of the tangents and the
+    arguments, which sums the magnitudes of the product rule's terms.  The
+    routings: each step's tangent carries the rule of the module docstring
+    (:func:`_affine_tangent`; the sigmoid's and the softmax's Jacobians as
+    their VJPs apply them, which they equal).  Layers: the op's JVP on
+    absolute values, with :math:`|\\alpha| + s_\\alpha` as the routing and
+    :math:`|\\dot\\alpha| + s_{\\dot\\alpha}` as its tangent.
+
+    Examples
+    --------
+    :math:`y = \\alpha w x` of one feature and one expert along
+    :math:`\\dot x = 1`, :math:`\\dot\\alpha = -1`:
+    :math:`\\dot y = \\alpha w - w x`, of scale :math:`|\\alpha w| + |w x|`:
+
+    >>> import numpy as np
+    >>> from condconv_ref._scales import jvp_scale
+    >>> from condconv_ref.variants import Case
+    >>> arrays = {"x": np.array([[2.0]]), "experts": np.array([[[-0.25]]]),
+    ...           "routing": np.array([[0.5]])}
+    >>> tangents = {"x": np.array([[1.0]]), "routing": np.array([[-1.0]])}
+    >>> jvp_scale(Case("cond_linear", arrays, {}, (2, 2)), tangents)
+    array([[0.625]])
+    """
+    arrays = _host(case.arrays)
+    given = _host(dict(tangents))
+    if case.variant in MULTILINEAR:
+        return np.asarray(_call_jvp(case.variant, _absolute(given), _absolute(arrays),
+                                    case.options))
+    if case.variant not in _LAYERS and case.variant not in _ROUTING_VARIANTS:
+        raise ValueError(f"jvp_scale: no scale for variant {case.variant!r}")
+    routing = _routing(case.variant, arrays, case.options, _floor(dtype))
+    routing_tangent, routing_tangent_scale = _routing_tangent(case.variant, routing, arrays,
+                                                              given)
+    if case.variant in _ROUTING_VARIANTS:
+        return routing_tangent_scale
+    absolute = _absolute(arrays)
+    op_tangents = {name: np.abs(given[name]) for name in ("x", "experts", "bias")
+                   if name in given}
+    op_tangents["routing"] = np.abs(routing_tangent) + routing_tangent_scale
+    return np.asarray(_call_jvp(_LAYERS[case.variant][0], op_tangents,
+                                _layer_operands(case.variant, absolute,
+                                                routing.value + routing.scale),
+                                _op_options(case.options)))

@@ -39,11 +39,14 @@ __all__ = [
     "check_nonempty",
     "check_positive_int",
     "check_shape",
+    "check_tangent_shapes",
     "conv_geometry",
     "itemsize",
     "namespace",
     "public_op",
     "spatial_tuple",
+    "tangent_arrays",
+    "tangent_names",
     "widened_elements",
 ]
 
@@ -134,6 +137,36 @@ def check_shape(fn: str, name: str, a: Any, expected: Sequence[int], layout: str
         raise ValueError(
             f"{fn}: {name} has shape {tuple(a.shape)}, expected {tuple(expected)} {layout}"
         )
+
+
+def tangent_arrays(fn: str, tangents: Any, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """The tangents of a ``*_jvp`` call by argument name, after checking their keys.
+
+    ``tangents`` must be a mapping whose keys are names of ``arrays`` given
+    (not ``None``): the keys of the op's VJP.  A missing key, or one mapped
+    to ``None``, means a zero tangent and is left out of the result.
+    """
+    if not isinstance(tangents, Mapping):
+        raise TypeError(f"{fn}: tangents must be a mapping of arrays keyed like the VJP's "
+                        f"gradients, got {_describe(tangents)}")
+    allowed = sorted(name for name, a in arrays.items() if a is not None)
+    unknown = sorted(repr(name) for name in tangents if name not in allowed)
+    if unknown:
+        raise ValueError(f"{fn}: tangents has unknown keys [{', '.join(unknown)}], expected "
+                         f"keys from {allowed} (the gradients of the VJP)")
+    return {name: t for name, t in tangents.items() if t is not None}
+
+
+def tangent_names(tangents: Mapping[str, Any]) -> dict[str, Any]:
+    """``tangents`` keyed ``tangents['x']`` etc., the names :func:`namespace` reports."""
+    return {f"tangents[{name!r}]": t for name, t in tangents.items()}
+
+
+def check_tangent_shapes(fn: str, tangents: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless every tangent has the shape of its argument in ``arrays``."""
+    for name, t in tangents.items():
+        check_shape(fn, f"tangents[{name!r}]", t, tuple(arrays[name].shape),
+                    f"(the shape of {name})")
 
 
 def check_groups(fn: str, name: str, channels: int, out_channels: int, in_per_group: int,

@@ -115,6 +115,7 @@ __all__ = [
     "bound",
     "compare",
     "compare_all",
+    "exact_bound",
     "gamma",
     "gradient_keys",
     "jsonable",
@@ -237,6 +238,31 @@ def gamma(n: int, u: float) -> float:
     """
     product = n * u
     return math.inf if product >= 1 else product / (1 - product)
+
+
+def exact_bound(scale: Any, depth: int, dtype: Any = "float64") -> np.ndarray:
+    """The bound on ``|actual - exact|`` for each element: :math:`\\beta` without the
+    reference's share (its :math:`\\gamma_n(u_{64})` and float64 underflow terms).
+
+    For identities between two computations in ``dtype`` of one exact quantity,
+    such as :math:`\\langle c, Jt\\rangle = \\langle J^\\top c, t\\rangle` for a JVP
+    and a VJP, where no float64 reference takes part.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.accuracy import bound, exact_bound, gamma
+    >>> float(exact_bound(np.array([1.0]), depth=3, dtype="float32")[0]) == (
+    ...     gamma(3, 2.0**-24) + 3 * 2.0**-126 * 2 * 2.0**-24 * 2)
+    True
+    >>> bool(exact_bound(np.array([1.0]), 3, "float64")[0] < bound(np.array([1.0]), 3)[0])
+    True
+    """
+    tested = precision(dtype)
+    s = np.abs(np.asarray(scale, dtype=np.float64))
+    relative = (gamma(depth, tested.unit_roundoff)
+                + gamma(OPERAND_ROUNDINGS, tested.operand_roundoff) + tested.result_roundoff)
+    return relative * s + depth * tested.smallest_normal * 2 * tested.unit_roundoff * (1.0 + s)
 
 
 def bound(scale: Any, depth: int, dtype: Any = "float64",

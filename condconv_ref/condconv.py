@@ -17,35 +17,52 @@ from types import ModuleType
 from typing import Any
 
 from condconv_ref._conv_engine import run_conv, run_conv_vjp
-from condconv_ref._layer import SIGMOID, check_sigmoid_router, layer, layer_params, layer_vjp
+from condconv_ref._layer import (
+    SIGMOID,
+    check_sigmoid_router,
+    layer,
+    layer_jvp,
+    layer_params,
+    layer_vjp,
+)
 from condconv_ref._mixing import (
     check_condconv,
     mix,
+    mix_jvp,
     mix_vjp,
     mixed_conv,
+    mixed_conv_jvp,
     mixed_conv_vjp,
     moe_memory,
 )
+from condconv_ref._tangent import conv_tangent, total
 from condconv_ref._validate import (
     ConvGeometry,
     ConvOptions,
     check_ndim,
     check_nonempty,
     check_shape,
+    check_tangent_shapes,
     itemsize,
     namespace,
     public_op,
+    tangent_arrays,
+    tangent_names,
 )
 from condconv_ref.memory import check_memory
 
 __all__ = [
     "condconv",
+    "condconv_jvp",
     "condconv_layer",
+    "condconv_layer_jvp",
     "condconv_layer_vjp",
     "condconv_vjp",
     "mix_experts",
+    "mix_experts_jvp",
     "mix_experts_vjp",
     "moe_condconv",
+    "moe_condconv_jvp",
     "moe_condconv_vjp",
 ]
 
@@ -121,6 +138,42 @@ def mix_experts_vjp(cotangent: Any, routing: Any, experts: Any) -> dict[str, Any
     xp = namespace("mix_experts_vjp", routing=routing, experts=experts, cotangent=cotangent)
     _check_mix("mix_experts_vjp", routing, experts, cotangent, xp=xp)
     return mix_vjp(cotangent, routing, experts, xp=xp)
+
+
+@public_op
+def mix_experts_jvp(tangents: Mapping[str, Any], routing: Any, experts: Any) -> Any:
+    r"""Jacobian-vector product of :func:`mix_experts`: the output's derivative along ``tangents``.
+
+    ``tangents`` maps ``"routing"`` and/or ``"experts"`` (the keys of
+    :func:`mix_experts_vjp`) to :math:`\dot\alpha` (B, E) and :math:`\dot W`
+    (E, \*s); a missing key is a zero tangent.  Returns (B, \*s).
+
+    Notes
+    -----
+    :math:`M = \alpha W` is linear in each factor, so
+    :math:`\dot M = \dot\alpha W + \alpha \dot W`, i.e.
+    :math:`\dot M_b = \sum_e \dot\alpha_{be} W_e + \alpha_{be}\dot W_e`.
+    Its transpose is :func:`mix_experts_vjp`:
+    :math:`\langle \bar M, \dot\alpha W\rangle = \langle \bar M W^\top, \dot\alpha\rangle`
+    and :math:`\langle \bar M, \alpha\dot W\rangle = \langle \alpha^\top\bar M, \dot W\rangle`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import mix_experts_jvp
+    >>> mix_experts_jvp({"routing": np.array([[0.0, 1.0]])}, np.array([[1.0, 0.5]]),
+    ...                 np.array([[2.0, 4.0], [10.0, 20.0]]))
+    array([[10., 20.]])
+    """
+    fn = "mix_experts_jvp"
+    arrays = {"routing": routing, "experts": experts}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, routing=routing, experts=experts, **tangent_names(tangents))
+    _check_mix(fn, routing, experts, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    mixed = mix_jvp(tangents.get("routing"), tangents.get("experts"), routing, experts, xp=xp)
+    shape = (routing.shape[0],) + tuple(experts.shape[1:])
+    return total([] if mixed is None else [mixed], shape, experts, xp=xp)
 
 
 # ---------------------------------------------------------------- condconv
@@ -219,6 +272,64 @@ def condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: Any =
                               ConvOptions(stride, padding, dilation, groups, padding_mode),
                               cotangent, xp=xp)
     return mixed_conv_vjp(cotangent, x, experts, routing, bias, geometry, run_conv_vjp, xp=xp)
+
+
+@public_op
+def condconv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing: Any,
+                 bias: Any = None, *, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                 groups: int = 1, padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`condconv`: the output's derivative along ``tangents``.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"``, ``"experts"``, ``"routing"`` and (when ``bias`` is
+        given) ``"bias"``, the keys of :func:`condconv_vjp`, each with the
+        shape of its argument; a missing key is a zero tangent.
+    x, experts, routing, bias, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`condconv`.
+
+    Returns
+    -------
+    array, shape (B, O, \*out)
+
+    Notes
+    -----
+    With :math:`M_b = \sum_e \alpha_{be} W_e` and :math:`m_b = \sum_e\alpha_{be}\beta_e`,
+    :math:`y = \mathrm{conv}(x, M, m)` is linear in :math:`x` and in
+    :math:`(M, m)`, and these are linear in :math:`\alpha` and in
+    :math:`(W, \beta)`.  The product rule gives
+
+    .. math::
+
+        \dot M = \dot\alpha W + \alpha\dot W,\quad
+        \dot m = \dot\alpha\beta + \alpha\dot\beta,\quad
+        \dot y = \mathrm{conv}(\dot x, M) + \mathrm{conv}(x, \dot M) + \dot m,
+
+    two convolutions with per-example kernels run by the forward's engine
+    (:func:`conv_jvp` and :func:`mix_experts_jvp` chained).  Transposing each
+    linear map gives back :func:`condconv_vjp`.
+
+    Examples
+    --------
+    Along the routing alone the tangent is the output of the routing's
+    direction, here the second expert's:
+
+    >>> import numpy as np
+    >>> from condconv_ref import condconv_jvp
+    >>> x = np.ones((1, 1, 4))
+    >>> experts = np.stack([np.ones((1, 1, 2)), 2 * np.ones((1, 1, 2))])
+    >>> condconv_jvp({"routing": np.array([[0.0, 1.0]])}, x, experts, np.array([[1.0, 0.0]]))
+    array([[[4., 4., 4.]]])
+    """
+    fn = "condconv_jvp"
+    arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    geometry = check_condconv(fn, x, experts, routing, bias,
+                              ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return mixed_conv_jvp(tangents, x, experts, routing, bias, geometry, xp=xp)
 
 
 # ---------------------------------------------------------------- mixture of experts
@@ -324,6 +435,59 @@ def moe_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
     return result
 
 
+@public_op
+def moe_condconv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing: Any,
+                     bias: Any = None, *, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                     groups: int = 1, padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`moe_condconv`; arguments as :func:`condconv_jvp`.
+
+    Notes
+    -----
+    With :math:`y^{(e)} = W_e \ast x + \beta_e`, the product rule on
+    :math:`y_b = \sum_e \alpha_{be} y^{(e)}_b` gives
+
+    .. math::
+
+        \dot y_b = \sum_e \dot\alpha_{be}\, y^{(e)}_b
+                  + \alpha_{be}\,\big(W_e \ast \dot x_b + \dot W_e \ast x_b + \dot\beta_e\big),
+
+    one :func:`conv_jvp` per expert.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import moe_condconv_jvp
+    >>> x = np.ones((1, 1, 4))
+    >>> experts = np.stack([np.ones((1, 1, 2)), 2 * np.ones((1, 1, 2))])
+    >>> moe_condconv_jvp({"x": np.ones((1, 1, 4))}, x, experts, np.array([[1.0, 0.5]]))
+    array([[[4., 4., 4.]]])
+    """
+    fn = "moe_condconv_jvp"
+    arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    geometry = check_condconv(fn, x, experts, routing, bias,
+                              ConvOptions(stride, padding, dilation, groups, padding_mode),
+                              xp=xp, memory=moe_memory)
+    check_tangent_shapes(fn, tangents, arrays)
+    nd = x.ndim - 2
+    outputs = (_expert_outputs(x, experts, bias, geometry, xp=xp) if "routing" in tangents
+               else None)
+    terms = []
+    for e in range(experts.shape[0]):
+        expert_tangents = {"x": tangents.get("x"),
+                           "kernel": None if "experts" not in tangents else tangents["experts"][e, ...],
+                           "bias": None if "bias" not in tangents else tangents["bias"][e, ...]}
+        expert_tangents = {name: t for name, t in expert_tangents.items() if t is not None}
+        if expert_tangents:
+            terms.append(_per_example(routing, e, nd, xp=xp) * conv_tangent(
+                expert_tangents, x, experts[e, ...], geometry, xp=xp))
+        if outputs is not None:
+            terms.append(_per_example(tangents["routing"], e, nd, xp=xp) * outputs[e])
+    shape = (x.shape[0], experts.shape[1]) + geometry.out
+    return total(terms, shape, x, xp=xp)
+
+
 # ---------------------------------------------------------------- the layer
 
 
@@ -408,3 +572,50 @@ def condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *, str
                             cotangent, xp=xp)
     return layer_vjp(cotangent, x, p, SIGMOID,
                      partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp), xp=xp)
+
+
+@public_op
+def condconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str, Any], *,
+                       stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                       padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`condconv_layer`: the output's derivative along ``tangents``.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"`` and the keys present in ``params`` (the keys of
+        :func:`condconv_layer_vjp`), each with the shape of its argument; a
+        missing key is a zero tangent.
+    x, params, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`condconv_layer`.
+
+    Returns
+    -------
+    array, shape (B, O, \*out)
+
+    Notes
+    -----
+    The routing's tangent comes first, from :func:`route_sigmoid_jvp`:
+    :math:`\dot\alpha = \sigma'(z) \odot (\mathrm{GAP}(\dot x) R^\top +
+    \mathrm{GAP}(x)\dot R^\top + \dot r)`; then :func:`condconv_jvp` along
+    :math:`(\dot x, \dot W, \dot\alpha, \dot\beta)`.  ``x`` thus reaches the
+    tangent along both paths, the convolution and the routing, as it reaches
+    the gradient of :func:`condconv_layer_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import condconv_layer_jvp
+    >>> params = {"experts": np.ones((2, 1, 1, 2)), "route_weight": np.zeros((2, 1))}
+    >>> condconv_layer_jvp({"route_weight": np.ones((2, 1))}, np.ones((1, 1, 4)), params)
+    array([[[1., 1., 1.]]])
+    """
+    fn = "condconv_layer_jvp"
+    p = layer_params(fn, params)
+    arrays = {"x": x, **p}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    geometry = _check_layer(fn, x, p, ConvOptions(stride, padding, dilation, groups, padding_mode),
+                            xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_jvp(tangents, x, p, SIGMOID, partial(mixed_conv_jvp, geometry=geometry), xp=xp)

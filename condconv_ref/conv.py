@@ -10,10 +10,12 @@ validated arguments.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 from condconv_ref._conv_engine import conv_memory, run_conv, run_conv_vjp
+from condconv_ref._tangent import conv_tangent
 from condconv_ref._validate import (
     ConvGeometry,
     ConvOptions,
@@ -21,14 +23,17 @@ from condconv_ref._validate import (
     check_ndim,
     check_nonempty,
     check_shape,
+    check_tangent_shapes,
     itemsize,
     kernel_layout,
     namespace,
     public_op,
+    tangent_arrays,
+    tangent_names,
 )
 from condconv_ref.memory import check_memory
 
-__all__ = ["conv", "conv_vjp"]
+__all__ = ["conv", "conv_jvp", "conv_vjp"]
 
 
 def _check_conv(fn: str, x: Any, kernel: Any, bias: Any, options: ConvOptions,
@@ -168,3 +173,59 @@ def conv_vjp(cotangent: Any, x: Any, kernel: Any, bias: Any = None, *, stride: A
                            ConvOptions(stride, padding, dilation, groups, padding_mode),
                            cotangent, xp=xp)
     return run_conv_vjp(cotangent, x, kernel, bias, geometry, xp=xp)
+
+
+@public_op
+def conv_jvp(tangents: Mapping[str, Any], x: Any, kernel: Any, bias: Any = None, *,
+             stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+             padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`conv`: the derivative of the output along ``tangents``.
+
+    Parameters
+    ----------
+    tangents : mapping
+        :math:`\dot x`, :math:`\dot W`, :math:`\dot\beta` under the keys of
+        :func:`conv_vjp`'s gradients (``"x"``, ``"kernel"``, and ``"bias"``
+        when ``bias`` is given), each with the shape of its argument.  A
+        missing key means a zero tangent.
+    x, kernel, bias, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`conv`.
+
+    Returns
+    -------
+    array, shape (B, O, \*out)
+        :math:`\dot y = J_x \dot x + J_W \dot W + J_\beta \dot\beta`.
+
+    Notes
+    -----
+    The convolution is linear in each argument, so its derivative along a
+    direction is the sum of the convolutions with one argument replaced by its
+    tangent:
+
+    .. math::
+
+        \dot y = \mathrm{conv}(\dot x, W) + \mathrm{conv}(x, \dot W) + \dot\beta_{(b,)o},
+
+    each run by the same convolution engine as the forward (any padding mode
+    is linear in :math:`x`, so it pads :math:`\dot x` like :math:`x`).  It is
+    the transpose of :func:`conv_vjp`:
+    :math:`\langle \bar y, \dot y\rangle = \langle \bar x, \dot x\rangle +
+    \langle \bar W, \dot W\rangle + \langle \bar\beta, \dot\beta\rangle`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import conv_jvp
+    >>> x, kernel = np.arange(5.0).reshape(1, 1, 5), np.ones((1, 1, 3))
+    >>> conv_jvp({"kernel": np.ones((1, 1, 3))}, x, kernel)
+    array([[[3., 6., 9.]]])
+    >>> conv_jvp({"x": np.ones((1, 1, 5))}, x, kernel)
+    array([[[3., 3., 3.]]])
+    """
+    fn = "conv_jvp"
+    tangents = tangent_arrays(fn, tangents, {"x": x, "kernel": kernel, "bias": bias})
+    xp = namespace(fn, x=x, kernel=kernel, bias=bias, **tangent_names(tangents))
+    geometry = _check_conv(fn, x, kernel, bias,
+                           ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
+    check_tangent_shapes(fn, tangents, {"x": x, "kernel": kernel, "bias": bias})
+    return conv_tangent(tangents, x, kernel, geometry, xp=xp)

@@ -27,22 +27,34 @@ from types import ModuleType
 from typing import Any
 
 from condconv_ref._conv_engine import run_conv, run_conv_vjp
-from condconv_ref._layer import SIGMOID, check_sigmoid_router, layer, layer_params, layer_vjp
-from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_vjp
+from condconv_ref._layer import (
+    SIGMOID,
+    check_sigmoid_router,
+    layer,
+    layer_jvp,
+    layer_params,
+    layer_vjp,
+)
+from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_jvp, mixed_conv_vjp
 from condconv_ref._validate import (
     ConvGeometry,
     ConvOptions,
     check_ndim,
     check_positive_int,
     check_shape,
+    check_tangent_shapes,
     kernel_layout,
     namespace,
     public_op,
+    tangent_arrays,
+    tangent_names,
 )
 
 __all__ = [
     "depthwise_condconv",
+    "depthwise_condconv_jvp",
     "depthwise_condconv_layer",
+    "depthwise_condconv_layer_jvp",
     "depthwise_condconv_layer_vjp",
     "depthwise_condconv_vjp",
 ]
@@ -213,6 +225,59 @@ def depthwise_condconv_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, b
                           run_conv_vjp, xp=xp)
 
 
+@public_op
+def depthwise_condconv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing: Any,
+                           bias: Any = None, *, depth_multiplier: int = 1, stride: Any = 1,
+                           padding: Any = 0, dilation: Any = 1,
+                           padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`depthwise_condconv`.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"``, ``"experts"``, ``"routing"`` and (when ``bias`` is
+        given) ``"bias"``, the keys of :func:`depthwise_condconv_vjp`, each
+        with the shape of its argument; a missing key is a zero tangent.
+    x, experts, routing, bias, depth_multiplier, stride, padding, dilation, padding_mode
+        Exactly the arguments given to :func:`depthwise_condconv`.
+
+    Returns
+    -------
+    array, shape (B, C·m, \*out)
+
+    Notes
+    -----
+    The op is :func:`condconv` with ``groups=C``, so its tangent is that of
+    :func:`condconv_jvp`: with :math:`\dot M = \dot\alpha W + \alpha\dot W`
+    and :math:`\dot\mu = \dot\alpha\beta + \alpha\dot\beta`,
+
+    .. math::
+
+        \dot y_{b,\,cm+j,\,p} = \sum_\kappa \big(M_{b,cm+j,0,\kappa}\,\dot{\tilde x}_{b,c,sp+d\kappa}
+            + \dot M_{b,cm+j,0,\kappa}\,\tilde x_{b,c,sp+d\kappa}\big) + \dot\mu_{b,cm+j},
+
+    two depthwise convolutions run by the forward's engine.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import depthwise_condconv_jvp
+    >>> x = np.arange(4.0).reshape(1, 1, 4)
+    >>> depthwise_condconv_jvp({"x": np.ones((1, 1, 4))}, x, np.ones((2, 1, 1, 2)),
+    ...                        np.array([[1.0, 0.5]]))
+    array([[[3., 3., 3.]]])
+    """
+    fn = "depthwise_condconv_jvp"
+    arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    geometry = _check_depthwise(fn, x, experts, routing, bias, depth_multiplier,
+                                ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
+                                xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return mixed_conv_jvp(tangents, x, experts, routing, bias, geometry, xp=xp)
+
+
 # ---------------------------------------------------------------- the layer
 
 
@@ -302,3 +367,44 @@ def depthwise_condconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, An
     return layer_vjp(cotangent, x, p, SIGMOID,
                      partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp),
                      xp=xp)
+
+
+@public_op
+def depthwise_condconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str, Any],
+                                 *, depth_multiplier: int = 1, stride: Any = 1, padding: Any = 0,
+                                 dilation: Any = 1, padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`depthwise_condconv_layer`.
+
+    ``tangents`` maps any of ``"x"`` and the keys present in ``params`` (the
+    keys of :func:`depthwise_condconv_layer_vjp`) to tangents of their
+    arguments' shapes; a missing key is a zero tangent.  The other arguments
+    are exactly those given to :func:`depthwise_condconv_layer`.  Returns
+    (B, C·m, \*out).
+
+    Notes
+    -----
+    The routing's tangent :math:`\dot\alpha` from :func:`route_sigmoid_jvp`,
+    then :func:`depthwise_condconv_jvp` along
+    :math:`(\dot x, \dot W, \dot\alpha, \dot\beta)`, as in
+    :func:`condconv_layer_jvp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import depthwise_condconv_layer_jvp
+    >>> params = {"experts": np.ones((2, 1, 1, 2)), "route_weight": np.zeros((2, 1))}
+    >>> depthwise_condconv_layer_jvp({"experts": np.ones((2, 1, 1, 2))}, np.ones((1, 1, 4)),
+    ...                              params)
+    array([[[2., 2., 2.]]])
+    """
+    fn = "depthwise_condconv_layer_jvp"
+    p = layer_params(fn, params)
+    arrays = {"x": x, **p}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    check_sigmoid_router(fn, x, p)
+    geometry = _check_depthwise(fn, x, p["experts"], None, p["bias"], depth_multiplier,
+                                ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
+                                xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_jvp(tangents, x, p, SIGMOID, partial(mixed_conv_jvp, geometry=geometry), xp=xp)

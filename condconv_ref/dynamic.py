@@ -21,12 +21,13 @@ from types import ModuleType
 from typing import Any
 
 from condconv_ref._conv_engine import run_conv, run_conv_vjp
-from condconv_ref._layer import Router, layer, layer_params, layer_vjp
-from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_vjp
+from condconv_ref._layer import Router, layer, layer_jvp, layer_params, layer_vjp
+from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_jvp, mixed_conv_vjp
 from condconv_ref._routing import (
     SoftmaxRouting,
     check_softmax_routing,
     softmax_routing,
+    softmax_routing_jvp,
     softmax_routing_vjp,
 )
 from condconv_ref._validate import (
@@ -34,12 +35,16 @@ from condconv_ref._validate import (
     ConvOptions,
     check_finite_positive,
     check_ndim,
+    check_tangent_shapes,
     kernel_layout,
     namespace,
     public_op,
+    tangent_arrays,
+    tangent_names,
 )
 
-__all__ = ["dynamic_conv_layer", "dynamic_conv_layer_vjp", "temperature_schedule"]
+__all__ = ["dynamic_conv_layer", "dynamic_conv_layer_jvp", "dynamic_conv_layer_vjp",
+           "temperature_schedule"]
 
 _DYNAMIC_KEYS = {"experts": True, "bias": False, "fc1_weight": True, "fc1_bias": False,
                  "fc2_weight": True, "fc2_bias": False}
@@ -80,10 +85,18 @@ def _route_softmax_vjp(grads: dict[str, Any], x: Any, p: dict[str, Any],
     return result
 
 
+def _route_softmax_jvp(tangents: dict[str, Any], x: Any, p: dict[str, Any],
+                       forward: SoftmaxRouting, *, temperature: float, xp: ModuleType) -> Any:
+    """The softmax routing's tangent along the layer's ``x`` and routing parameters."""
+    return softmax_routing_jvp(tangents, p["fc1_weight"], p["fc2_weight"], forward, temperature,
+                               xp=xp)
+
+
 def _softmax_router(temperature: float) -> Router:
     """Dynamic Convolution's router at temperature ``temperature``."""
     return Router(partial(_route_softmax, temperature=temperature),
-                  partial(_route_softmax_vjp, temperature=temperature))
+                  partial(_route_softmax_vjp, temperature=temperature),
+                  partial(_route_softmax_jvp, temperature=temperature))
 
 
 @public_op
@@ -188,6 +201,56 @@ def dynamic_conv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
         cotangent, xp=xp)
     return layer_vjp(cotangent, x, p, _softmax_router(temperature),
                      partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp), xp=xp)
+
+
+@public_op
+def dynamic_conv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str, Any], *,
+                           temperature: float = 1.0, stride: Any = 1, padding: Any = 0,
+                           dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`dynamic_conv_layer`.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"`` and the keys present in ``params`` (the keys of
+        :func:`dynamic_conv_layer_vjp`), each with the shape of its
+        argument; a missing key is a zero tangent.  :math:`T` has none.
+    x, params, temperature, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`dynamic_conv_layer`.
+
+    Returns
+    -------
+    array, shape (B, O, \*out)
+
+    Notes
+    -----
+    The routing's tangent :math:`\dot\alpha` from :func:`route_softmax_jvp`
+    (through the routing MLP and the softmax), then :func:`condconv_jvp` along
+    :math:`(\dot x, \dot W, \dot\alpha, \dot\beta)`; ``x`` reaches the tangent
+    through the convolution and the routing.
+
+    Examples
+    --------
+    A tangent of the routing MLP alone is one of the output's routing: a
+    shift common to all logits changes nothing.
+
+    >>> import numpy as np
+    >>> from condconv_ref import dynamic_conv_layer_jvp
+    >>> params = {"experts": np.ones((2, 1, 1, 2)), "fc1_weight": np.ones((3, 1)),
+    ...           "fc2_weight": np.ones((2, 3)), "fc2_bias": np.zeros(2)}
+    >>> dynamic_conv_layer_jvp({"fc2_bias": np.ones(2)}, np.ones((1, 1, 4)), params)
+    array([[[0., 0., 0.]]])
+    """
+    fn = "dynamic_conv_layer_jvp"
+    p = layer_params(fn, params, _DYNAMIC_KEYS)
+    arrays = {"x": x, **p}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    geometry, temperature = _check_dynamic(
+        fn, x, p, temperature, ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_jvp(tangents, x, p, _softmax_router(temperature),
+                     partial(mixed_conv_jvp, geometry=geometry), xp=xp)
 
 
 def temperature_schedule(step: float, *, start: float = 30.0, end: float = 1.0,

@@ -66,7 +66,7 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
@@ -79,6 +79,10 @@ from condconv_ref.accuracy import (
     Comparison,
     bound,
     compare_all,
+    Comparison,
+    bound,
+    compare_all,
+    exact_bound,
     gamma,
     jsonable,
     real_host,
@@ -95,6 +99,7 @@ __all__ = [
     "finite_difference_check",
     "judge",
     "rounded",
+    "transpose_check",
     "worst",
 ]
 
@@ -411,34 +416,22 @@ def _difference(case: Case, forward: Any, c: np.ndarray, point: Mapping[str, np.
     return total / denominator, rounding / abs(denominator)
 
 
-def finite_difference_check(case: Case, dtype: str, backend: str | Backend | None = None,
-                            seed: int = 0, *, forward: Any = None,
-                            vjp: Any = None) -> Measurement:
-    """Check the reference VJP of ``case`` computed in ``dtype`` against float64 central
-    differences of its forward, with the derived bound (module docstring).
+class _Setup(NamedTuple):
+    """What every identity of one case needs: the rounded case, its point, the cotangent,
+    random tangents, the backend and the forward."""
 
-    Parameters
-    ----------
-    case : Case
-        Its arrays are rounded to ``dtype`` first; the differences are taken
-        in float64 at the rounded point.
-    dtype : str
-        The dtype the VJP runs in.
-    backend : str or Backend, optional
-        Where both run (default NumPy).
-    seed : int
-        Seed of the tangents (standard normal, one per argument).
-    forward, vjp : callable, optional
-        The op and VJP to check, called like the variant's reference (default
-        the reference itself); the bound is the reference's.
+    at: Case
+    point: dict[str, np.ndarray]
+    cotangent: np.ndarray
+    tangents: dict[str, np.ndarray]
+    backend: Backend
+    forward: Any
 
-    Returns
-    -------
-    Measurement
-        ``units`` the identity's error in units of its bound; ``note`` says
-        when the step was moved off a ReLU kink.  A case whose ReLU input is
-        at its kink returns NaN units with the reason in ``note``.
-    """
+
+def _setup(case: Case, dtype: str, backend: str | Backend | None, seed: int,
+           forward: Any) -> _Setup:
+    """``case`` rounded to ``dtype``, its fixed cotangent (rounded to ``dtype``) and standard
+    normal tangents drawn from ``seed`` (rounded to ``dtype``: inputs given in it are exact)."""
     chosen = get_backend("numpy") if backend is None else (
         get_backend(backend) if isinstance(backend, str) else backend)
     at = rounded(case, dtype)
@@ -446,55 +439,229 @@ def finite_difference_check(case: Case, dtype: str, backend: str | Backend | Non
     output = np.asarray(to_numpy(reference_forward(at, chosen)), dtype=np.float64)
     c = round_to(case.cotangent(output.shape), dtype)
     rng = np.random.default_rng([seed, 4])
-    tangents = {name: rng.standard_normal(point[name].shape) for name in at.differentiable}
+    tangents = {name: round_to(rng.standard_normal(point[name].shape), dtype)
+                for name in at.differentiable}  # buffers (running statistics) stay still
     f = bind(forward or VARIANTS[case.variant].forward, at)
-    f_vjp = bind(vjp or VARIANTS[case.variant].vjp, at, vjp=True)
-    computed = f_vjp(chosen.asarray(c, dtype=dtype), **at.arrays_on(chosen, dtype))
+    return _Setup(at, point, c, tangents, chosen, f)
+
+
+def _host_grads(computed: Mapping[str, Any], names: Sequence[str],
+                what: str) -> dict[str, np.ndarray]:
     grads = {name: real_host(f"gradient {name!r}", g) for name, g in computed.items()}
-    if sorted(grads, key=str) != sorted(tangents):
-        raise AssertionError(f"the VJP returned gradients for {sorted(map(str, grads))}, expected "
-                             f"{sorted(tangents)}")
+    if sorted(grads, key=str) != sorted(names):
+        raise AssertionError(f"the {what} returned gradients for {sorted(map(str, grads))}, "
+                             f"expected {sorted(names)}")
+    return grads
+
+
+def _vjp_side(setup: _Setup, dtype: str, vjp: Any) -> Any:
+    """``<vjp(c), t>`` and the bound on its rounding, for any tangents (the VJP runs once)."""
+    at, c = setup.at, setup.cotangent
+    f_vjp = bind(vjp or VARIANTS[at.variant].vjp, at, vjp=True)
+    grads = _host_grads(f_vjp(setup.backend.asarray(c, dtype=dtype),
+                              **at.arrays_on(setup.backend, dtype)), list(setup.tangents), "VJP")
     gradient_scale = _scales.vjp_scale(at, c, dtype)
-    identity = _Identity(at, dtype, chosen, f, c, point, grads, gradient_scale)
-    units, error, allowed, note = identity.measure(tangents)
-    detail = at.describe()
+    depth = _scales.depth(at, vjp=True)
+    u = PRECISIONS["float64"].unit_roundoff
+
+    def side(tangents: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        error = sum(float(np.sum(bound(gradient_scale[name], depth, dtype) * np.abs(t)))
+                    for name, t in tangents.items())
+        error += gamma(sum(t.size for t in tangents.values()), u) * _inner(
+            {name: np.abs(g) for name, g in grads.items()},
+            {name: np.abs(t) for name, t in tangents.items()})
+        return _inner(grads, tangents), error
+
+    return side
+
+
+def _jvp_side(setup: _Setup, dtype: str, jvp: Any) -> Any:
+    """``<c, jvp(t)>`` and the bound on its rounding (:func:`~condconv_ref.accuracy.exact_bound`
+    of the JVP's scale, and the float64 inner product's), for any tangents."""
+    at, c = setup.at, setup.cotangent
+    f_jvp = bind(jvp or VARIANTS[at.variant].jvp, at, vjp=True)
+    arrays = at.arrays_on(setup.backend, dtype)
+    depth = _scales.jvp_depth(at)
+    u = PRECISIONS["float64"].unit_roundoff
+
+    def side(tangents: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        given = {name: setup.backend.asarray(t, dtype=dtype) for name, t in tangents.items()}
+        value = np.asarray(to_numpy(f_jvp(given, **arrays)), dtype=np.float64)
+        if value.shape != c.shape:
+            raise AssertionError(f"the JVP returned shape {value.shape}, expected the "
+                                 f"output's {c.shape}")
+        scale = _scales.jvp_scale(at, tangents, dtype)
+        error = float(np.sum(np.abs(c) * exact_bound(scale, depth, dtype)))
+        error += gamma(c.size, u) * float(np.sum(np.abs(c * value)))
+        return float(np.sum(c * value)), error
+
+    return side
+
+
+def _explain(identity: Any, tangents: Mapping[str, np.ndarray], what: str, error: float,
+             allowed: float) -> str:
+    """The failure's line, and which argument's tangent alone breaks ``identity``."""
+    detail = f"\n|{what}| = {error:.3g} > bound {allowed:.3g}"
+    for name in tangents:
+        alone = {other: t if other == name else np.zeros_like(t)
+                 for other, t in tangents.items()}
+        units_alone = identity(alone)[0]
+        if units_alone > 1:
+            detail += f"\n  argument {name!r}: {units_alone:.3g} x the bound on its own"
+    return detail
+
+
+def finite_difference_check(case: Case, dtype: str, backend: str | Backend | None = None,
+                            seed: int = 0, *, forward: Any = None,
+                            vjp: Any = None, jvp: Any = None,
+                            mode: str = "vjp") -> Measurement:
+    """Check the reference VJP (``mode="jvp"``: JVP) of ``case`` computed in ``dtype`` against
+    float64 central differences of its forward, with the derived bound (module docstring).
+
+    Parameters
+    ----------
+    case : Case
+        Its arrays are rounded to ``dtype`` first; the differences are taken
+        in float64 at the rounded point.
+    dtype : str
+        The dtype the VJP (or JVP) runs in.
+    backend : str or Backend, optional
+        Where both run (default NumPy).
+    seed : int
+        Seed of the tangents (standard normal, one per argument).
+    forward, vjp, jvp : callable, optional
+        The op, VJP and JVP to check, called like the variant's reference
+        (default the reference itself); the bound is the reference's.
+    mode : {"vjp", "jvp"}
+        ``"vjp"``: the identity :math:`\\sum\\langle \\mathrm{vjp}(c), t\\rangle =
+        \\langle c, Jt\\rangle`; ``"jvp"``: :math:`\\langle c, \\mathrm{jvp}(t)\\rangle =
+        \\langle c, Jt\\rangle`, with the JVP's rounding
+        (:func:`condconv_ref._scales.jvp_scale`) in place of the VJP's.
+
+    Returns
+    -------
+    Measurement
+        ``units`` the identity's error in units of its bound; ``note`` says
+        when the step was moved off a ReLU kink.  A case whose ReLU input is
+        at its kink returns NaN units with the reason in ``note``.
+
+    Examples
+    --------
+    >>> from condconv_ref import engine
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = build_case("dynamic_conv_layer", config, seed=7)
+    >>> engine.finite_difference_check(case, "float32", mode="jvp").passed
+    True
+    """
+    if mode not in ("vjp", "jvp"):
+        raise ValueError(f"finite_difference_check: mode must be 'vjp' or 'jvp', got {mode!r}")
+    setup = _setup(case, dtype, backend, seed, forward)
+    side = _vjp_side(setup, dtype, vjp) if mode == "vjp" else _jvp_side(setup, dtype, jvp)
+    gradient_scale = _scales.vjp_scale(setup.at, setup.cotangent, dtype)
+    identity = _Identity(setup.at, setup.backend, setup.forward, setup.cotangent, setup.point,
+                         side, gradient_scale)
+    units, error, allowed, note = identity.measure(setup.tangents)
+    detail = setup.at.describe()
     if math.isnan(units):
         return Measurement(units, "", detail, note)
     if units > 1:
-        detail += f"\n|sum <vjp(c), t> - <c, Jt>| = {error:.3g} > bound {allowed:.3g}"
-        for name in tangents:  # which argument's gradient is wrong: one tangent at a time
-            alone = {other: t if other == name else np.zeros_like(t)
-                     for other, t in tangents.items()}
-            units_alone = identity.measure(alone)[0]
-            if units_alone > 1:
-                detail += f"\n  argument {name!r}: {units_alone:.3g} x the bound on its own"
+        analytic = "sum <vjp(c), t>" if mode == "vjp" else "<c, jvp(t)>"
+        detail += _explain(identity.measure, setup.tangents, f"{analytic} - <c, Jt>", error,
+                           allowed)
     return Measurement(units, "dot-product identity", detail, note)
+
+
+def transpose_check(case: Case, dtype: str, backend: str | Backend | None = None,
+                    seed: int = 0, *, jvp: Any = None, vjp: Any = None) -> Measurement:
+    r"""Check that the JVP and the VJP of ``case``, both computed in ``dtype``, are transposes:
+    :math:`\langle c, \mathrm{jvp}(t)\rangle = \sum_k \langle \mathrm{vjp}(c)_k, t_k\rangle`.
+
+    An exact identity: no difference is taken, so the two sides may differ by
+    their rounding alone,
+
+    .. math::
+
+        \sum_i |c_i|\,\beta^{\mathrm{jvp}}_i + \sum_k \sum_i \beta^{\mathrm{vjp}}_{k,i}\,|t_{k,i}|
+        + \gamma_N(u_{64})\Big(\langle |c|, |\mathrm{jvp}(t)|\rangle
+        + \sum_k \langle |\mathrm{vjp}(c)_k|, |t_k|\rangle\Big),
+
+    with :math:`\beta` the bound of a computation in ``dtype`` against the
+    exact value (:func:`condconv_ref.accuracy.exact_bound`) at the JVP's scale
+    (:func:`condconv_ref._scales.jvp_scale`, depth
+    :func:`~condconv_ref._scales.jvp_depth`) and at the VJP's scales, and the
+    last term the float64 inner products over :math:`N` elements.
+
+    Parameters
+    ----------
+    case : Case
+        Its arrays, the cotangent and the tangents are rounded to ``dtype``.
+    dtype : str
+        The dtype both run in.
+    backend : str or Backend, optional
+        Where they run (default NumPy).
+    seed : int
+        Seed of the tangents (standard normal, one per argument).
+    jvp, vjp : callable, optional
+        The JVP and VJP to check, called like the variant's reference
+        (default the reference's); the bound is the reference's.
+
+    Returns
+    -------
+    Measurement
+        The identity's error in units of its bound; on failure ``detail``
+        names the arguments whose tangent alone breaks it.
+
+    Examples
+    --------
+    >>> from condconv_ref import engine
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = build_case("condconv_layer", config, seed=7)
+    >>> engine.transpose_check(case, "float32").passed
+    True
+    """
+    setup = _setup(case, dtype, backend, seed, None)
+    jvp_side, vjp_side = _jvp_side(setup, dtype, jvp), _vjp_side(setup, dtype, vjp)
+
+    def identity(tangents: Mapping[str, np.ndarray]) -> tuple[float, float, float]:
+        (left, left_error), (right, right_error) = jvp_side(tangents), vjp_side(tangents)
+        error, allowed = abs(left - right), left_error + right_error
+        return (0.0 if error == 0 else error / allowed), error, allowed
+
+    units, error, allowed = identity(setup.tangents)
+    detail = setup.at.describe()
+    if units > 1:
+        detail += _explain(identity, setup.tangents, "<c, jvp(t)> - sum <vjp(c), t>", error,
+                           allowed)
+    return Measurement(units, "transpose identity", detail)
 
 
 @dataclass(frozen=True)
 class _Identity:
-    """The dot-product identity of one case at one cotangent, for any tangents."""
+    """The dot-product identity of one case at one cotangent, for any tangents: ``analytic``
+    gives the analytic side and the bound on its rounding, the forward's differences the
+    other."""
 
     case: Case
-    dtype: str
     backend: Backend
     forward: Any
     cotangent: np.ndarray
     point: Mapping[str, np.ndarray]
-    grads: Mapping[str, np.ndarray]
+    analytic: Any
     gradient_scale: Mapping[str, np.ndarray]
 
     def measure(self, tangents: Mapping[str, np.ndarray]) -> tuple[float, float, float, str]:
         """``(units, |error|, bound, note)``; NaN units when the case sits on a ReLU kink."""
         at, c, point, f = self.case, self.cotangent, self.point, self.forward
-        analytic = _inner(self.grads, tangents)
-        depth = _scales.depth(at, vjp=True)
+        analytic, vjp_error = self.analytic(tangents)
         u = PRECISIONS["float64"].unit_roundoff
-        vjp_error = sum(float(np.sum(bound(self.gradient_scale[name], depth, self.dtype)
-                                     * np.abs(t))) for name, t in tangents.items())
-        vjp_error += gamma(sum(t.size for t in tangents.values()), u) * _inner(
-            {name: np.abs(g) for name, g in self.grads.items()},
-            {name: np.abs(t) for name, t in tangents.items()})
         largest_x = max((float(np.max(np.abs(point[name]))) for name in tangents
                          if point[name].size),
                         default=0.0)

@@ -39,25 +39,32 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._layer import SIGMOID, layer, layer_params, layer_vjp
+from condconv_ref._layer import SIGMOID, layer, layer_jvp, layer_params, layer_vjp
 from condconv_ref._mixing import mix, mix_vjp
-from condconv_ref._routing import affine, affine_vjp
+from condconv_ref._routing import affine, affine_jvp, affine_vjp
+from condconv_ref._tangent import total
 from condconv_ref._validate import (
     check_ndim,
     check_nonempty,
     check_shape,
+    check_tangent_shapes,
     itemsize,
     namespace,
     public_op,
+    tangent_arrays,
+    tangent_names,
 )
 from condconv_ref.memory import check_memory
 
 __all__ = [
     "cond_linear",
+    "cond_linear_jvp",
     "cond_linear_layer",
+    "cond_linear_layer_jvp",
     "cond_linear_layer_vjp",
     "cond_linear_vjp",
     "moe_cond_linear",
+    "moe_cond_linear_jvp",
     "moe_cond_linear_vjp",
 ]
 
@@ -205,6 +212,22 @@ def _cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any, bias: A
     return form(cotangent, x, experts, routing, bias, xp=xp)
 
 
+def _cond_linear_jvp(tangents: dict[str, Any], x: Any, experts: Any, routing: Any, bias: Any,
+                     *, xp: ModuleType) -> Any:
+    """The tangent of :func:`_cond_linear`, one term per argument (derived in
+    :func:`condconv_ref.cond_linear_jvp`), each computed in the forward's cheaper form."""
+    terms = []
+    if "x" in tangents:
+        terms.append(_cond_linear(tangents["x"], experts, routing, None, xp=xp))
+    if "experts" in tangents:
+        terms.append(_cond_linear(x, tangents["experts"], routing, None, xp=xp))
+    if "bias" in tangents:
+        terms.append(routing @ tangents["bias"])
+    if "routing" in tangents:
+        terms.append(_cond_linear(x, experts, tangents["routing"], bias, xp=xp))
+    return total(terms, (x.shape[0], experts.shape[1]), x, xp=xp)
+
+
 # ---------------------------------------------------------------- cond_linear
 
 
@@ -299,6 +322,56 @@ def cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
     return _cond_linear_vjp(cotangent, x, experts, routing, bias, xp=xp)
 
 
+@public_op
+def cond_linear_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing: Any,
+                    bias: Any = None) -> Any:
+    r"""Jacobian-vector product of :func:`cond_linear`: the output's derivative along ``tangents``.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"``, ``"experts"``, ``"routing"`` and (when ``bias`` is
+        given) ``"bias"``, the keys of :func:`cond_linear_vjp`, each with the
+        shape of its argument; a missing key is a zero tangent.
+    x, experts, routing, bias
+        Exactly the arguments given to :func:`cond_linear`.
+
+    Returns
+    -------
+    array, shape (B, F_out)
+
+    Notes
+    -----
+    :math:`y_b = \sum_e \alpha_{be}(W_e x_b + \beta_e)` is linear in
+    :math:`x`, in :math:`(W, \beta)` and in :math:`\alpha`, so
+
+    .. math::
+
+        \dot y_b = \sum_e \alpha_{be} W_e \dot x_b + \alpha_{be}\dot W_e x_b
+                  + \alpha_{be}\dot\beta_e + \dot\alpha_{be}(W_e x_b + \beta_e),
+
+    i.e. :func:`cond_linear` with one argument replaced by its tangent, each
+    term computed in the cheaper of the forward's two forms.  Transposing each
+    term gives the four gradients of :func:`cond_linear_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import cond_linear_jvp
+    >>> experts = np.stack([np.eye(2), 2 * np.eye(2)])
+    >>> cond_linear_jvp({"routing": np.array([[0.0, 1.0]])}, np.array([[1.0, 2.0]]), experts,
+    ...                 np.array([[1.0, 0.5]]))
+    array([[2., 4.]])
+    """
+    fn = "cond_linear_jvp"
+    arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    _check_cond_linear(fn, x, experts, routing, bias, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return _cond_linear_jvp(tangents, x, experts, routing, bias, xp=xp)
+
+
 # ---------------------------------------------------------------- mixture of experts
 
 
@@ -378,6 +451,47 @@ def moe_cond_linear_vjp(cotangent: Any, x: Any, experts: Any, routing: Any,
     if bias is not None:
         grads["bias"] = xp.stack(bias_grads)
     return grads
+
+
+@public_op
+def moe_cond_linear_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing: Any,
+                        bias: Any = None) -> Any:
+    r"""Jacobian-vector product of :func:`moe_cond_linear`; arguments as :func:`cond_linear_jvp`.
+
+    Notes
+    -----
+    With :math:`y^{(e)} = x W_e^\top + \beta_e`, the product rule on
+    :math:`y = \sum_e \alpha_{:,e} \odot y^{(e)}` gives
+    :math:`\dot y = \sum_e \dot\alpha_{:,e}\odot y^{(e)} + \alpha_{:,e}\odot
+    (\dot x W_e^\top + x \dot W_e^\top + \dot\beta_e)`, one expert at a time.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import moe_cond_linear_jvp
+    >>> experts = np.stack([np.eye(2), 2 * np.eye(2)])
+    >>> moe_cond_linear_jvp({"x": np.array([[1.0, 0.0]])}, np.array([[1.0, 2.0]]), experts,
+    ...                     np.array([[1.0, 0.5]]))
+    array([[2., 0.]])
+    """
+    fn = "moe_cond_linear_jvp"
+    arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    _check_cond_linear(fn, x, experts, routing, bias, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    terms = []
+    for e in range(experts.shape[0]):
+        expert_tangent = affine_jvp(
+            tangents.get("x"), None if "experts" not in tangents else tangents["experts"][e, ...],
+            None if "bias" not in tangents else tangents["bias"][e, ...], x, experts[e, ...],
+            xp=xp)
+        if expert_tangent is not None:
+            terms.append(routing[:, e:e + 1] * expert_tangent)
+        if "routing" in tangents:
+            terms.append(tangents["routing"][:, e:e + 1]
+                         * _moe_expert_output(x, experts, bias, e, xp=xp))
+    return total(terms, (x.shape[0], experts.shape[1]), x, xp=xp)
 
 
 # ---------------------------------------------------------------- the layer
@@ -472,3 +586,36 @@ def cond_linear_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any]) -> 
     xp = namespace(fn, x=x, cotangent=cotangent, **p)
     _check_layer(fn, x, p, cotangent, xp=xp)
     return layer_vjp(cotangent, x, p, SIGMOID, _cond_linear_vjp, xp=xp)
+
+
+@public_op
+def cond_linear_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str, Any]) -> Any:
+    r"""Jacobian-vector product of :func:`cond_linear_layer`.
+
+    ``tangents`` maps any of ``"x"`` and the keys present in ``params`` (the
+    keys of :func:`cond_linear_layer_vjp`) to tangents of their arguments'
+    shapes; a missing key is a zero tangent.  Returns (B, F_out).
+
+    Notes
+    -----
+    The routing's tangent :math:`\dot\alpha = \sigma'(z)\odot(\dot x R^\top +
+    x\dot R^\top + \dot r)` (:func:`route_sigmoid_jvp` on a 2-D input), then
+    :func:`cond_linear_jvp` along :math:`(\dot x, \dot W, \dot\alpha, \dot\beta)`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import cond_linear_layer_jvp
+    >>> params = {"experts": np.stack([np.eye(2), 3 * np.eye(2)]),
+    ...           "route_weight": np.zeros((2, 2))}
+    >>> cond_linear_layer_jvp({"x": np.array([[1.0, 0.0]])}, np.array([[1.0, -1.0]]), params)
+    array([[2., 0.]])
+    """
+    fn = "cond_linear_layer_jvp"
+    p = layer_params(fn, params)
+    arrays = {"x": x, **p}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    _check_layer(fn, x, p, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_jvp(tangents, x, p, SIGMOID, _cond_linear_jvp, xp=xp)

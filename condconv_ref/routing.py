@@ -12,6 +12,7 @@ the routing math of :mod:`condconv_ref._routing` on the validated arrays.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -20,25 +21,33 @@ from condconv_ref._routing import (
     global_average_pool,
     routing_memory,
     sigmoid_routing,
+    sigmoid_routing_jvp,
     sigmoid_routing_vjp,
     softmax_routing,
+    softmax_routing_jvp,
     softmax_routing_vjp,
 )
+from condconv_ref._tangent import total
 from condconv_ref._validate import (
     check_ndim,
     check_nonempty,
     check_shape,
+    check_tangent_shapes,
     itemsize,
     namespace,
     public_op,
+    tangent_arrays,
+    tangent_names,
 )
 from condconv_ref.memory import check_memory
 
 __all__ = [
     "global_average_pool",
     "route_sigmoid",
+    "route_sigmoid_jvp",
     "route_sigmoid_vjp",
     "route_softmax",
+    "route_softmax_jvp",
     "route_softmax_vjp",
 ]
 
@@ -132,6 +141,57 @@ def route_sigmoid_vjp(cotangent: Any, x: Any, weight: Any, bias: Any = None) -> 
     xp = namespace("route_sigmoid_vjp", x=x, weight=weight, bias=bias, cotangent=cotangent)
     _check_route_sigmoid("route_sigmoid_vjp", x, weight, bias, cotangent, xp=xp)
     return sigmoid_routing_vjp(cotangent, x, weight, bias, xp=xp)
+
+
+@public_op
+def route_sigmoid_jvp(tangents: Mapping[str, Any], x: Any, weight: Any, bias: Any = None) -> Any:
+    r"""Jacobian-vector product of :func:`route_sigmoid`: the routing's derivative along ``tangents``.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"``, ``"weight"`` and (when ``bias`` is given) ``"bias"``,
+        the keys of :func:`route_sigmoid_vjp`, each with the shape of its
+        argument; a missing key is a zero tangent.
+    x, weight, bias
+        Exactly the arguments given to :func:`route_sigmoid`.
+
+    Returns
+    -------
+    array, shape (B, E)
+
+    Notes
+    -----
+    Pooling and the affine map are linear in each argument, so the logits'
+    tangent is :math:`\dot z = \mathrm{GAP}(\dot x) R^\top + \bar x \dot R^\top + \dot r`,
+    and the sigmoid acts elementwise:
+
+    .. math::
+
+        \dot\alpha = \sigma'(z) \odot \dot z,
+
+    with :math:`\sigma'(z) = e/(1+e)^2`, :math:`e = \exp(-|z|)`, the
+    overflow-free form the VJP uses.  The Jacobian of the sigmoid is
+    diagonal, so the VJP's :math:`\bar z = \bar\alpha\odot\sigma'(z)` is its
+    transpose, and transposing the affine map and the pooling gives the rest
+    of :func:`route_sigmoid_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import route_sigmoid_jvp
+    >>> route_sigmoid_jvp({"bias": np.ones(3)}, np.zeros((1, 2, 4, 4)), np.ones((3, 2)),
+    ...                   np.zeros(3))
+    array([[0.25, 0.25, 0.25]])
+    """
+    fn = "route_sigmoid_jvp"
+    arrays = {"x": x, "weight": weight, "bias": bias}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    _check_route_sigmoid(fn, x, weight, bias, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    tangent = sigmoid_routing_jvp(tangents, x, weight, bias, xp=xp)
+    return total([] if tangent is None else [tangent], (x.shape[0], weight.shape[0]), x, xp=xp)
 
 
 
@@ -254,3 +314,70 @@ def route_softmax_vjp(cotangent: Any, x: Any, fc1_weight: Any, fc2_weight: Any,
     forward = softmax_routing(x, fc1_weight, fc2_weight, fc1_bias, fc2_bias, temperature, xp=xp)
     return softmax_routing_vjp(cotangent, tuple(x.shape), fc1_weight, fc2_weight, fc1_bias,
                               fc2_bias, forward, temperature, xp=xp)
+
+
+@public_op
+def route_softmax_jvp(tangents: Mapping[str, Any], x: Any, fc1_weight: Any, fc2_weight: Any,
+                      fc1_bias: Any = None, fc2_bias: Any = None, *,
+                      temperature: float = 1.0) -> Any:
+    r"""Jacobian-vector product of :func:`route_softmax`: the routing's derivative along ``tangents``.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"``, ``"fc1_weight"``, ``"fc2_weight"`` and the biases
+        given, the keys of :func:`route_softmax_vjp`, each with the shape of
+        its argument; a missing key is a zero tangent.  :math:`T` has none.
+    x, fc1_weight, fc2_weight, fc1_bias, fc2_bias, temperature
+        Exactly the arguments given to :func:`route_softmax`.
+
+    Returns
+    -------
+    array, shape (B, E)
+
+    Notes
+    -----
+    Step by step through the forward, each linear step applied to the
+    tangents and each nonlinear one linearised at the forward's values:
+
+    .. math::
+
+        \dot u = \mathrm{GAP}(\dot x) W_1^\top + \bar x\dot W_1^\top + \dot b_1,\quad
+        \dot h = [u > 0] \odot \dot u,\quad
+        \dot z = \dot h W_2^\top + h \dot W_2^\top + \dot b_2,
+
+    .. math::
+
+        \dot\alpha = \alpha \odot (\dot z - \langle \dot z, \alpha\rangle) / T,
+
+    the softmax's Jacobian :math:`(\mathrm{diag}\,\alpha - \alpha\alpha^\top)/T`
+    applied to :math:`\dot z`.  That Jacobian is symmetric, so the same
+    function computes it as in the VJP, including its shift by the entry at
+    the largest weight (exact, as the rows sum to zero) that keeps a saturated
+    softmax accurate.  The ReLU's derivative at :math:`u = 0` is 0, as in the
+    VJP.  Transposing each step gives :func:`route_softmax_vjp`.
+
+    Examples
+    --------
+    A tangent shared by every logit leaves a softmax unchanged:
+
+    >>> import numpy as np
+    >>> from condconv_ref import route_softmax_jvp
+    >>> x, fc1, fc2 = np.ones((1, 2, 3)), np.ones((4, 2)), np.ones((3, 4))
+    >>> route_softmax_jvp({"fc2_bias": np.ones(3)}, x, fc1, fc2, fc2_bias=np.zeros(3))
+    array([[0., 0., 0.]])
+    >>> route_softmax_jvp({"fc2_bias": np.array([3.0, 0.0, 0.0])}, x, fc1, fc2,
+    ...                   fc2_bias=np.zeros(3))
+    array([[ 0.66666667, -0.33333333, -0.33333333]])
+    """
+    fn = "route_softmax_jvp"
+    arrays = {"x": x, "fc1_weight": fc1_weight, "fc2_weight": fc2_weight, "fc1_bias": fc1_bias,
+              "fc2_bias": fc2_bias}
+    tangents = tangent_arrays(fn, tangents, arrays)
+    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    temperature = check_softmax_routing(fn, x, fc1_weight, fc2_weight, fc1_bias, fc2_bias,
+                                        temperature, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    forward = softmax_routing(x, fc1_weight, fc2_weight, fc1_bias, fc2_bias, temperature, xp=xp)
+    tangent = softmax_routing_jvp(tangents, fc1_weight, fc2_weight, forward, temperature, xp=xp)
+    return total([] if tangent is None else [tangent], tuple(forward.routing.shape), x, xp=xp)

@@ -63,36 +63,51 @@ from condconv_ref._validate import ConvGeometry, conv_geometry
 from condconv_ref.backends import Backend, get_backend, to_numpy
 from condconv_ref.condconv import (
     condconv,
+    condconv_jvp,
     condconv_layer,
+    condconv_layer_jvp,
     condconv_layer_vjp,
     condconv_vjp,
     mix_experts,
+    mix_experts_jvp,
     mix_experts_vjp,
     moe_condconv,
+    moe_condconv_jvp,
     moe_condconv_vjp,
 )
-from condconv_ref.conv import conv, conv_vjp
+from condconv_ref.conv import conv, conv_jvp, conv_vjp
 from condconv_ref.depthwise import (
     depthwise_condconv,
+    depthwise_condconv_jvp,
     depthwise_condconv_layer,
+    depthwise_condconv_layer_jvp,
     depthwise_condconv_layer_vjp,
     depthwise_condconv_vjp,
 )
-from condconv_ref.dynamic import dynamic_conv_layer, dynamic_conv_layer_vjp
+from condconv_ref.dynamic import (
+    dynamic_conv_layer,
+    dynamic_conv_layer_jvp,
+    dynamic_conv_layer_vjp,
+)
 from condconv_ref.linear import (
     cond_linear,
+    cond_linear_jvp,
     cond_linear_layer,
+    cond_linear_layer_jvp,
     cond_linear_layer_vjp,
     cond_linear_vjp,
     moe_cond_linear,
+    moe_cond_linear_jvp,
     moe_cond_linear_vjp,
 )
 from condconv_ref._attention import BUFFERS, HEADS
 from condconv_ref.odconv import odconv_layer, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
+    route_sigmoid_jvp,
     route_sigmoid_vjp,
     route_softmax,
+    route_softmax_jvp,
     route_softmax_vjp,
 )
 
@@ -250,7 +265,9 @@ class Variant:
     ``depthwise`` that its configurations need ``groups == C``; ``linear``
     that it reads only B, C, O, E and ``bias`` of a configuration;
     ``temperature`` that it has a softmax temperature option; ``buffers`` names the
-    arrays it reads but does not differentiate (no gradient is returned for them).
+    arrays it reads but does not differentiate (no gradient is returned for them);
+    ``jvp`` is its Jacobian-vector product, ``jvp(tangents, <the op's arguments>)``, or
+    None where the library has none yet.
 
     Examples
     --------
@@ -271,6 +288,7 @@ class Variant:
     linear: bool = False
     temperature: bool = False
     buffers: tuple[str, ...] = ()
+    jvp: Callable[..., Any] | None = None
 
     @property
     def takes_values(self) -> bool:
@@ -778,27 +796,30 @@ def _build_odconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
 
 VARIANTS: Mapping[str, Variant] = {
     entry.name: entry for entry in [
-        Variant("conv", conv, conv_vjp, _build_conv),
-        Variant("mix_experts", mix_experts, mix_experts_vjp, _build_mix),
-        Variant("route_sigmoid", route_sigmoid, route_sigmoid_vjp, _build_route_sigmoid),
+        Variant("conv", conv, conv_vjp, _build_conv, jvp=conv_jvp),
+        Variant("mix_experts", mix_experts, mix_experts_vjp, _build_mix, jvp=mix_experts_jvp),
+        Variant("route_sigmoid", route_sigmoid, route_sigmoid_vjp, _build_route_sigmoid,
+                jvp=route_sigmoid_jvp),
         Variant("route_softmax", route_softmax, route_softmax_vjp, _build_route_softmax,
-                temperature=True),
-        Variant("condconv", condconv, condconv_vjp, _build_condconv),
-        Variant("moe_condconv", moe_condconv, moe_condconv_vjp, _build_condconv),
+                temperature=True, jvp=route_softmax_jvp),
+        Variant("condconv", condconv, condconv_vjp, _build_condconv, jvp=condconv_jvp),
+        Variant("moe_condconv", moe_condconv, moe_condconv_vjp, _build_condconv,
+                jvp=moe_condconv_jvp),
         Variant("condconv_layer", condconv_layer, condconv_layer_vjp, _build_condconv_layer,
-                layer=True),
+                layer=True, jvp=condconv_layer_jvp),
         Variant("depthwise_condconv", depthwise_condconv, depthwise_condconv_vjp,
-                _build_depthwise, depthwise=True),
+                _build_depthwise, depthwise=True, jvp=depthwise_condconv_jvp),
         Variant("depthwise_condconv_layer", depthwise_condconv_layer,
                 depthwise_condconv_layer_vjp, _build_depthwise_layer, layer=True,
-                depthwise=True),
-        Variant("cond_linear", cond_linear, cond_linear_vjp, _build_linear, linear=True),
+                depthwise=True, jvp=depthwise_condconv_layer_jvp),
+        Variant("cond_linear", cond_linear, cond_linear_vjp, _build_linear, linear=True,
+                jvp=cond_linear_jvp),
         Variant("moe_cond_linear", moe_cond_linear, moe_cond_linear_vjp, _build_linear,
-                linear=True),
+                linear=True, jvp=moe_cond_linear_jvp),
         Variant("cond_linear_layer", cond_linear_layer, cond_linear_layer_vjp,
-                _build_linear_layer, layer=True, linear=True),
+                _build_linear_layer, layer=True, linear=True, jvp=cond_linear_layer_jvp),
         Variant("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
-                _build_dynamic, layer=True, temperature=True),
+                _build_dynamic, layer=True, temperature=True, jvp=dynamic_conv_layer_jvp),
         Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
                 temperature=True, buffers=BUFFERS),
     ]

@@ -20,6 +20,15 @@ The kinds of check
     The dot-product identity :math:`\langle \mathrm{vjp}(c), t\rangle = \langle c, J t\rangle`
     with :func:`condconv_ref.engine.finite_difference_check`; :math:`J t` by
     central differences always in float64 (see *dtypes* below).
+``JVP transposes VJP``
+    The exact identity :math:`\langle c, \mathrm{jvp}(t)\rangle = \sum_k\langle
+    \mathrm{vjp}(c)_k, t_k\rangle`, both sides computed in the chosen dtype, with
+    :func:`condconv_ref.engine.transpose_check`: no difference is taken, so the
+    bound is the two sides' rounding alone.
+``JVP vs finite diff.``
+    :math:`\langle c, \mathrm{jvp}(t)\rangle = \langle c, Jt\rangle` with
+    :math:`Jt` by float64 central differences
+    (:func:`condconv_ref.engine.finite_difference_check`, ``mode="jvp"``).
 ``SciPy oracle``
     ``scipy.signal.correlate`` per example and channel
     (:func:`condconv_ref.testing.oracles.scipy_conv`), in float64; skipped, with
@@ -101,13 +110,14 @@ from condconv_ref.engine import (
     finite_difference_check,
     judge,
     rounded,
+    transpose_check,
     worst,
 )
 from condconv_ref.testing import ConvConfig
 from condconv_ref.testing._numerics import _check_kept
 from condconv_ref.testing.sampling import case_seed, draw_examples
 from condconv_ref.variants import Case as VariantCase
-from condconv_ref.variants import bind, build_case
+from condconv_ref.variants import VARIANTS, bind, build_case
 
 __all__ = [
     "CHECKS",
@@ -116,9 +126,11 @@ __all__ = [
     "FINITE_DIFFERENCES",
     "GROUPED",
     "GROUPED_VJP",
+    "JVP_FINITE_DIFFERENCES",
     "MOE",
     "MOE_VJP",
     "ORACLE",
+    "TRANSPOSE",
     "Case",
     "Check",
     "CheckSkipped",
@@ -133,6 +145,7 @@ __all__ = [
     "draw_cases",
     "dynamic_inputs",
     "equivalence_check",
+    "forward_mode_checks",
     "gradient_check",
     "linear_inputs",
     "linear_layer_inputs",
@@ -155,6 +168,8 @@ MOE_VJP = "MoE equivalence, VJP"
 GROUPED = "equals condconv groups=C"
 GROUPED_VJP = "equals condconv groups=C, VJP"
 FINITE_DIFFERENCES = "VJP vs finite diff."
+TRANSPOSE = "JVP transposes VJP"
+JVP_FINITE_DIFFERENCES = "JVP vs finite diff."
 ORACLE = "SciPy oracle"
 
 
@@ -525,6 +540,39 @@ def oracle_check(op: str, f: Callable[..., Any], inputs: Callable[[Case], Varian
     return Check(op, ORACLE, run)
 
 
+def forward_mode_checks(op: str, inputs: Callable[[Case], VariantCase]) -> list[Check]:
+    """The checks of ``op``'s reference JVP: the transpose identity with its VJP, and the
+    JVP against float64 finite differences of the forward.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> [(check.kind, check.run(case).passed)
+    ...  for check in verify.forward_mode_checks("condconv_layer", verify.condconv_layer_inputs)]
+    [('JVP transposes VJP', True), ('JVP vs finite diff.', True)]
+    """
+    entry = VARIANTS[op]
+
+    def transpose(case: Case) -> Measurement:
+        return transpose_check(inputs(case), case.dtype, case.backend,
+                               seed=case_seed(case.seed, 5), jvp=entry.jvp, vjp=entry.vjp)
+
+    def differences(case: Case) -> Measurement:
+        return finite_difference_check(inputs(case), case.dtype, case.backend,
+                                       seed=case_seed(case.seed, 5), forward=entry.forward,
+                                       jvp=entry.jvp, mode="jvp")
+
+    return [Check(op, TRANSPOSE, transpose), Check(op, JVP_FINITE_DIFFERENCES, differences)]
+
+
+
+
 # ---------------------------------------------------------------- the registry
 
 CHECKS: list[Check] = [
@@ -563,6 +611,9 @@ CHECKS: list[Check] = [
     gradient_check("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
                    dynamic_inputs),
     gradient_check("odconv_layer", odconv_layer, odconv_layer_vjp, odconv_inputs),
+    *(check for op, entry in VARIANTS.items() if entry.jvp is not None
+      for check in forward_mode_checks(op, _inputs(f"{op}_inputs", op,
+                                                   depthwise=entry.depthwise))),
 ]
 """Every check ``run`` performs, in table order.  A new op adds its rows here."""
 

@@ -288,8 +288,9 @@ LINEAR_CHECKS = [check for check in verify.CHECKS if check.op == "cond_linear"]
 @pytest.mark.parametrize("seed", [1, 9])
 def test_cond_linear_verify_rows_pass_at_the_seeds_that_failed(seed, dtype):
     """verify --cases 200 at seeds 1 and 9 reported false FAILs in the cond_linear rows."""
-    assert {check.kind for check in LINEAR_CHECKS} == {verify.MOE, verify.MOE_VJP,
-                                                       verify.FINITE_DIFFERENCES}
+    assert {check.kind for check in LINEAR_CHECKS} == {
+        verify.MOE, verify.MOE_VJP, verify.FINITE_DIFFERENCES, verify.TRANSPOSE,
+        verify.JVP_FINITE_DIFFERENCES}
     drawn = [replace(case, dtype=dtype) for case in _drawn(seed)]
     for check in LINEAR_CHECKS:
         for case in drawn:

@@ -54,7 +54,11 @@ CALLS = {
                                 "spatial_weight": (3, 2), "kernel_weight": (3, 2),
                                 "kernel_bias": (3,)}, {"batch_norm": "train"}),
 }
-PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS)])
+WITHOUT_JVP = {"odconv_layer"}
+"""Ops whose forward mode is still to be written (the open forward-mode work); every other
+op has a JVP, and a new op without one fails test_every_public_op_taking_arrays_is_counted."""
+PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS),
+                     *(name + "_jvp" for name in CALLS if name not in WITHOUT_JVP)])
 
 
 def test_every_public_op_taking_arrays_is_counted():
@@ -68,11 +72,13 @@ def test_every_public_op_taking_arrays_is_counted():
 
 @pytest.mark.parametrize("name", PUBLIC_OPS)
 def test_each_public_op_resolves_the_namespace_once(backend, name, monkeypatch):
-    op = name.removesuffix("_vjp")
+    op = name.removesuffix("_vjp").removesuffix("_jvp")
     shapes, param_shapes, options = CALLS[op]
     args = list(_arrays(backend, shapes).values())
     if param_shapes is not None:
         args.append(_arrays(backend, param_shapes))
+    if name.endswith("_jvp"):  # a tangent for every argument
+        args.insert(0, _arrays(backend, {**shapes, **(param_shapes or {})}))
     if name.endswith("_vjp"):
         output = getattr(condconv_ref, op)(*args, **options)
         args.insert(0, backend.asarray(np.ones(tuple(output.shape)), dtype="float64"))

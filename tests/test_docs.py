@@ -132,6 +132,18 @@ def test_every_vjp_has_a_derivation_page():
             f"derivation page(s) {pages_naming} missing from docs/derivations/index.rst")
 
 
+def test_every_jvp_has_a_derivation_page():
+    pages = {path.stem: path.read_text() for path in (DOCS / "derivations").glob("*.rst")}
+    index = pages.pop("index")
+    for name in _public_names("condconv_ref"):
+        if name.endswith("_jvp"):
+            pages_naming = [stem for stem, text in pages.items()
+                            if f":func:`condconv_ref.{name}`" in text]
+            assert pages_naming, f"no derivation page in docs/derivations names {name}"
+            assert all(f"\n   {stem}\n" in index for stem in pages_naming), (
+                f"derivation page(s) {pages_naming} missing from docs/derivations/index.rst")
+
+
 def _included_objects() -> list[tuple[Path, str, Path]]:
     """(page, object name, source file) for every ``literalinclude`` with ``:pyobject:``."""
     found = []
