@@ -101,7 +101,7 @@ from condconv_ref.linear import (
     moe_cond_linear_vjp,
 )
 from condconv_ref._attention import BUFFERS, HEADS
-from condconv_ref.odconv import odconv_layer, odconv_layer_vjp
+from condconv_ref.odconv import odconv_layer, odconv_layer_jvp, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_jvp,
@@ -821,7 +821,7 @@ VARIANTS: Mapping[str, Variant] = {
         Variant("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
                 _build_dynamic, layer=True, temperature=True, jvp=dynamic_conv_layer_jvp),
         Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
-                temperature=True, buffers=BUFFERS),
+                temperature=True, buffers=BUFFERS, jvp=odconv_layer_jvp),
     ]
 }
 """Every variant by name.  A new op adds one :class:`Variant` here."""
