@@ -140,6 +140,21 @@ def test_check_command_checks_the_jvp_unless_told_not_to(tmp_path, capsys):
     assert "condconv_layer (forward and VJP, float64, seed 0): PASSED after 5 examples" in out
 
 
+@pytest.mark.parametrize("factory, status, report", [
+    ("wrong_rule_layer", 1, "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED"),
+    ("layer", 0, "condconv_layer (forward, VJP and JVP, float64, seed 0): PASSED"),
+])
+def test_the_jvp_rule_how_to_catches_the_wrong_rule_and_passes_the_right_one(factory, status,
+                                                                             report, capsys):
+    script = EXAMPLES.parent / "docs" / "howto" / "check_jvp_rule.py"
+    assert main(["check", f"{script}:{factory}", "--variant", "condconv_layer",
+                 "--examples", "10"]) == status
+    out = capsys.readouterr().out
+    assert report in out
+    differing = re.findall(r"^  (\w[\w ']*?) (?:differs|has|raised)", out, flags=re.MULTILINE)
+    assert differing == (["jvp"] if status else [])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["check", "examples/condconv_torch.py", "--variant", "condconv"],
      "expected path/to/file.py:factory"),
