@@ -122,17 +122,12 @@ WITHOUT_JVP_RULE = textwrap.dedent('''
 ''')
 
 
-def test_check_command_checks_the_jvp_unless_told_not_to(tmp_path, capsys):
+def test_check_command_checks_the_jvp_unless_told_not_to(tmp_path, capsys, monkeypatch):
     path = tmp_path / "custom_routing.py"
     path.write_text(WITHOUT_JVP_RULE)
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        checked = main(["check", f"{path}:factory", "--variant", "condconv_layer",
-                        "--examples", "5"])
-        skipped = main(["check", f"{path}:factory", "--variant", "condconv_layer",
-                        "--examples", "5", "--no-jvp"])
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # where the layer imports its parent from
+    argv = ["check", f"{path}:factory", "--variant", "condconv_layer", "--examples", "5"]
+    checked, skipped = main(argv), main([*argv, "--no-jvp"])
     out = capsys.readouterr().out
     assert checked == 1 and skipped == 0
     assert "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED" in out
