@@ -160,6 +160,9 @@ def test_sigmoid_routing_is_finite_and_exact_for_extreme_logits(backend, dtype, 
 # alpha_0 ~ 2e-44 and its gradient ~3e-46: subnormal in float32, and the quotient by T
 # underflows after the division; the second row saturates below longdouble's epsilon.
 @example(logits=[0.0, 6440.0], temperature=64.0)
+# T grad_z ~ 3.5e-46 underflows to 0 in float32 before the division by T = e^-2: the exact
+# gradient 2.6e-45 comes out 0, two subnormal steps, inside one subnormal / T.
+@example(logits=[0.0, 1.401298464324817e-45], temperature=math.exp(-2.0))
 def test_softmax_routing_is_finite_and_exact_for_extreme_logits_and_temperatures(
         backend, dtype, logits, temperature):
     softmax_routing_matches_the_extended_precision_reference(backend, dtype, logits,
@@ -212,19 +215,24 @@ def softmax_routing_matches_the_extended_precision_reference(backend, dtype, log
     # relative error of about u eps, u = (max z - z) / T, and an alpha that underflows
     # into the subnormals an absolute one of up to the smallest subnormal.  With
     # a_e = alpha_e (1 + u_e) + subnormal / eps, the error of alpha_e in units of eps,
-    # |d grad_z_e| <~ eps (a_e (|c_e| + <|c|, alpha>) + alpha_e <a, |c|>) / T, plus one
-    # more smallest subnormal for the quotient by T, itself rounded into the subnormals
-    # after the division (so not divided by T).
+    # |d grad_z_e| <~ eps (a_e (|c_e| + <|c|, alpha>) + alpha_e <a, |c|>) / T.  The op forms
+    # T grad_z, takes its products with the weights, and divides by T last (so that tied
+    # saturated experts cannot overflow): T grad_z rounded into the subnormals errs by up to
+    # the smallest subnormal, and so does each product with a weight that lands there; the
+    # division by T magnifies both, hence one smallest subnormal / T before the products
+    # and one after (assert_matches_reference adds the final quotient's own rounding).
     condition = 1 + (z.max(axis=1, keepdims=True) - z) / temperature
     subnormal = np.finfo(dtype).smallest_subnormal / EPS[dtype]
     budget = alpha * condition + subnormal
     terms_z = (budget * (np.abs(cotangent) + (np.abs(cotangent) * alpha).sum(axis=1, keepdims=True))
                + alpha * (budget * np.abs(cotangent)).sum(axis=1, keepdims=True)) / temperature
-    terms_z = terms_z + subnormal
-    assert_matches_reference(grads["fc2_weight"], grad_z.T @ x, terms_z.T @ np.abs(x), dtype,
+    terms_z = terms_z + subnormal / temperature
+    assert_matches_reference(grads["fc2_weight"], grad_z.T @ x,
+                             terms_z.T @ np.abs(x) + subnormal / temperature, dtype,
                              "route_softmax_vjp fc2_weight")
     assert_matches_reference(grads["x"], (grad_z @ fc2_weight) * (x > 0),
-                             terms_z @ np.abs(fc2_weight), dtype, "route_softmax_vjp x")
+                             terms_z @ np.abs(fc2_weight) + subnormal / temperature, dtype,
+                             "route_softmax_vjp x")
 
 
 
