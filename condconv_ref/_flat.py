@@ -385,13 +385,15 @@ def _chunk_vjp_step_one(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
     gathered = xp.stack([cotangent[..., lead - offset - last:lead - offset + span]
                          for offset in flat.outer], axis=-2)  # (n, m, outer, span + last)
     per_axis = xp.reshape(filters, (rows, multiplier, len(flat.outer), len(flat.inner)))
-    x_row = x_flat[:, None, :, :span]  # (n, 1, 1, span)
+    x_column = xp.reshape(x_flat[..., :span], (rows, 1, span, 1))
     grad_filters, grad_padded = [], None
     for j, shift in enumerate(flat.inner):
         columns = gathered[..., last - shift:last - shift + span]  # (n, m, outer, span)
-        grad_filters.append(xp.reshape(x_row @ xp.matrix_transpose(columns),
-                                       (rows, multiplier, len(flat.outer))))
-        part = xp.sum(per_axis[:, :, None, :, j] @ columns, axis=1)  # (n, 1, span)
+        # (outer, span) @ (span, 1) per (row, filter): a matrix-vector product over rows
+        # of ``gathered``, which BLAS reads in place
+        grad_filters.append(xp.reshape(columns @ x_column, (rows, multiplier, len(flat.outer))))
+        part = per_axis[:, :, None, :, j] @ columns  # (n, m, 1, span)
+        part = part[:, 0, ...] if multiplier == 1 else xp.sum(part, axis=1)
         grad_padded = part if grad_padded is None else grad_padded + part
     grad_filters = xp.reshape(xp.stack(grad_filters, axis=-1), filters.shape)
     return grad_filters, xp.reshape(grad_padded, (rows, 1) + flat.padded)
