@@ -518,7 +518,7 @@ def _check(args: argparse.Namespace) -> int:
                                               seed=args.seed, raise_on_failure=False)
     saved = None
     if args.save_case is not None and report.case is not None:
-        saved = golden.save_case(args.save_case, report.case)
+        saved = golden.save_case(args.save_case, report.case, report.mismatches)
     _write_junit(args, "check", [_TestCase(
         f"condconv_ref.check.{args.variant}", args.target, "" if report.passed else str(report),
         seconds=report.seconds)])

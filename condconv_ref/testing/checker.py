@@ -68,6 +68,7 @@ __all__ = [
     "Implementation",
     "ImplementationMismatch",
     "Report",
+    "Unsupported",
     "check_case",
     "check_implementation",
     "load_implementation",
@@ -122,6 +123,12 @@ class Report:
     seconds : float
     note : str
         E.g. that the failure did not reproduce (a non-deterministic implementation).
+    declined : int
+        Cases the implementation declined by raising :class:`Unsupported`:
+        neither passed nor failed.  When it declines every case the check fails.
+    turned_away : int
+        Drawn cases that ``Supports.accepts`` turned away (not counted in
+        ``examples``), see :class:`~condconv_ref.testing.Supports`.
 
     Examples
     --------
@@ -148,13 +155,15 @@ class Report:
     seed: int = 0
     seconds: float = 0.0
     note: str = ""
+    declined: int = 0
+    turned_away: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The report as strict JSON values: the verdict, the figure, and the minimal
         failing case (its shapes, options and one-line description) with every mismatch."""
         record = jsonable({name: getattr(self, name) for name in (
             "variant", "dtype", "passed", "examples", "units", "where", "checked_vjp", "seed",
-            "seconds", "note")})
+            "seconds", "note", "declined", "turned_away")})
         record["mismatches"] = [mismatch.to_json() for mismatch in self.mismatches]
         record["case"] = None if self.case is None else {
             "description": self.case.describe(),
@@ -166,12 +175,13 @@ class Report:
         what = "forward and VJP" if self.checked_vjp else "forward"
         head = (f"check_implementation: {self.variant} ({what}, {self.dtype}, seed {self.seed}): "
                 f"{'PASSED' if self.passed else 'FAILED'} after {self.examples} examples "
-                f"in {self.seconds:.1f} s")
+                f"in {self.seconds:.1f} s" + _counts(self.declined, self.turned_away))
         if self.passed:
             return (f"{head}\n  largest error {self.units:.2g} x the bound, at {self.where}"
                     + (f"\n  {self.note}" if self.note else ""))
-        lines = [head, "minimal failing case:"]
+        lines = [head]
         if self.case is not None:
+            lines.append("minimal failing case:")
             lines.append("  " + ", ".join(f"{name} {shape}"
                                           for name, shape in self.case.shapes.items()))
             if self.case.options:
@@ -183,6 +193,14 @@ class Report:
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
+
+
+def _counts(declined: int, turned_away: int) -> str:
+    """``" (3 declined; 5 drawn cases outside supports)"``, or ``""``."""
+    parts = [f"{declined} declined"] * bool(declined)
+    parts += [f"{turned_away} drawn case{'s' * (turned_away != 1)} outside supports"] * bool(
+        turned_away)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 _SHOWN_VALUES = 8
@@ -218,6 +236,31 @@ class ImplementationMismatch(AssertionError):
         self.report = report
 
 
+class Unsupported(Exception):
+    """Raise it from ``forward`` or ``vjp`` to decline a case the implementation does not support.
+
+    The checker counts a declined case (:attr:`Report.declined`) and moves
+    on: it neither passes nor fails.  A check in which every case is declined
+    fails, since nothing was checked.  Declare what an implementation supports
+    with :class:`~condconv_ref.testing.Supports` where possible: a declined case
+    is drawn in vain.
+
+    Examples
+    --------
+    A layer without circular padding:
+
+    >>> from condconv_ref.testing import Unsupported, check_implementation
+    >>> from condconv_ref.variants import reference_forward
+    >>> def forward(case):
+    ...     if case.options["padding_mode"] == "circular":
+    ...         raise Unsupported("no circular padding")
+    ...     return reference_forward(case)
+    >>> report = check_implementation(forward, variant="condconv_layer", max_examples=30)
+    >>> report.passed, 0 < report.declined < report.examples
+    (True, True)
+    """
+
+
 class _CaseFailed(Exception):
     """Raised inside the hypothesis test for a failing case, so that hypothesis shrinks it."""
 
@@ -233,7 +276,7 @@ class _CaseFailed(Exception):
 def _raised(what: str, error: BaseException) -> Comparison:
     frame = traceback.extract_tb(error.__traceback__)[-1:]
     where = f" (at {frame[0].filename}:{frame[0].lineno})" if frame else ""
-    return Comparison(what, reason=f"raised {type(error).__name__}: {error}{where}")
+    return Comparison.raised(what, error, where)
 
 
 @dataclass
@@ -243,6 +286,9 @@ class _Search:
     dtype: str
     backend: Backend
     examples: int = 0
+    declined: int = 0
+    first_declined: str = ""
+    turned_away: int = 0
     failure: _CaseFailed | None = None
     passing: list[Comparison] = field(default_factory=list)
 
@@ -262,6 +308,8 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
         actual = implementation.forward(case)
     except MemoryBudgetError:
         raise
+    except Unsupported as error:
+        return _declined(search, "forward", error)
     except Exception as error:
         return [_raised("forward", error)]
     mismatches = _judged(actual, expected, search)
@@ -273,9 +321,20 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
         grads = implementation.vjp(case, _handed(cotangent, search.dtype))
     except MemoryBudgetError:
         raise
+    except Unsupported as error:
+        return mismatches or _declined(search, "vjp", error)
     except Exception as error:
         return mismatches + [_raised("vjp", error)]
     return mismatches + _judged(grads, expected_grads, search)
+
+
+def _declined(search: _Search, what: str, error: Unsupported) -> list[Comparison]:
+    """Count a case the implementation declined (no mismatch: the case is neither passed
+    nor failed) and keep the first reason."""
+    search.declined += 1
+    if not search.first_declined:
+        search.first_declined = Comparison.raised(what, error).reason
+    return []
 
 
 def _handed(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -472,10 +531,18 @@ def _finish(search: _Search, variant: str, implementation: Implementation, seed:
     when it failed and ``raise_on_failure``)."""
     failure = search.failure
     largest = max(search.passing, key=lambda c: c.units, default=None)
-    report = Report(variant, search.dtype, failure is None, search.examples,
-                    failure.case if failure else None, failure.mismatches if failure else (),
+    declined_all = failure is None and search.declined >= search.examples > 0
+    if declined_all:
+        note = (f"the implementation declined all {search.examples} cases, so nothing was "
+                f"checked (first: {search.first_declined})" + (f"; {note}" if note else ""))
+    report = Report(variant, search.dtype, failure is None and not declined_all,
+                    search.examples, failure.case if failure else None,
+                    failure.mismatches if failure else (),
                     largest.units if largest else 0.0, largest.where if largest else "",
-                    implementation.vjp is not None, seed, seconds, note)
+                    implementation.vjp is not None, seed, seconds, note, search.declined,
+                    search.turned_away)
+    if declined_all and raise_on_failure:
+        raise ImplementationMismatch(report)
     if failure is not None and raise_on_failure:
         raise ImplementationMismatch(report)
     return report
