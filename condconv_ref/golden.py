@@ -625,11 +625,20 @@ def _manifest(variants: list[str], cases: int, seed: int, dtype: str, supports: 
         "variants": variants,
         "cases_per_variant": cases,
         "generator": {"numpy": np.__version__, "hypothesis": hypothesis.__version__,
-                      "supports": _to_json(asdict(supports))},
+                      "supports": _to_json(_supports_record(supports))},
         "cases": records,
     }
     manifest["checksum"] = _manifest_checksum(manifest)
     return manifest
+
+
+def _supports_record(supports: Supports) -> dict[str, Any]:
+    """The fields of ``supports`` as data: ``excludes`` by its name (a function is no data)."""
+    record = asdict(supports)
+    excludes = record.pop("excludes")
+    record["excludes"] = None if excludes is None else getattr(excludes, "__qualname__",
+                                                               repr(excludes))
+    return record
 
 
 _FLAT_LIST = re.compile(r"\[(?:[^\[\]{}\"]|\"[^\"]*\"|\[[^\[\]{}\"]*\])*\]")

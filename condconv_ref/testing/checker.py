@@ -289,6 +289,8 @@ class _Search:
     declined: int = 0
     first_declined: str = ""
     turned_away: int = 0
+    kept: int = 0
+    last_turned_away: str = ""
     failure: _CaseFailed | None = None
     passing: list[Comparison] = field(default_factory=list)
 
@@ -501,7 +503,7 @@ def check_implementation(
               report_multiple_bugs=False, print_blob=False,
               suppress_health_check=list(HealthCheck))
     @hypothesis_seed(seed)
-    @given(cases(variant, implementation.supports, xp=np,
+    @given(cases(variant, _counting(implementation.supports, search), xp=np,
                  dtype="float32" if dtype == "bfloat16" else dtype).map(
         lambda case: _in_dtype(case, dtype)))
     def run(case: Case) -> None:
@@ -521,8 +523,40 @@ def check_implementation(
         note = "the failure did not reproduce when replayed: is the implementation deterministic?"
     except Unsatisfiable:
         raise ValueError("check_implementation: supports admit no valid case") from None
+    except _Starved:
+        pass  # hypothesis may report it as a flaky failure instead: checked below
+    if search.kept == 0 and search.turned_away >= _STARVED:
+        raise ValueError(f"check_implementation: supports admit no valid case: excludes "
+                         f"turned away all of the first {_STARVED} cases drawn (the last: "
+                         f"{search.last_turned_away})")
     return _finish(search, variant, implementation, seed, time.perf_counter() - started, note,
                    raise_on_failure)
+
+
+_STARVED = 200
+"""Drawn cases ``Supports.excludes`` may turn away, none kept, before the check gives up."""
+
+
+class _Starved(Exception):
+    """Raised while drawing when ``Supports.excludes`` has turned away every case so far."""
+
+
+def _counting(supports: Supports | None, search: _Search) -> Supports | None:
+    """``supports`` whose ``excludes`` counts the cases it turns away in ``search``."""
+    if supports is None or supports.excludes is None:
+        return supports
+    excludes = supports.excludes
+
+    def counted(case: Case) -> str | None:
+        reason = excludes(case)
+        search.turned_away += bool(reason)
+        search.kept += not reason
+        search.last_turned_away = reason or search.last_turned_away
+        if search.kept == 0 and search.turned_away >= _STARVED:
+            raise _Starved(reason)
+        return reason
+
+    return dataclasses.replace(supports, excludes=counted)
 
 
 def _finish(search: _Search, variant: str, implementation: Implementation, seed: int,
