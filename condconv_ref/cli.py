@@ -43,7 +43,7 @@ from condconv_ref.accuracy import jsonable
 from condconv_ref.engine import Row
 from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing import Supports, checker
-from condconv_ref.variants import VARIANTS
+from condconv_ref.variants import LAYER_VARIANTS, VARIANTS
 
 __all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_INTERNAL", "EXIT_PASSED", "EXIT_USAGE",
            "SUBCOMMANDS", "USER_ERRORS", "add_check", "add_golden", "add_gpu_check", "add_verify",
@@ -479,9 +479,8 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("target", metavar="FILE.py:FACTORY",
                         help="the file defining the factory, and the factory's name")
     parser.add_argument("--variant", required=True, choices=sorted(VARIANTS), metavar="VARIANT",
-                        help="the variant implemented: condconv, condconv_layer, "
-                             "depthwise_condconv_layer, cond_linear_layer, dynamic_conv_layer, "
-                             "odconv_layer (or a raw op of condconv_ref.variants)")
+                        help=f"the variant implemented: {', '.join(LAYER_VARIANTS)} (or a raw op "
+                             f"of condconv_ref.variants)")
     parser.add_argument("--examples", type=_int_at_least(1), default=100, metavar="N",
                         help="random cases before declaring a pass (default: %(default)s)")
     parser.add_argument("--dtype", choices=checker.DTYPES, default="float64",

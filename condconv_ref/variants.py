@@ -13,11 +13,13 @@ in golden vectors, and in :func:`condconv_ref.testing.check_implementation`.
 
 Variants
 --------
-``condconv``, ``condconv_layer``, ``depthwise_condconv_layer``,
-``cond_linear_layer``, ``dynamic_conv_layer``, ``odconv_layer`` are the layers users check; the
-raw ops ``conv``, ``mix_experts``, ``route_sigmoid``, ``route_softmax``,
-``moe_condconv``, ``depthwise_condconv``, ``cond_linear`` and
-``moe_cond_linear`` are there for the library's own checks.
+``condconv`` and ``depthwise_condconv`` (external routing weights, as the
+convolutions of an EfficientNet-CondConv block take them), ``condconv_layer``,
+``depthwise_condconv_layer``, ``cond_linear_layer``, ``dynamic_conv_layer``,
+``odconv_layer`` are the layers users check (:data:`LAYER_VARIANTS`); the raw
+ops ``conv``, ``mix_experts``, ``route_sigmoid``, ``route_softmax``,
+``moe_condconv``, ``cond_linear`` and ``moe_cond_linear`` are there for the
+library's own checks.
 
 A *layer* variant is called as ``op(x, params, **options)`` with every array
 but ``x`` in ``params``; the others as ``op(**arrays, **options)``.  The
@@ -856,7 +858,7 @@ VARIANTS: Mapping[str, Variant] = {
 }
 """Every variant by name.  A new op adds one :class:`Variant` here."""
 
-LAYER_VARIANTS = ("condconv", "condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
-                  "dynamic_conv_layer", "odconv_layer")
+LAYER_VARIANTS = ("condconv", "condconv_layer", "depthwise_condconv", "depthwise_condconv_layer",
+                  "cond_linear_layer", "dynamic_conv_layer", "odconv_layer")
 """The variants users check their implementations against
 (:func:`condconv_ref.testing.check_implementation`)."""

@@ -271,3 +271,23 @@ def test_a_configured_hidden_width_is_built_and_checked_against_supports():
     case = build_case("dynamic_conv_layer", config)
     assert case.arrays["fc1_weight"].shape == (3, 2) and case.arrays["fc2_weight"].shape == (3, 3)
     assert unsupported(case, Supports(max_hidden=2)) == ["hidden width 3 > max_hidden=2"]
+
+
+# ---------------------------------------------------------------- every checked variant is named
+
+
+def test_depthwise_condconv_with_external_routing_is_a_variant_users_check(capsys):
+    from condconv_ref.cli import main
+    from condconv_ref.variants import LAYER_VARIANTS
+
+    assert "depthwise_condconv" in LAYER_VARIANTS
+    try:
+        main(["check", "--help"])
+    except SystemExit:
+        pass
+    usage = " ".join(capsys.readouterr().out.split())
+    named, _, raw = usage.partition("(or a raw op")
+    assert "depthwise_condconv," in named and "depthwise_condconv_layer" in named
+    report = check_implementation(reference_forward, vjp=reference_vjp,
+                                  variant="depthwise_condconv", max_examples=5)
+    assert report.passed and report.checked_vjp

@@ -402,9 +402,10 @@ def check_implementation(
         :class:`Implementation` bundling ``forward``, ``vjp`` and ``supports``
         (the keyword arguments, when given, take precedence).
     variant : str
-        One of ``condconv`` (external routing weights), ``condconv_layer``,
+        One of :data:`condconv_ref.variants.LAYER_VARIANTS`: ``condconv`` and
+        ``depthwise_condconv`` (external routing weights), ``condconv_layer``,
         ``depthwise_condconv_layer``, ``cond_linear_layer``,
-        ``dynamic_conv_layer``; or any other key of
+        ``dynamic_conv_layer``, ``odconv_layer``; or any other key of
         :data:`condconv_ref.variants.VARIANTS`.
     vjp : callable, optional
         ``vjp(case, cotangent) -> {name: gradient}``; checked when given.

@@ -117,7 +117,7 @@ def conv_configs(
     depthwise: bool = False,
     bias: bool | None = None,
     optional: Mapping[str, bool | None] | None = None,
-    max_hidden: int = 4,
+    max_hidden: int | None = None,
 ) -> ConvConfig:
     """Strategy of valid :class:`ConvConfig` objects.
 
@@ -153,8 +153,10 @@ def conv_configs(
     optional : mapping of str to bool or None, optional
         Switches of single optional arrays (names from ``OPTIONAL_ARRAYS``):
         forced to the value, or drawn when None; the others follow ``bias``.
-    max_hidden : int
-        Upper bound on ``config.hidden``, the routing MLP's hidden width (drawn from 1).
+    max_hidden : int, optional
+        Upper bound on ``config.hidden``, the routing MLP's hidden width, drawn
+        from 1 (:func:`cases` always draws it); None leaves ``config.hidden``
+        None, for the seed to choose.
 
     Returns
     -------
@@ -188,7 +190,7 @@ def conv_configs(
     has_bias = draw(st.booleans()) if bias is None else bool(bias)
     switches = tuple((name, draw(st.booleans()) if fixed is None else bool(fixed))
                      for name, fixed in sorted((optional or {}).items()))
-    hidden = draw(st.integers(1, max_hidden))
+    hidden = None if max_hidden is None else draw(st.integers(1, max_hidden))
 
     kernel = draw(st.tuples(*[st.integers(1, max_kernel)] * nd))
     stride = draw(st.tuples(*[st.integers(1, max_stride)] * nd))
