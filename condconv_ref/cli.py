@@ -319,7 +319,10 @@ def _progress_bar() -> Progress:
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
 
 
-_SUPPORTS_FIELDS = {field.name: field.default for field in dataclasses.fields(Supports)}
+_SUPPORTS_FIELDS = {field.name: field.default for field in dataclasses.fields(Supports)
+                    if isinstance(field.default, (int, tuple))}
+"""The fields ``--supports`` sets: the limits and choices (not the per-array switches of
+``optional`` nor the ``excludes`` function, which a ``--supports-of`` factory carries)."""
 
 
 def _supports_field(text: str) -> tuple[str, Any]:
