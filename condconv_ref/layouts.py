@@ -47,7 +47,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from condconv_ref._validate import any_array, check_ndim, check_positive_int, check_shape, namespace
+from condconv_ref._validate import (
+    any_array,
+    check_ndim,
+    check_positive_int,
+    check_shape,
+    namespace,
+)
 
 __all__ = [
     "from_tf_flat_depthwise_experts",

@@ -659,6 +659,29 @@ def check_case(
                    "", raise_on_failure)
 
 
+# ---------------------------------------------------------------- the adapters' mapping
+
+
+def parameter_mapping(fn: str, parameters: Mapping[str, Any],
+                      target: str) -> dict[str, tuple[str, Callable[..., Any] | None]]:
+    """An adapter's ``parameters`` as ``{array name: (target name, converter or None)}``.
+
+    Each value is ``target`` (e.g. a module parameter's name) or a ``(name,
+    converter)`` pair; anything else is a ``TypeError`` naming ``fn``.
+    """
+    mapping: dict[str, tuple[str, Callable[..., Any] | None]] = {}
+    for name, given in parameters.items():
+        if isinstance(given, str):
+            mapping[name] = (given, None)
+        elif (isinstance(given, tuple) and len(given) == 2 and isinstance(given[0], str)
+              and callable(given[1])):
+            mapping[name] = given
+        else:
+            raise TypeError(f"{fn}: parameters[{name!r}] must be {target} or a (name, "
+                            f"converter) pair, got {given!r}")
+    return mapping
+
+
 # ---------------------------------------------------------------- implementations in files
 
 
