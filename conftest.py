@@ -5,9 +5,8 @@ that needs it is marked ``torch``, like the torch backend's tests in
 ``tests/conftest.py``, and skipped with a reason when torch is not installed,
 instead of failing with ``ModuleNotFoundError``; so is one that imports TensorFlow
 or Keras (the ``tensorflow`` extra) when TensorFlow is not installed.  A doctest
-needs torch when one
-of its examples imports torch, or when it is listed in ``TORCH_DOCTESTS``
-(examples that reach torch through the library, which raises
+needs torch when one of its examples imports torch, or when it is listed in
+``TORCH_DOCTESTS`` (examples that reach torch through the library, which raises
 ``BackendUnavailable`` without it).
 """
 
