@@ -5,7 +5,7 @@ or batch statistics, ReLU) and :func:`heads` (a sigmoid per channel, filter and
 spatial head, a softmax over the experts, each at temperature T) compute the
 attentions of :func:`condconv_ref.odconv_layer`; :func:`attended_conv` is the
 convolution they scale, multilinear in ``x``, the experts and each attention,
-run by the convolution engine.  Each function sits beside its VJP.
+run by the convolution engine.  Each function sits beside its VJP and its JVP.
 :data:`ODCONV_KEYS` names the layer's params (name -> required).
 """
 
@@ -16,9 +16,10 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from condconv_ref._conv_engine import run_conv, run_conv_vjp
-from condconv_ref._mixing import mix, mix_vjp
+from condconv_ref._mixing import mix, mix_jvp, mix_vjp
 from condconv_ref._routing import (
     affine,
+    affine_jvp,
     affine_vjp,
     global_average_pool,
     global_average_pool_vjp,
@@ -26,6 +27,7 @@ from condconv_ref._routing import (
     stable_softmax,
     stable_softmax_vjp,
 )
+from condconv_ref._tangent import added, conv_tangent
 from condconv_ref._validate import ConvGeometry
 
 __all__ = [
@@ -35,12 +37,16 @@ __all__ = [
     "ODCONV_KEYS",
     "Trunk",
     "attended_conv",
+    "attended_conv_jvp",
     "attended_conv_vjp",
+    "batch_norm_jvp",
     "batch_norm_vjp",
     "heads",
+    "heads_jvp",
     "heads_vjp",
     "shaped_attentions",
     "trunk",
+    "trunk_jvp",
     "trunk_vjp",
 ]
 
@@ -116,11 +122,47 @@ def batch_norm_vjp(grad_output: Any, forward: Trunk, bn_weight: Any, *, train: b
     grad_weight = xp.sum(grad_output * forward.normalized, axis=0)
     grad_bias = xp.sum(grad_output, axis=0)
     grad_normalized = grad_output if bn_weight is None else grad_output * bn_weight
+    return normalizing_jacobian(grad_normalized, forward, train=train, xp=xp), grad_weight, grad_bias
+
+
+def normalizing_jacobian(vector: Any, forward: Trunk, *, train: bool, xp: ModuleType) -> Any:
+    r"""The Jacobian of :math:`\hat a = (a - \mu) r` for :math:`a`, applied to ``vector``
+    (B, A): :math:`r v` in eval mode, and in train mode
+    :math:`r\big(v - \frac1B\sum_b v_b - \hat a\,\frac1B\sum_b v_b \hat a_b\big)` per
+    feature (:func:`batch_norm_vjp` derives it).  The Jacobian is symmetric, so the VJP and
+    the JVP both apply it."""
     if train:
-        grad_normalized = (grad_normalized - xp.mean(grad_normalized, axis=0, keepdims=True)
-                           - forward.normalized * xp.mean(grad_normalized * forward.normalized,
-                                                          axis=0, keepdims=True))
-    return grad_normalized * forward.inverse_std, grad_weight, grad_bias
+        vector = (vector - xp.mean(vector, axis=0, keepdims=True)
+                  - forward.normalized * xp.mean(vector * forward.normalized, axis=0,
+                                                 keepdims=True))
+    return vector * forward.inverse_std
+
+
+def batch_norm_jvp(tangents: Mapping[str, Any], preactivation_tangent: Any, forward: Trunk,
+                   bn_weight: Any, *, train: bool, xp: ModuleType) -> Any:
+    r"""The tangent of the batch norm's output :math:`z = \gamma \hat a + \beta` along the
+    input's tangent :math:`\dot a` (``None``: zero) and ``tangents["bn_weight"]``,
+    ``tangents["bn_bias"]`` (absent: zero); ``None`` when no tangent is given.
+
+    :math:`\dot z = \gamma \dot{\hat a} + \dot\gamma \hat a + \dot\beta`.  In eval mode
+    :math:`\dot{\hat a} = r \dot a`.  In train mode :math:`\dot\mu = \overline{\dot a}`
+    (the mean over the batch), :math:`\dot{\sigma^2} = 2\,\overline{(a - \mu)\dot a}`,
+    so :math:`\dot r = -\tfrac12 r^3 \dot{\sigma^2} = -r\,\overline{\hat a \dot a}`
+    and :math:`\dot{\hat a} = r(\dot a - \dot\mu) + (a - \mu)\dot r
+    = r\big(\dot a - \overline{\dot a} - \hat a\,\overline{\hat a \dot a}\big)`:
+    the same symmetric matrix the VJP applies (:func:`normalizing_jacobian`).
+    """
+    terms = []
+    if preactivation_tangent is not None:
+        normalized = normalizing_jacobian(preactivation_tangent, forward, train=train, xp=xp)
+        terms.append(normalized if bn_weight is None else normalized * bn_weight)
+    if tangents.get("bn_weight") is not None:
+        terms.append(forward.normalized * tangents["bn_weight"])
+    if tangents.get("bn_bias") is not None:
+        terms.append(xp.broadcast_to(tangents["bn_bias"], tuple(forward.normalized.shape)))
+    return added(terms)
+
+
 
 
 def trunk_vjp(grad_hidden: Any, x_shape: tuple[int, ...], p: dict[str, Any], forward: Trunk, *,
@@ -136,6 +178,26 @@ def trunk_vjp(grad_hidden: Any, x_shape: tuple[int, ...], p: dict[str, Any], for
     if p["bn_bias"] is not None:
         grads["bn_bias"] = grad_bn_bias
     return grads
+
+
+def trunk_jvp(tangents: Mapping[str, Any], p: dict[str, Any], forward: Trunk, *, train: bool,
+              xp: ModuleType) -> Any:
+    r"""The tangent of :func:`trunk`'s ``hidden`` along ``tangents`` (any of ``"x"``,
+    ``"fc_weight"``, ``"bn_weight"``, ``"bn_bias"``); ``None`` when none reaches it.
+
+    :math:`\dot{\bar x} = \mathrm{GAP}(\dot x)`, :math:`\dot a = \dot{\bar x} W_\mathrm{fc}^\top
+    + \bar x \dot W_\mathrm{fc}^\top`, the batch norm's tangent (:func:`batch_norm_jvp`),
+    then the ReLU's: :math:`\dot h = \dot z` where :math:`z > 0`, else 0.
+    """
+    x_tangent = tangents.get("x")
+    pooled_tangent = None if x_tangent is None else global_average_pool(x_tangent, xp=xp)
+    pre_tangent = affine_jvp(pooled_tangent, tangents.get("fc_weight"), None, forward.pooled,
+                             p["fc_weight"], xp=xp)
+    output_tangent = batch_norm_jvp(tangents, pre_tangent, forward, p["bn_weight"], train=train,
+                                    xp=xp)
+    if output_tangent is None:
+        return None
+    return xp.where(forward.activation_input <= 0, 0.0, output_tangent)
 
 
 # ---------------------------------------------------------------- the four heads
@@ -181,6 +243,33 @@ def heads_vjp(grads: Mapping[str, Any], hidden: Any, p: dict[str, Any],
     return grad_hidden, params
 
 
+def heads_jvp(hidden_tangent: Any, tangents: Mapping[str, Any], hidden: Any,
+              p: dict[str, Any], attentions: Mapping[str, Any], *, temperature: float,
+              xp: ModuleType) -> dict[str, Any]:
+    r"""The tangents of the attentions (flat (B, N)) along ``hidden_tangent`` (``None``: zero)
+    and the heads' ``tangents`` (``"<head>_weight"``, ``"<head>_bias"``); a head no tangent
+    reaches is left out.
+
+    The logits' tangent :math:`\dot l = \dot h W^\top + h \dot W^\top + \dot b`; a sigmoid
+    head has :math:`\dot\alpha = \sigma'(l/T)\,\dot l / T`, the kernel head the softmax's
+    Jacobian :math:`(\mathrm{diag}\,\alpha - \alpha\alpha^\top)/T`, symmetric, so applied
+    by :func:`~condconv_ref._routing.stable_softmax_vjp` (then divided by :math:`T`).
+    """
+    result = {}
+    for head, alpha in attentions.items():
+        weight, bias = p[f"{head}_weight"], p[f"{head}_bias"]
+        logits_tangent = affine_jvp(hidden_tangent, tangents.get(f"{head}_weight"),
+                                    tangents.get(f"{head}_bias"), hidden, weight, xp=xp)
+        if logits_tangent is None:
+            continue
+        if head == "kernel":
+            result[head] = stable_softmax_vjp(logits_tangent, alpha, xp=xp) / temperature
+        else:
+            slope = stable_sigmoid(affine(hidden, weight, bias, xp=xp) / temperature, xp=xp)[1]
+            result[head] = slope * logits_tangent / temperature
+    return result
+
+
 # ---------------------------------------------------------------- the attended convolution
 
 
@@ -199,9 +288,12 @@ def _kernel(experts: Any, attentions: Mapping[str, Any], *, xp: ModuleType) -> t
         mixture = xp.sum(experts, axis=0)
     if "spatial" not in attentions:
         return mixture, mixture
-    spatial = attentions["spatial"]
-    shape = (spatial.shape[0], 1, 1) + tuple(spatial.shape[1:])
-    return xp.reshape(spatial, shape) * mixture, mixture
+    return _spread(attentions["spatial"], xp=xp) * mixture, mixture
+
+
+def _spread(spatial: Any, *, xp: ModuleType) -> Any:
+    """A spatial attention (B, \\*k) shaped (B, 1, 1, \\*k) to scale kernels (B, O, C/g, \\*k)."""
+    return xp.reshape(spatial, (spatial.shape[0], 1, 1) + tuple(spatial.shape[1:]))
 
 
 def attended_conv(x: Any, experts: Any, attentions: Mapping[str, Any], geometry: ConvGeometry,
@@ -251,8 +343,7 @@ def attended_conv_vjp(cotangent: Any, x: Any, experts: Any, attentions: Mapping[
     if "spatial" in attentions:
         spatial = attentions["spatial"]
         grads["spatial"] = xp.sum(grad_kernel * mixture, axis=(1, 2))
-        grad_mixture = grad_kernel * xp.reshape(spatial,
-                                                (spatial.shape[0], 1, 1) + tuple(spatial.shape[1:]))
+        grad_mixture = grad_kernel * _spread(spatial, xp=xp)
         if mixture.ndim != grad_mixture.ndim:
             grad_mixture = xp.sum(grad_mixture, axis=0)
     if "kernel" in attentions:
@@ -264,6 +355,54 @@ def attended_conv_vjp(cotangent: Any, x: Any, experts: Any, attentions: Mapping[
         grads["experts"] = xp.asarray(xp.broadcast_to(shared[None, ...], tuple(experts.shape)),
                                       copy=True)
     return grads
+
+
+def attended_conv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any,
+                      attentions: Mapping[str, Any], geometry: ConvGeometry, *,
+                      xp: ModuleType) -> Any:
+    r"""The tangent of :func:`attended_conv` along ``tangents`` (any of ``"x"``, ``"experts"``
+    and the heads in ``attentions``, shaped like them).
+
+    The product rule through each multilinear step:
+    :math:`\dot M = \sum_e (\dot\alpha_{k,e} W_e + \alpha_{k,e} \dot W_e)`,
+    :math:`\dot K = \dot\alpha_s \odot M + \alpha_s \odot \dot M`,
+    :math:`\dot{\tilde x} = \dot\alpha_c \odot x + \alpha_c \odot \dot x`,
+    :math:`\dot u = \dot K \ast \tilde x + K \ast \dot{\tilde x}`
+    (:func:`~condconv_ref._tangent.conv_tangent`) and
+    :math:`\dot y = \dot\alpha_f \odot u + \alpha_f \odot \dot u`.
+    """
+    kernel, mixture = _kernel(experts, attentions, xp=xp)
+    if "kernel" in attentions:
+        mixture_tangent = mix_jvp(tangents.get("kernel"), tangents.get("experts"),
+                                  attentions["kernel"], experts, xp=xp)
+    else:
+        mixture_tangent = (None if "experts" not in tangents
+                           else xp.sum(tangents["experts"], axis=0))
+    kernel_tangent = mixture_tangent
+    if "spatial" in attentions:
+        terms = ([] if mixture_tangent is None
+                 else [_spread(attentions["spatial"], xp=xp) * mixture_tangent])
+        if "spatial" in tangents:
+            terms.append(_spread(tangents["spatial"], xp=xp) * mixture)
+        kernel_tangent = added(terms)
+    channel = attentions.get("channel")
+    scaled = x if channel is None else x * _along(channel, x.ndim, xp=xp)
+    terms = []
+    if "x" in tangents:
+        terms.append(tangents["x"] if channel is None
+                     else tangents["x"] * _along(channel, x.ndim, xp=xp))
+    if "channel" in tangents:
+        terms.append(x * _along(tangents["channel"], x.ndim, xp=xp))
+    conv_tangents = {"kernel": kernel_tangent, "x": added(terms)}
+    output_tangent = conv_tangent({name: t for name, t in conv_tangents.items() if t is not None},
+                                  scaled, kernel, geometry, xp=xp)
+    if "filter" not in attentions:
+        return output_tangent
+    result = output_tangent * _along(attentions["filter"], output_tangent.ndim, xp=xp)
+    if "filter" in tangents:
+        output = run_conv(scaled, kernel, None, geometry, xp=xp)
+        result = result + output * _along(tangents["filter"], output.ndim, xp=xp)
+    return result
 
 
 def shaped_attentions(attentions: Mapping[str, Any], experts: Any, *,

@@ -351,7 +351,6 @@ def _chunk_vjp(x_flat: Any, grad_y: Any, filters: Any, flat: _Flat, *,
     gradient :math:`M^\top \bar Y` is scatter-added back; a factor that is not
     finite has its gaps zeroed first (:func:`_without_gaps`).
     """
-    rows = filters.shape[0]
     x_finite, filters_finite = finite
     if flat.step == 1 and x_finite and filters_finite:
         return _chunk_vjp_step_one(x_flat, grad_y, filters, flat, xp=xp)

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from condconv_ref._conv_engine import conv_memory
-from condconv_ref._tangent import conv_tangent
+from condconv_ref._tangent import added, conv_tangent
 from condconv_ref._validate import (
     ConvGeometry,
     ConvOptions,
@@ -78,9 +78,7 @@ def mix_jvp(routing_tangent: Any, experts_tangent: Any, routing: Any, experts: A
         terms.append(mix(routing_tangent, experts, xp=xp))
     if experts_tangent is not None:
         terms.append(mix(routing, experts_tangent, xp=xp))
-    if not terms:
-        return None
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return added(terms)
 
 
 def mixed(experts: Any, routing: Any, bias: Any, *, xp: ModuleType) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from condconv_ref._matmul import matmul
+from condconv_ref._tangent import added
 from condconv_ref._validate import (
     check_finite_positive,
     check_ndim,
@@ -209,12 +210,7 @@ def affine_jvp(inputs_tangent: Any, weight_tangent: Any, bias_tangent: Any, inpu
         terms.append(matmul(inputs, xp.matrix_transpose(weight_tangent), xp=xp))
     if bias_tangent is not None:
         terms.append(xp.broadcast_to(bias_tangent, (inputs.shape[0], weight.shape[0])))
-    if not terms:
-        return None
-    result = terms[0]
-    for term in terms[1:]:
-        result = result + term
-    return result
+    return added(terms)
 
 
 def affine_vjp(grad_outputs: Any, inputs: Any, weight: Any, *,

@@ -424,32 +424,39 @@ def _odconv_forward_scale(case: Any, arrays: dict[str, np.ndarray], dtype: Any) 
                                    case.geometry))
 
 
+def _normalizing_jacobian_scale(od: _ODConv, vector: np.ndarray, vector_scale: np.ndarray,
+                                train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`condconv_ref._attention.normalizing_jacobian` applied to an inexact ``vector``
+    (B, A): the value and its scale.  The Jacobian is symmetric: the VJP and the JVP share it."""
+    normalized, inverse_std = od.trunk.normalized, od.trunk.inverse_std
+    if train:
+        mean = vector.mean(axis=0, keepdims=True)
+        mean_scale = (vector_scale + np.abs(vector)).mean(axis=0, keepdims=True)
+        moment = (vector * normalized).mean(axis=0, keepdims=True)
+        moment_scale = (vector_scale * np.abs(normalized) + np.abs(vector) * od.normalized_scale
+                        + np.abs(vector * normalized)).mean(axis=0, keepdims=True)
+        vector_scale = (vector_scale + mean_scale + od.normalized_scale * np.abs(moment)
+                        + np.abs(normalized) * moment_scale + np.abs(vector) + np.abs(mean)
+                        + np.abs(normalized * moment))
+        vector = vector - mean - normalized * moment
+    result = vector * inverse_std
+    return result, (vector_scale * inverse_std + np.abs(vector) * od.inverse_std_scale
+                    + np.abs(result))
+
+
 def _batch_norm_vjp_scales(od: _ODConv, grad: np.ndarray, grad_scale: np.ndarray, train: bool
                            ) -> dict[str, np.ndarray]:
     """Scales of the batch norm's gradients for its input, ``bn_weight`` and ``bn_bias``, at
     an inexact ``grad`` of its output (the derivation is in
     :func:`condconv_ref.odconv.batch_norm_vjp`)."""
-    p, normalized, inverse_std = od.p, od.trunk.normalized, od.trunk.inverse_std
-    weight = np.ones_like(inverse_std) if p["bn_weight"] is None else p["bn_weight"]
+    p, normalized = od.p, od.trunk.normalized
+    weight = np.ones_like(od.trunk.inverse_std) if p["bn_weight"] is None else p["bn_weight"]
     scales = {"bn_weight": (grad_scale * np.abs(normalized) + np.abs(grad) * od.normalized_scale
                             + np.abs(grad * normalized)).sum(axis=0),
               "bn_bias": (grad_scale + np.abs(grad)).sum(axis=0)}
     g = grad * weight
-    g_scale = grad_scale * np.abs(weight) + np.abs(g)
-    if train:
-        mean = g.mean(axis=0, keepdims=True)
-        mean_scale = (g_scale + np.abs(g)).mean(axis=0, keepdims=True)
-        moment = (g * normalized).mean(axis=0, keepdims=True)
-        moment_scale = (g_scale * np.abs(normalized) + np.abs(g) * od.normalized_scale
-                        + np.abs(g * normalized)).mean(axis=0, keepdims=True)
-        g_scale = (g_scale + mean_scale + od.normalized_scale * np.abs(moment)
-                   + np.abs(normalized) * moment_scale + np.abs(g) + np.abs(mean)
-                   + np.abs(normalized * moment))
-        g = g - mean - normalized * moment
-    result = g * inverse_std
-    scales["input"] = (g_scale * inverse_std + np.abs(g) * od.inverse_std_scale
-                       + np.abs(result))
-    scales["input value"] = result
+    scales["input value"], scales["input"] = _normalizing_jacobian_scale(
+        od, g, grad_scale * np.abs(weight) + np.abs(g), train)
     return scales
 
 
@@ -502,6 +509,57 @@ def _odconv_vjp_scale(case: Any, arrays: dict[str, np.ndarray], c: np.ndarray,
     scales["x"] = (np.asarray(through["x"]) + _pool_vjp_scale(od.pool, grad_pool, fc["inputs"])
                    + np.abs(grad_x))
     return scales
+
+
+def _odconv_jvp_scale(case: Any, arrays: dict[str, np.ndarray], given: dict[str, np.ndarray],
+                      dtype: Any) -> np.ndarray:
+    """The trunk's and the heads' tangents with the first-order rule, as for the routings,
+    then the attended convolution's JVP on absolute values, each attention at
+    :math:`|\\alpha| + s_\\alpha` and each attention's tangent at
+    :math:`|\\dot\\alpha| + s_{\\dot\\alpha}`."""
+    od = _odconv(arrays, case.options, _floor(dtype))
+    temperature, p = case.options["temperature"], od.p
+    train = case.options.get("batch_norm", "eval") == "train"
+
+    def tangent(name: str) -> np.ndarray:
+        return given.get(name, np.zeros(arrays[name].shape))
+
+    moved = _pool(tangent("x"), pooled=True)
+    pre, pre_scale = _affine_tangent(od.pool.value, od.pool.scale, moved.value, moved.scale,
+                                     p["fc_weight"], tangent("fc_weight"),
+                                     np.zeros(p["fc_weight"].shape[0]))
+    normalized, normalized_scale = _normalizing_jacobian_scale(od, pre, pre_scale, train)
+    weight = np.ones_like(normalized[0]) if p["bn_weight"] is None else p["bn_weight"]
+    weight_tangent = np.abs(given.get("bn_weight", np.zeros_like(weight)))
+    output = (weight * normalized + given.get("bn_weight", 0.0) * od.trunk.normalized
+              + given.get("bn_bias", 0.0))
+    output_scale = (np.abs(weight) * (normalized_scale + np.abs(normalized))
+                    + weight_tangent * (od.normalized_scale + np.abs(od.trunk.normalized))
+                    + np.abs(given.get("bn_bias", 0.0)) + np.abs(output))
+    active = od.trunk.activation_input > 0  # ReLU is 1-Lipschitz and exact
+    hidden, hidden_scale = output * active, output_scale * active
+    attentions = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
+    tangents = {"x": np.abs(tangent("x")), "experts": np.abs(tangent("experts"))}
+    for head, alpha in od.attentions.items():
+        head_weight = p[f"{head}_weight"]
+        logits, logits_scale = _affine_tangent(
+            od.trunk.hidden, od.hidden_scale, hidden, hidden_scale, head_weight,
+            tangent(f"{head}_weight"), given.get(f"{head}_bias", np.zeros(head_weight.shape[0])))
+        if head == "kernel":
+            value, scale = _softmax_vjp(alpha, od.scales[head], logits, logits_scale, temperature)
+        else:
+            value, scale = _sigmoid_vjp(alpha, od.scales[head], od.slopes[head], logits,
+                                        logits_scale)
+            value, scale = value / temperature, scale / temperature + np.abs(value / temperature)
+        tangents[head] = np.abs(value) + scale
+    from condconv_ref._attention import attended_conv_jvp, shaped_attentions
+
+    xp = _numpy()
+    experts = np.abs(arrays["experts"])
+    return np.asarray(attended_conv_jvp(shaped_attentions(tangents, experts, xp=xp),
+                                        np.abs(arrays["x"]), experts,
+                                        shaped_attentions(attentions, experts, xp=xp),
+                                        case.geometry, xp=xp))
 
 
 # ---------------------------------------------------------------- the scales
@@ -655,7 +713,8 @@ def jvp_scale(case: Any, tangents: Any, dtype: Any = "float64") -> np.ndarray:
     (:func:`_affine_tangent`; the sigmoid's and the softmax's Jacobians as
     their VJPs apply them, which they equal).  Layers: the op's JVP on
     absolute values, with :math:`|\\alpha| + s_\\alpha` as the routing and
-    :math:`|\\dot\\alpha| + s_{\\dot\\alpha}` as its tangent.
+    :math:`|\\dot\\alpha| + s_{\\dot\\alpha}` as its tangent; ODConv the same through its
+    trunk (the batch norm's Jacobian as its VJP applies it) and its four heads.
 
     Examples
     --------
@@ -677,6 +736,8 @@ def jvp_scale(case: Any, tangents: Any, dtype: Any = "float64") -> np.ndarray:
     if case.variant in MULTILINEAR:
         return np.asarray(_call_jvp(case.variant, _absolute(given), _absolute(arrays),
                                     case.options))
+    if case.variant == "odconv_layer":
+        return _odconv_jvp_scale(case, arrays, given, dtype)
     if case.variant not in _LAYERS and case.variant not in _ROUTING_VARIANTS:
         raise ValueError(f"jvp_scale: no scale for variant {case.variant!r}")
     routing = _routing(case.variant, arrays, case.options, _floor(dtype))

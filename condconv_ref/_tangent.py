@@ -11,7 +11,8 @@ arguments of :math:`f` with that one argument replaced by its tangent:
     \dot y = \sum_j f(a_1, \ldots, \dot a_j, \ldots).
 
 :func:`total` adds such terms (absent tangents contribute nothing, and an
-output with no term is an exact zero); :func:`conv_tangent` is the rule for
+output with no term is an exact zero; :func:`added` leaves it ``None`` for the
+next step to skip); :func:`conv_tangent` is the rule for
 a convolution, each of whose terms the convolution engine
 (:mod:`condconv_ref._conv_engine`) runs.
 """
@@ -26,7 +27,7 @@ import array_api_compat
 from condconv_ref._conv_engine import run_conv
 from condconv_ref._validate import ConvGeometry
 
-__all__ = ["bias_term", "conv_tangent", "total"]
+__all__ = ["added", "bias_term", "conv_tangent", "total"]
 
 
 def total(terms: list[Any], shape: tuple[int, ...], like: Any, *, xp: ModuleType) -> Any:
@@ -34,6 +35,16 @@ def total(terms: list[Any], shape: tuple[int, ...], like: Any, *, xp: ModuleType
     dtype and on the device of ``like``; zeros when there is no term."""
     result = xp.zeros(shape, dtype=like.dtype, device=array_api_compat.device(like))
     for term in terms:
+        result = result + term
+    return result
+
+
+def added(terms: list[Any]) -> Any:
+    """The sum of ``terms``, or ``None`` (a zero tangent) when there is none."""
+    if not terms:
+        return None
+    result = terms[0]
+    for term in terms[1:]:
         result = result + term
     return result
 

@@ -48,6 +48,7 @@ __all__ = [
     "spatial_tuple",
     "tangent_arrays",
     "tangent_names",
+    "tangent_namespace",
     "widened_elements",
 ]
 
@@ -179,6 +180,14 @@ def tangent_arrays(fn: str, tangents: Any, arrays: Mapping[str, Any]) -> dict[st
 def tangent_names(tangents: Mapping[str, Any]) -> dict[str, Any]:
     """``tangents`` keyed ``tangents['x']`` etc., the names :func:`namespace` reports."""
     return {f"tangents[{name!r}]": t for name, t in tangents.items()}
+
+
+def tangent_namespace(fn: str, tangents: Any, arrays: Mapping[str, Any]
+                      ) -> tuple[dict[str, Any], ModuleType]:
+    """A JVP's tangents checked against its ``arrays`` (:func:`tangent_arrays`), and the one
+    namespace of the arrays and the tangents together (:func:`namespace`)."""
+    tangents = tangent_arrays(fn, tangents, arrays)
+    return tangents, namespace(fn, **arrays, **tangent_names(tangents))
 
 
 def check_tangent_shapes(fn: str, tangents: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:

@@ -46,8 +46,7 @@ from condconv_ref._validate import (
     itemsize,
     namespace,
     public_op,
-    tangent_arrays,
-    tangent_names,
+    tangent_namespace,
 )
 from condconv_ref.memory import check_memory
 
@@ -167,8 +166,7 @@ def mix_experts_jvp(tangents: Mapping[str, Any], routing: Any, experts: Any) -> 
     """
     fn = "mix_experts_jvp"
     arrays = {"routing": routing, "experts": experts}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, routing=routing, experts=experts, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     _check_mix(fn, routing, experts, xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     mixed = mix_jvp(tangents.get("routing"), tangents.get("experts"), routing, experts, xp=xp)
@@ -324,8 +322,7 @@ def condconv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing: Any
     """
     fn = "condconv_jvp"
     arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     geometry = check_condconv(fn, x, experts, routing, bias,
                               ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
@@ -464,8 +461,7 @@ def moe_condconv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing:
     """
     fn = "moe_condconv_jvp"
     arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     geometry = check_condconv(fn, x, experts, routing, bias,
                               ConvOptions(stride, padding, dilation, groups, padding_mode),
                               xp=xp, memory=moe_memory)
@@ -613,8 +609,7 @@ def condconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str,
     fn = "condconv_layer_jvp"
     p = layer_params(fn, params)
     arrays = {"x": x, **p}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     geometry = _check_layer(fn, x, p, ConvOptions(stride, padding, dilation, groups, padding_mode),
                             xp=xp)
     check_tangent_shapes(fn, tangents, arrays)

@@ -28,8 +28,7 @@ from condconv_ref._validate import (
     kernel_layout,
     namespace,
     public_op,
-    tangent_arrays,
-    tangent_names,
+    tangent_namespace,
 )
 from condconv_ref.memory import check_memory
 
@@ -223,8 +222,7 @@ def conv_jvp(tangents: Mapping[str, Any], x: Any, kernel: Any, bias: Any = None,
     array([[[3., 3., 3.]]])
     """
     fn = "conv_jvp"
-    tangents = tangent_arrays(fn, tangents, {"x": x, "kernel": kernel, "bias": bias})
-    xp = namespace(fn, x=x, kernel=kernel, bias=bias, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, {"x": x, "kernel": kernel, "bias": bias})
     geometry = _check_conv(fn, x, kernel, bias,
                            ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
     check_tangent_shapes(fn, tangents, {"x": x, "kernel": kernel, "bias": bias})

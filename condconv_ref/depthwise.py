@@ -46,8 +46,7 @@ from condconv_ref._validate import (
     kernel_layout,
     namespace,
     public_op,
-    tangent_arrays,
-    tangent_names,
+    tangent_namespace,
 )
 
 __all__ = [
@@ -269,8 +268,7 @@ def depthwise_condconv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, ro
     """
     fn = "depthwise_condconv_jvp"
     arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     geometry = _check_depthwise(fn, x, experts, routing, bias, depth_multiplier,
                                 ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
                                 xp=xp)
@@ -400,8 +398,7 @@ def depthwise_condconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Ma
     fn = "depthwise_condconv_layer_jvp"
     p = layer_params(fn, params)
     arrays = {"x": x, **p}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     check_sigmoid_router(fn, x, p)
     geometry = _check_depthwise(fn, x, p["experts"], None, p["bias"], depth_multiplier,
                                 ConvOptions(stride, padding, dilation, padding_mode=padding_mode),

@@ -39,8 +39,7 @@ from condconv_ref._validate import (
     kernel_layout,
     namespace,
     public_op,
-    tangent_arrays,
-    tangent_names,
+    tangent_namespace,
 )
 
 __all__ = ["dynamic_conv_layer", "dynamic_conv_layer_jvp", "dynamic_conv_layer_vjp",
@@ -244,8 +243,7 @@ def dynamic_conv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[
     fn = "dynamic_conv_layer_jvp"
     p = layer_params(fn, params, _DYNAMIC_KEYS)
     arrays = {"x": x, **p}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     geometry, temperature = _check_dynamic(
         fn, x, p, temperature, ConvOptions(stride, padding, dilation, groups, padding_mode), xp=xp)
     check_tangent_shapes(fn, tangents, arrays)

@@ -79,22 +79,27 @@ from condconv_ref.accuracy import (
     Comparison,
     bound,
     compare_all,
-    Comparison,
-    bound,
-    compare_all,
     exact_bound,
     gamma,
     jsonable,
     real_host,
 )
 from condconv_ref.backends import Backend, get_backend, to_numpy
-from condconv_ref.variants import VARIANTS, Case, bind, reference_forward, reference_vjp
+from condconv_ref.variants import (
+    VARIANTS,
+    Case,
+    bind,
+    reference_forward,
+    reference_jvp,
+    reference_vjp,
+)
 
 __all__ = [
     "Expected",
     "Measurement",
     "Row",
     "expected_forward",
+    "expected_jvp",
     "expected_vjp",
     "finite_difference_check",
     "judge",
@@ -280,6 +285,14 @@ def expected_vjp(case: Case, cotangent: Any, backend: str | Backend | None = Non
              for name, g in reference_vjp(case, cotangent, backend).items()}
     return Expected(value, _scales.vjp_scale(case, cotangent, dtype),
                     _scales.depth(case, vjp=True))
+
+
+def expected_jvp(case: Case, tangents: Mapping[str, Any], backend: str | Backend | None = None,
+                 dtype: Any = "float64") -> Expected:
+    """The reference JVP of ``case`` along ``tangents`` in float64, and the scale and depth of
+    a computation of it in ``dtype``."""
+    value = np.asarray(to_numpy(reference_jvp(case, tangents, backend)), dtype=np.float64)
+    return Expected(value, _scales.jvp_scale(case, tangents, dtype), _scales.jvp_depth(case))
 
 
 def judge(actual: Any, expected: Expected, dtype: Any,

@@ -51,8 +51,7 @@ from condconv_ref._validate import (
     itemsize,
     namespace,
     public_op,
-    tangent_arrays,
-    tangent_names,
+    tangent_namespace,
 )
 from condconv_ref.memory import check_memory
 
@@ -365,8 +364,7 @@ def cond_linear_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routing: 
     """
     fn = "cond_linear_jvp"
     arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     _check_cond_linear(fn, x, experts, routing, bias, xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     return _cond_linear_jvp(tangents, x, experts, routing, bias, xp=xp)
@@ -476,8 +474,7 @@ def moe_cond_linear_jvp(tangents: Mapping[str, Any], x: Any, experts: Any, routi
     """
     fn = "moe_cond_linear_jvp"
     arrays = {"x": x, "experts": experts, "routing": routing, "bias": bias}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     _check_cond_linear(fn, x, experts, routing, bias, xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     terms = []
@@ -614,8 +611,7 @@ def cond_linear_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[s
     fn = "cond_linear_layer_jvp"
     p = layer_params(fn, params)
     arrays = {"x": x, **p}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, x=x, **p, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     _check_layer(fn, x, p, xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     return layer_jvp(tangents, x, p, SIGMOID, _cond_linear_jvp, xp=xp)

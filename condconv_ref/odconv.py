@@ -34,11 +34,14 @@ from condconv_ref._attention import (
     ODCONV_KEYS,
     Trunk,
     attended_conv,
+    attended_conv_jvp,
     attended_conv_vjp,
     heads,
+    heads_jvp,
     heads_vjp,
     shaped_attentions,
     trunk,
+    trunk_jvp,
     trunk_vjp,
 )
 from condconv_ref._layer import layer_params
@@ -50,11 +53,14 @@ from condconv_ref._validate import (
     check_ndim,
     check_nonempty,
     check_shape,
+    check_tangent_shapes,
     namespace,
     public_op,
+    tangent_arrays,
+    tangent_names,
 )
 
-__all__ = ["odconv_layer", "odconv_layer_vjp"]
+__all__ = ["odconv_layer", "odconv_layer_jvp", "odconv_layer_vjp"]
 
 # ---------------------------------------------------------------- validation
 
@@ -118,10 +124,22 @@ class _Call(NamedTuple):
 
 
 def _check_odconv(fn: str, x: Any, params: Any, temperature: Any, batch_norm: Any, bn_eps: Any,
-                  options: ConvOptions, cotangent: Any = None) -> tuple[_Call, ModuleType]:
-    """Validate an :func:`odconv_layer` (``cotangent``: its VJP) call, resolving the namespace."""
+                  options: ConvOptions, cotangent: Any = None, tangents: Any = None
+                  ) -> tuple[_Call, ModuleType, dict[str, Any]]:
+    """Validate an :func:`odconv_layer` call (``cotangent``: its VJP's; ``tangents``: its
+    JVP's), resolving the namespace; return the call, ``xp`` and the tangents by name."""
     p = layer_params(fn, params, ODCONV_KEYS)
-    xp = namespace(fn, x=x, **p, cotangent=cotangent)
+    given: dict[str, Any] = {}
+    if tangents is not None:
+        buffers = sorted(name for name in BUFFERS if isinstance(tangents, Mapping)
+                         and tangents.get(name) is not None)
+        if buffers:
+            raise ValueError(f"{fn}: tangents has {buffers}, the batch norm's running "
+                             "statistics, which are buffers and take no tangent; expected "
+                             "tangents for x and the other params only")
+        given = tangent_arrays(fn, tangents, {"x": x, **{name: a for name, a in p.items()
+                                                          if name not in BUFFERS}})
+    xp = namespace(fn, x=x, **p, cotangent=cotangent, **tangent_names(given))
     check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
     check_ndim(fn, "fc_weight", p["fc_weight"], 2, "(A, C)")
     width = p["fc_weight"].shape[0]
@@ -136,7 +154,8 @@ def _check_odconv(fn: str, x: Any, params: Any, temperature: Any, batch_norm: An
                                 "spatial": (taps, "prod(k)"), "kernel": (n_experts, "E")})
     train, eps = _check_batch_norm(fn, x, p, width, batch_norm, bn_eps, xp=xp)
     check_nonempty(fn, **p)
-    return _Call(p, geometry, temperature, train, eps), xp
+    check_tangent_shapes(fn, given, {"x": x, **p})
+    return _Call(p, geometry, temperature, train, eps), xp, given
 
 
 def _attentions(x: Any, call: _Call, *, xp: ModuleType) -> tuple[Trunk, dict[str, Any]]:
@@ -225,8 +244,8 @@ def odconv_layer(x: Any, params: Mapping[str, Any], *, temperature: float = 1.0,
     (2, 5, 6, 6)
     """
     fn = "odconv_layer"
-    call, xp = _check_odconv(fn, x, params, temperature, batch_norm, bn_eps,
-                             ConvOptions(stride, padding, dilation, groups, padding_mode))
+    call, xp, _ = _check_odconv(fn, x, params, temperature, batch_norm, bn_eps,
+                                ConvOptions(stride, padding, dilation, groups, padding_mode))
     _, attentions = _attentions(x, call, xp=xp)
     experts = call.p["experts"]
     return attended_conv(x, experts, shaped_attentions(attentions, experts, xp=xp),
@@ -258,7 +277,8 @@ def odconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
     (:func:`batch_norm_vjp`: in train mode each example's gradient involves the
     whole batch), the fc layer and the pooling add the trunk's share of
     :math:`\bar x`.  :math:`T` and :math:`\epsilon` are hyper-parameters and are
-    not differentiated.
+    not differentiated.  The JVP, :func:`odconv_layer_jvp`, runs the same chain
+    forwards.
 
     Examples
     --------
@@ -272,9 +292,9 @@ def odconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
     ['bn_bias', 'experts', 'fc_weight', 'filter_weight', 'x']
     """
     fn = "odconv_layer_vjp"
-    call, xp = _check_odconv(fn, x, params, temperature, batch_norm, bn_eps,
-                             ConvOptions(stride, padding, dilation, groups, padding_mode),
-                             cotangent)
+    call, xp, _ = _check_odconv(fn, x, params, temperature, batch_norm, bn_eps,
+                                ConvOptions(stride, padding, dilation, groups, padding_mode),
+                                cotangent)
     p = call.p
     forward, attentions = _attentions(x, call, xp=xp)
     shaped = shaped_attentions(attentions, p["experts"], xp=xp)
@@ -286,3 +306,84 @@ def odconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
     trunk_grads = trunk_vjp(grad_hidden, tuple(x.shape), p, forward, train=call.train, xp=xp)
     return {**trunk_grads, **head_grads, "x": conv_grads["x"] + trunk_grads["x"],
             "experts": conv_grads["experts"]}
+
+
+@public_op
+def odconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str, Any], *,
+                     temperature: float = 1.0, batch_norm: str = "eval", bn_eps: float = 1e-5,
+                     stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                     padding_mode: str = "zeros") -> Any:
+    r"""Jacobian-vector product of :func:`odconv_layer`.
+
+    Parameters
+    ----------
+    tangents : mapping
+        Any of ``"x"`` and the keys present in ``params`` except the running
+        statistics (the keys of :func:`odconv_layer_vjp`), each with the shape
+        of its argument; a missing key is a zero tangent.  ``bn_running_mean``
+        and ``bn_running_var`` are buffers: a tangent for them is an error.
+    x, params, temperature, batch_norm, bn_eps, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`odconv_layer`.
+
+    Returns
+    -------
+    array, shape (B, O, \*out)
+
+    Notes
+    -----
+    The chain of :func:`odconv_layer_vjp`, run forwards.  The trunk:
+    :math:`\dot a = \mathrm{GAP}(\dot x) W_\mathrm{fc}^\top + \mathrm{GAP}(x)
+    \dot W_\mathrm{fc}^\top`; the batch norm
+    :math:`\dot z = \gamma \dot{\hat a} + \dot\gamma \hat a + \dot\beta` with
+    :math:`\dot{\hat a} = r \dot a` in eval mode and, in train mode, where the batch's
+    :math:`\mu` and :math:`r = (\sigma^2 + \epsilon)^{-1/2}` move with every example,
+    :math:`\dot{\hat a} = r\big(\dot a - \overline{\dot a}
+    - \hat a\,\overline{\hat a \dot a}\big)` (bars: means over the batch); the ReLU
+    :math:`\dot h = \dot z` where :math:`z > 0`, else 0.  Each head's logits
+    :math:`\dot l_\ast = \dot h W_\ast^\top + h \dot W_\ast^\top + \dot b_\ast`, and
+    its attention's tangent :math:`\dot\alpha_\ast = \sigma'(l_\ast/T)\,\dot l_\ast/T`
+    (sigmoid heads) or :math:`\alpha_k \odot (\dot l_k - \langle \dot l_k,
+    \alpha_k\rangle)/T` (the kernel head).  Then the product rule through the
+    attended convolution, multilinear in :math:`x`, :math:`W` and the four attentions:
+
+    .. math::
+
+        \dot y_b = \dot\alpha_{f,b} \odot u_b + \alpha_{f,b} \odot
+                   \big(\dot K_b \ast \tilde x_b + K_b \ast \dot{\tilde x}_b\big),
+
+    with :math:`\dot K_b = \dot\alpha_{s,b} \odot M_b + \alpha_{s,b} \odot
+    \sum_e(\dot\alpha_{k,be} W_e + \alpha_{k,be} \dot W_e)` and
+    :math:`\dot{\tilde x}_b = \dot\alpha_{c,b} \odot x_b + \alpha_{c,b} \odot
+    \dot x_b`.  ``x`` reaches the tangent through the convolution and through
+    the trunk.  Every step is the transpose of the VJP's: the batch norm's
+    Jacobian is symmetric, and so is the softmax's.
+
+    Examples
+    --------
+    Moving ``bn_bias`` moves every attention's logits, so the output:
+
+    >>> import numpy as np
+    >>> from condconv_ref import odconv_layer_jvp
+    >>> params = {"experts": np.ones((2, 1, 1, 3)), "fc_weight": np.ones((2, 1)),
+    ...           "bn_bias": np.ones(2), "filter_weight": np.ones((1, 2))}
+    >>> x = np.arange(8.0).reshape(2, 1, 4)
+    >>> tangent = odconv_layer_jvp({"bn_bias": np.ones(2)}, x, params, batch_norm="train")
+    >>> tangent.shape
+    (2, 1, 2)
+    >>> odconv_layer_jvp({}, x, params, batch_norm="train").tolist()
+    [[[0.0, 0.0]], [[0.0, 0.0]]]
+    """
+    fn = "odconv_layer_jvp"
+    call, xp, given = _check_odconv(fn, x, params, temperature, batch_norm, bn_eps,
+                                    ConvOptions(stride, padding, dilation, groups, padding_mode),
+                                    tangents=tangents)
+    p, experts = call.p, call.p["experts"]
+    forward, attentions = _attentions(x, call, xp=xp)
+    hidden_tangent = trunk_jvp(given, p, forward, train=call.train, xp=xp)
+    attention_tangents = heads_jvp(hidden_tangent, given, forward.hidden, p, attentions,
+                                   temperature=call.temperature, xp=xp)
+    conv_tangents = {name: given[name] for name in ("x", "experts") if name in given}
+    conv_tangents.update(shaped_attentions(attention_tangents, experts, xp=xp))
+    return attended_conv_jvp(conv_tangents, x, experts, shaped_attentions(attentions, experts,
+                                                                          xp=xp),
+                             call.geometry, xp=xp)

@@ -36,8 +36,7 @@ from condconv_ref._validate import (
     itemsize,
     namespace,
     public_op,
-    tangent_arrays,
-    tangent_names,
+    tangent_namespace,
 )
 from condconv_ref.memory import check_memory
 
@@ -186,8 +185,7 @@ def route_sigmoid_jvp(tangents: Mapping[str, Any], x: Any, weight: Any, bias: An
     """
     fn = "route_sigmoid_jvp"
     arrays = {"x": x, "weight": weight, "bias": bias}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     _check_route_sigmoid(fn, x, weight, bias, xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     tangent = sigmoid_routing_jvp(tangents, x, weight, bias, xp=xp)
@@ -373,8 +371,7 @@ def route_softmax_jvp(tangents: Mapping[str, Any], x: Any, fc1_weight: Any, fc2_
     fn = "route_softmax_jvp"
     arrays = {"x": x, "fc1_weight": fc1_weight, "fc2_weight": fc2_weight, "fc1_bias": fc1_bias,
               "fc2_bias": fc2_bias}
-    tangents = tangent_arrays(fn, tangents, arrays)
-    xp = namespace(fn, **arrays, **tangent_names(tangents))
+    tangents, xp = tangent_namespace(fn, tangents, arrays)
     temperature = check_softmax_routing(fn, x, fc1_weight, fc2_weight, fc1_bias, fc2_bias,
                                         temperature, xp=xp)
     check_tangent_shapes(fn, tangents, arrays)

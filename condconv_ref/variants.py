@@ -103,7 +103,7 @@ from condconv_ref.linear import (
     moe_cond_linear_vjp,
 )
 from condconv_ref._attention import BUFFERS, HEADS
-from condconv_ref.odconv import odconv_layer, odconv_layer_vjp
+from condconv_ref.odconv import odconv_layer, odconv_layer_jvp, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_jvp,
@@ -123,6 +123,7 @@ __all__ = [
     "bind",
     "build_case",
     "reference_forward",
+    "reference_jvp",
     "reference_vjp",
     "unsupported",
 ]
@@ -251,6 +252,14 @@ class Case:
         and the GPU check all use it, so one case gets one cotangent everywhere."""
         return _rng(self.seed, _COTANGENT_STREAM).standard_normal(shape).astype(dtype)
 
+    def tangents(self, dtype: str = "float64") -> dict[str, np.ndarray]:
+        """The case's fixed tangents, one per :attr:`differentiable` array (not the buffers):
+        standard normal draws from the case's own stream, rounded to ``dtype``.  The checker
+        hands them to an implementation's ``jvp``."""
+        rng = _rng(self.seed, _TANGENT_STREAM)
+        return {name: rng.standard_normal(tuple(self.arrays[name].shape)).astype(dtype)
+                for name in self.differentiable}
+
     def describe(self) -> str:
         """One line: the variant, every array's shape and the options."""
         shapes = ", ".join(f"{name} {shape}" for name, shape in self.shapes.items())
@@ -374,6 +383,26 @@ def reference_vjp(case: Case, cotangent: Any, backend: str | Backend | None = No
     reference = VARIANTS[case.variant]
     cotangent = chosen.asarray(to_numpy(cotangent), dtype=dtype)
     return bind(reference.vjp, case, vjp=True)(cotangent, **case.arrays_on(chosen, dtype))
+
+
+def reference_jvp(case: Case, tangents: Mapping[str, Any], backend: str | Backend | None = None,
+                  dtype: str = "float64") -> Any:
+    """The reference JVP of ``case`` along ``tangents`` (keyed like the VJP's gradients, absent
+    keys zero; any arrays, copied to ``backend``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.variants import Case, reference_jvp
+    >>> case = Case("mix_experts", {"routing": np.ones((1, 2)), "experts": np.ones((2, 3))},
+    ...             {}, (2, 2))
+    >>> reference_jvp(case, {"routing": np.array([[1.0, -2.0]])})
+    array([[-1., -1., -1.]])
+    """
+    chosen = _backend(backend)
+    reference = VARIANTS[case.variant]
+    given = {name: chosen.asarray(to_numpy(t), dtype=dtype) for name, t in tangents.items()}
+    return bind(reference.jvp, case, vjp=True)(given, **case.arrays_on(chosen, dtype))
 
 
 def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
@@ -567,6 +596,7 @@ def _present(**arrays: Any) -> dict[str, Any]:
 
 
 _COTANGENT_STREAM = 3
+_TANGENT_STREAM = 7
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -852,7 +882,7 @@ VARIANTS: Mapping[str, Variant] = {
                 _build_dynamic, layer=True, temperature=True, jvp=dynamic_conv_layer_jvp,
                 optional=("bias",) + _MLP_BIASES),
         Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
-                temperature=True, buffers=BUFFERS,
+                temperature=True, buffers=BUFFERS, jvp=odconv_layer_jvp,
                 optional=("bn_bias",) + tuple(f"{head}_bias" for head in HEADS)),
     ]
 }

@@ -166,9 +166,9 @@ def _external_routing_condconv():
     ("depthwise_condconv_layer", _depthwise_layer),
     ("cond_linear_layer", _linear_layer),
 ], ids=["grouped-trick", "per-example-loop", "dynamic", "depthwise", "linear"])
-def test_correct_torch_layers_pass_forward_and_vjp(variant, make):
+def test_correct_torch_layers_pass_forward_vjp_and_jvp(variant, make):
     report = check_implementation(make(), variant=variant, max_examples=PASSING_EXAMPLES)
-    assert report.passed and report.checked_vjp
+    assert report.passed and report.checked_vjp and report.checked_jvp
     assert report.examples == PASSING_EXAMPLES
     assert 0 < report.units <= 1
     assert "PASSED" in str(report)
@@ -311,6 +311,72 @@ def test_detached_routing_passes_forward_and_is_caught_by_the_vjp():
     assert report.case.shapes["x"][0] == 1
 
 
+class _Sigmoid(torch.autograd.Function):
+    """A sigmoid with hand-written derivatives, its JVP rule given as ``jvp``: forward-mode AD
+    runs that rule, reverse mode the backward."""
+
+    @staticmethod
+    def forward(logits, jvp):
+        return torch.sigmoid(logits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+        ctx.jvp = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * y * (1 - y), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        (y,) = ctx.saved_tensors
+        return ctx.jvp(tangent, y)
+
+
+def _custom_sigmoid_layer(jvp_rule):
+    class CustomSigmoidRouting(CondConv2d):
+        def routing_weights(self, x):
+            return _Sigmoid.apply(self.routing(F.adaptive_avg_pool2d(x, 1).flatten(1)),
+                                  jvp_rule)
+
+    return _layer(CustomSigmoidRouting)
+
+
+def test_a_jvp_rule_is_checked_and_a_wrong_one_caught_while_forward_and_vjp_pass():
+    right = check_implementation(_custom_sigmoid_layer(lambda t, y: t * y * (1 - y)),
+                                 variant="condconv_layer", max_examples=BUG_EXAMPLES)
+    assert right.passed and right.checked_vjp and right.checked_jvp
+    assert "forward, VJP and JVP" in str(right)
+    # the rule forgets the factor 1 - y; forward and backward are right
+    report = _failing(_custom_sigmoid_layer(lambda t, y: t * y), "condconv_layer")
+    assert _differing(report) == {"jvp"}
+    assert report.checked_jvp and "jvp differs" in str(report)
+    assert report.case.shapes["x"][0] == 1  # shrunk like any failure
+
+
+def test_without_the_adapters_jvp_a_rule_less_function_is_checked_in_reverse_mode():
+    class NoJvpRule(_Sigmoid):
+        jvp = torch.autograd.Function.jvp  # the default: raises, "not implemented"
+
+    class Routing(CondConv2d):
+        def routing_weights(self, x):
+            return NoJvpRule.apply(self.routing(F.adaptive_avg_pool2d(x, 1).flatten(1)), None)
+
+    build = condconv_torch.build(Routing)
+    with_jvp = _failing(torch_implementation(build, condconv_torch.PARAMETERS,
+                                             supports=condconv_torch.SUPPORTS), "condconv_layer")
+    assert [m.what for m in with_jvp.mismatches] == ["jvp"]
+    assert "raised" in with_jvp.mismatches[0].reason
+    report = check_implementation(torch_implementation(build, condconv_torch.PARAMETERS,
+                                                       supports=condconv_torch.SUPPORTS,
+                                                       jvp=False),
+                                  variant="condconv_layer", max_examples=10)
+    assert report.passed and report.checked_vjp and not report.checked_jvp
+
+
 class TemperatureMultiplied(DynamicConv2d):
     """Sharpens the softmax with the temperature instead of flattening it: logits * T."""
 
@@ -413,6 +479,7 @@ def test_layout_converter_from_the_other_framework_is_caught():
     (dict(variant="condconv", raise_on_failure="no"), TypeError,
      r"raise_on_failure must be True or False"),
     (dict(variant="condconv", vjp="reference_vjp"), TypeError, r"vjp must be callable"),
+    (dict(variant="condconv", jvp="reference_jvp"), TypeError, r"jvp must be callable"),
 ])
 def test_arguments_of_the_wrong_type_are_named_before_any_case_runs(options, error, message):
     with pytest.raises(error, match=r"^check_implementation: " + message):

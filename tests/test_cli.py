@@ -175,7 +175,10 @@ def test_run_rejects_bad_arguments_naming_them(arguments, name):
 
 
 def test_console_script_runs_verify():
-    script = shutil.which("condconv-ref")
+    # The script of the environment running the tests (a venv need not be on PATH, and PATH
+    # may hold another environment's script), else whatever PATH finds.
+    beside = Path(sys.executable).with_name("condconv-ref")
+    script = str(beside) if beside.is_file() else shutil.which("condconv-ref")
     if script is None:
         pytest.skip("the condconv-ref console script is not installed (pip install -e .)")
     result = subprocess.run([script, "verify", "--cases", "1"], capture_output=True, text=True,

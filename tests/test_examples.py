@@ -36,7 +36,7 @@ def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypat
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     out = capsys.readouterr().out
     assert exited.value.code == 0, out
-    assert len(re.findall(r"\(forward and VJP, float64, seed 0\): PASSED after 8 examples",
+    assert len(re.findall(r"\(forward, VJP and JVP, float64, seed 0\): PASSED after 8 examples",
                           out)) == reports
 
 
@@ -51,7 +51,7 @@ def test_check_command_passes_the_examples(target, variant, capsys):
     assert main(["check", str(EXAMPLES / target), "--variant", variant, "--examples", "8",
                  "--dtype", "float32", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert f"{variant} (forward and VJP, float32, seed 3): PASSED after 8 examples" in out
+    assert f"{variant} (forward, VJP and JVP, float32, seed 3): PASSED after 8 examples" in out
 
 
 BROKEN = textwrap.dedent('''
@@ -88,11 +88,68 @@ def test_check_command_reports_a_minimal_case_and_exits_1(tmp_path, capsys):
         sys.path.remove(str(EXAMPLES))
     out = capsys.readouterr().out
     assert status == 1 and forward_only == 1
-    assert "condconv_layer (forward and VJP, float64, seed 0): FAILED" in out
+    assert "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED" in out
     assert "condconv_layer (forward, float64, seed 0): FAILED" in out
     assert "minimal failing case:" in out
     assert "padding_mode='zeros'" in out
     assert re.search(r"output: has shape \(1, \d+, \d+, \d+\), expected", out)
+
+
+WITHOUT_JVP_RULE = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from condconv_torch import CondConv2d, build, PARAMETERS, SUPPORTS
+    from condconv_ref.testing.torch_adapter import torch_implementation
+
+    class Sigmoid(torch.autograd.Function):  # a backward rule, no jvp rule
+        @staticmethod
+        def forward(logits):
+            return torch.sigmoid(logits)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(output)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (y,) = ctx.saved_tensors
+            return grad * y * (1 - y)
+
+    class CustomRouting(CondConv2d):
+        def routing_weights(self, x):
+            return Sigmoid.apply(self.routing(F.adaptive_avg_pool2d(x, 1).flatten(1)))
+
+    def factory():
+        return torch_implementation(build(CustomRouting), PARAMETERS, supports=SUPPORTS)
+''')
+
+
+def test_check_command_checks_the_jvp_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "custom_routing.py"
+    path.write_text(WITHOUT_JVP_RULE)
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # where the layer imports its parent from
+    argv = ["check", f"{path}:factory", "--variant", "condconv_layer", "--examples", "5"]
+    checked, skipped = main(argv), main([*argv, "--no-jvp"])
+    out = capsys.readouterr().out
+    assert checked == 1 and skipped == 0
+    assert "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED" in out
+    assert re.search(r"jvp: raised \w+", out)
+    assert "condconv_layer (forward and VJP, float64, seed 0): PASSED after 5 examples" in out
+
+
+@pytest.mark.parametrize("factory, status, report", [
+    ("wrong_rule_layer", 1, "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED"),
+    ("layer", 0, "condconv_layer (forward, VJP and JVP, float64, seed 0): PASSED"),
+])
+def test_the_jvp_rule_how_to_catches_the_wrong_rule_and_passes_the_right_one(factory, status,
+                                                                             report, capsys):
+    script = EXAMPLES.parent / "docs" / "howto" / "check_jvp_rule.py"
+    assert main(["check", f"{script}:{factory}", "--variant", "condconv_layer",
+                 "--examples", "10"]) == status
+    out = capsys.readouterr().out
+    assert report in out
+    differing = re.findall(r"^  (\w[\w ']*?) (?:differs|has|raised)", out, flags=re.MULTILINE)
+    assert differing == (["jvp"] if status else [])
 
 
 @pytest.mark.parametrize("argv, message", [

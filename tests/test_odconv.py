@@ -1,5 +1,6 @@
-"""ODConv: odconv_layer and its VJP against finite differences, condconv, torch autograd,
-the independence of examples in eval mode and their coupling in train mode, bad input."""
+"""ODConv: odconv_layer, its VJP and its JVP against finite differences (and each other),
+condconv, torch autograd, the independence of examples in eval mode and their coupling in
+train mode, bad input."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from condconv_ref import condconv, odconv_layer, odconv_layer_vjp
+from condconv_ref import condconv, odconv_layer, odconv_layer_jvp, odconv_layer_vjp
 from condconv_ref.backends import to_numpy
-from condconv_ref.engine import expected_forward, expected_vjp, finite_difference_check, judge
+from condconv_ref.engine import (
+    expected_forward,
+    expected_vjp,
+    finite_difference_check,
+    judge,
+    transpose_check,
+)
 from condconv_ref.testing import ConvConfig, Supports
 from condconv_ref.testing.sampling import draw_examples
 from condconv_ref.testing.strategies import cases
@@ -36,6 +43,37 @@ def test_vjp_matches_finite_differences(backend, mode, case, dtype):
     assume(case.options["batch_norm"] == mode)
     measured = finite_difference_check(case, dtype, backend, seed=case.seed)
     assert math.isnan(measured.units) or measured.passed, measured
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@given(case=cases("odconv_layer", SMALL), dtype=st.sampled_from(["float64", "float32"]))
+def test_jvp_is_the_transpose_of_the_vjp_and_matches_finite_differences(backend, mode, case,
+                                                                        dtype):
+    assume(case.options["batch_norm"] == mode)
+    assert transpose_check(case, dtype, backend, seed=case.seed).passed
+    measured = finite_difference_check(case, dtype, backend, seed=case.seed, mode="jvp")
+    assert math.isnan(measured.units) or measured.passed, measured
+
+
+def _jvp_holding_the_batch_statistics_still(tangents, x, params, **options):
+    """The train-mode JVP as if the batch's mean and variance were constants: eval mode with
+    the batch's statistics as the running ones (the same forward, the wrong derivative)."""
+    pre = x.mean(axis=tuple(range(2, x.ndim))) @ params["fc_weight"].T
+    frozen = {**params, "bn_running_mean": pre.mean(axis=0), "bn_running_var": pre.var(axis=0)}
+    return odconv_layer_jvp(tangents, x, frozen, **{**options, "batch_norm": "eval"})
+
+
+def test_transpose_check_catches_a_jvp_holding_the_batch_statistics_still():
+    case = next(case for case in draw_examples(cases("odconv_layer", SMALL), 60, seed=5)
+                if case.options["batch_norm"] == "train"
+                and all(f"{head}_weight" in case.arrays for head in HEADS))
+    assert transpose_check(case, "float64").passed
+    measured = transpose_check(case, "float64", jvp=_jvp_holding_the_batch_statistics_still)
+    assert not measured.passed and measured.units > 10, measured
+    assert "argument 'fc_weight'" in measured.detail and "argument 'experts'" not in measured.detail
+    wrong = finite_difference_check(case, "float64", jvp=_jvp_holding_the_batch_statistics_still,
+                                    mode="jvp")
+    assert not wrong.passed, wrong
 
 
 # ---------------------------------------------------------------- reduction to condconv
@@ -167,12 +205,18 @@ def test_examples_are_independent_in_eval_mode_and_coupled_in_train_mode(backend
     cotangent[0] = 1.0  # the loss reads example 0 alone
     grad_x = to_numpy(odconv_layer_vjp(backend.asarray(cotangent), backend.asarray(x), p,
                                        **options)["x"])
+    tangent = np.zeros(x.shape)
+    tangent[1] = 1.0  # the same move of example 1, in forward mode
+    moved_y = to_numpy(odconv_layer_jvp({"x": backend.asarray(tangent)}, backend.asarray(x), p,
+                                        **options))
     if mode == "eval":
         np.testing.assert_array_equal(after[0], before[0])
         np.testing.assert_array_equal(grad_x[1:], 0.0)
+        np.testing.assert_array_equal(moved_y[0], 0.0)
     else:  # example 1 moves the batch statistics, and so example 0's output
         assert np.all(np.abs(after[0] - before[0]) > 0)
         assert np.all(np.abs(grad_x[1:]) > 0)
+        assert np.all(np.abs(moved_y[0]) > 0)
 
 
 # ---------------------------------------------------------------- the drawn cases
@@ -244,18 +288,27 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("vjp", [False, True], ids=["forward", "vjp"])
+@pytest.mark.parametrize("which", ["forward", "vjp", "jvp"])
 @pytest.mark.parametrize("corrupt, options, error, message",
                          [bad[1:] for bad in BAD], ids=[bad[0] for bad in BAD])
 def test_bad_input_raises_naming_the_function_and_argument(corrupt, options, error, message,
-                                                           vjp):
+                                                           which):
     x, params = _valid()
-    if vjp:
-        with pytest.raises(error, match="odconv_layer_vjp: " + message):
-            odconv_layer_vjp(np.ones((2, 4, 3, 3)), x, corrupt(params), **options)
-    else:
-        with pytest.raises(error, match="odconv_layer: " + message):
-            odconv_layer(x, corrupt(params), **options)
+    calls = {"forward": lambda p: odconv_layer(x, p, **options),
+             "vjp": lambda p: odconv_layer_vjp(np.ones((2, 4, 3, 3)), x, p, **options),
+             "jvp": lambda p: odconv_layer_jvp({"x": np.ones(x.shape)}, x, p, **options)}
+    name = "odconv_layer" if which == "forward" else f"odconv_layer_{which}"
+    with pytest.raises(error, match=f"{name}: " + message):
+        calls[which](corrupt(params))
+
+
+@pytest.mark.parametrize("buffer", ["bn_running_mean", "bn_running_var"])
+def test_a_tangent_for_a_running_statistic_is_a_clear_error(buffer):
+    x, params = _valid()
+    with pytest.raises(ValueError, match=rf"^odconv_layer_jvp: tangents has \['{buffer}'\], the "
+                                         r"batch norm's running statistics, which are buffers "
+                                         r"and take no tangent"):
+        odconv_layer_jvp({"x": np.ones(x.shape), buffer: np.ones(5)}, x, params)
 
 
 def test_train_mode_at_batch_1_is_bad_input_not_nan():
@@ -292,5 +345,8 @@ def test_the_layers_the_authors_module_builds_are_accepted():
             y = odconv_layer(x, params, batch_norm=mode, **options)
             assert np.all(np.isfinite(y)), name
             grads = odconv_layer_vjp(np.ones(y.shape), x, params, batch_norm=mode, **options)
+            tangents = {name: np.ones(a.shape) for name, a in grads.items()}
+            assert np.all(np.isfinite(odconv_layer_jvp(tangents, x, params, batch_norm=mode,
+                                                       **options))), name
             assert sorted(grads) == sorted({"x", *params} - {"bn_running_mean",
                                                              "bn_running_var"}), name

@@ -3,9 +3,9 @@ r"""Check any implementation of a CondConv-style layer against the reference.
 :func:`check_implementation` draws cases of a variant with hypothesis
 (:func:`condconv_ref.testing.strategies.cases`, within what the implementation
 declares it :class:`~condconv_ref.testing.strategies.Supports`), calls the
-implementation's ``forward`` (and ``vjp``) on each, and compares the results
-with the float64 reference (:func:`condconv_ref.variants.reference_forward`,
-:func:`~condconv_ref.variants.reference_vjp`).  When a case fails, hypothesis
+implementation's ``forward`` (and ``vjp``, and ``jvp``) on each, and compares the
+results with the float64 reference (:func:`condconv_ref.variants.reference_forward`,
+:func:`~condconv_ref.variants.reference_vjp`, :func:`~condconv_ref.variants.reference_jvp`).  When a case fails, hypothesis
 shrinks it to a minimal failing case, which the :class:`Report` describes.
 
 The protocol
@@ -24,6 +24,12 @@ The protocol
     ``cotangent`` is a NumPy array of the output's shape and of ``dtype``; the
     result has one gradient per array of ``case.arrays``, in the reference's
     layout.
+``jvp(case, tangents) -> y_dot``
+    Forward mode: ``tangents`` maps the name of every differentiable array of
+    ``case.arrays`` (all but the variant's buffers) to a NumPy array of its
+    shape and of ``dtype`` (:meth:`~condconv_ref.variants.Case.tangents`); the
+    result is the directional derivative of the output along them, of the
+    output's shape.
 
 Comparison
 ----------
@@ -34,7 +40,9 @@ element of the implementation's result :math:`a` must satisfy
 :mod:`condconv_ref.accuracy` for ``dtype``: :math:`\gamma_n(u)` times the sum
 of the magnitudes of the terms that make the element, plus the reference's own
 rounding and an underflow term.  The figure reported is the error in units of
-that bound (at most 1 passes), the same figure every command reports.
+that bound (at most 1 passes), the same figure every command reports; the
+JVP is judged the same way, against the reference JVP and the scale of its
+rounding (:func:`condconv_ref.engine.expected_jvp`), and is reported as ``jvp``.
 NaN or infinity against a finite reference, a wrong shape, a complex or other
 non-real dtype, a missing or extra gradient, and any exception the
 implementation raises are failures too.
@@ -57,9 +65,16 @@ import numpy as np
 
 from condconv_ref._cases import Supports
 from condconv_ref._validate import check_positive_int
-from condconv_ref.accuracy import DTYPES, Comparison, jsonable
+from condconv_ref.accuracy import DTYPES, Comparison, compare, jsonable
 from condconv_ref.backends import Backend, get_backend
-from condconv_ref.engine import expected_forward, expected_vjp, judge, round_to, rounded
+from condconv_ref.engine import (
+    expected_forward,
+    expected_jvp,
+    expected_vjp,
+    judge,
+    round_to,
+    rounded,
+)
 from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.variants import LAYER_VARIANTS, VARIANTS, Case
 
@@ -77,9 +92,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Implementation:
-    """An implementation to check: its ``forward``, optional ``vjp`` and what it ``supports``.
+    """An implementation to check: its ``forward``, optional ``vjp``, what it ``supports``
+    and an optional ``jvp`` (forward mode).
 
-    See the module docstring for the protocol of ``forward`` and ``vjp``.
+    See the module docstring for the protocol of ``forward``, ``vjp`` and ``jvp``.
 
     Examples
     --------
@@ -90,13 +106,14 @@ class Implementation:
     >>> implementation = Implementation(reference_forward, reference_vjp,
     ...                                 Supports(spatial_dims=(1,), max_size=5))
     >>> report = check_implementation(implementation, variant="condconv_layer", max_examples=5)
-    >>> report.passed, report.checked_vjp
-    (True, True)
+    >>> report.passed, report.checked_vjp, report.checked_jvp
+    (True, True, False)
     """
 
     forward: Callable[[Case], Any]
     vjp: Callable[[Case, Any], Mapping[str, Any]] | None = None
     supports: Supports | None = None
+    jvp: Callable[[Case, Mapping[str, Any]], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,8 @@ class Report:
         (at most 1; how close the implementation came to failing).
     where : str
         Where that largest error was: the array and element.
-    checked_vjp : bool
+    checked_vjp, checked_jvp : bool
+        Whether the VJP and the JVP were checked too.
     seed : int
     seconds : float
     note : str
@@ -155,6 +173,7 @@ class Report:
     seed: int = 0
     seconds: float = 0.0
     note: str = ""
+    checked_jvp: bool = False
     declined: int = 0
     turned_away: int = 0
 
@@ -162,8 +181,8 @@ class Report:
         """The report as strict JSON values: the verdict, the figure, and the minimal
         failing case (its shapes, options and one-line description) with every mismatch."""
         record = jsonable({name: getattr(self, name) for name in (
-            "variant", "dtype", "passed", "examples", "units", "where", "checked_vjp", "seed",
-            "seconds", "note", "declined", "turned_away")})
+            "variant", "dtype", "passed", "examples", "units", "where", "checked_vjp",
+            "checked_jvp", "seed", "seconds", "note", "declined", "turned_away")})
         record["mismatches"] = [mismatch.to_json() for mismatch in self.mismatches]
         record["case"] = None if self.case is None else {
             "description": self.case.describe(),
@@ -172,7 +191,9 @@ class Report:
         return record
 
     def __str__(self) -> str:
-        what = "forward and VJP" if self.checked_vjp else "forward"
+        checked = ["forward", *(["VJP"] if self.checked_vjp else []),
+                   *(["JVP"] if self.checked_jvp else [])]
+        what = ", ".join(checked[:-1]) + " and " + checked[-1] if len(checked) > 1 else "forward"
         head = (f"check_implementation: {self.variant} ({what}, {self.dtype}, seed {self.seed}): "
                 f"{'PASSED' if self.passed else 'FAILED'} after {self.examples} examples "
                 f"in {self.seconds:.1f} s" + _counts(self.declined, self.turned_away))
@@ -287,6 +308,7 @@ class _Search:
     backend: Backend
     examples: int = 0
     declined: int = 0
+    case_declined: bool = False
     first_declined: str = ""
     turned_away: int = 0
     kept: int = 0
@@ -295,9 +317,13 @@ class _Search:
     passing: list[Comparison] = field(default_factory=list)
 
 
-def _judged(actual: Any, expected: Any, search: _Search) -> list[Comparison]:
-    """The failing comparisons of ``actual``; the passing ones are kept in ``search``."""
-    comparisons = judge(actual, expected, search.dtype)
+def _judged(actual: Any, expected: Any, search: _Search, what: str | None = None
+            ) -> list[Comparison]:
+    """The failing comparisons of ``actual`` (named ``what`` rather than ``output``, when
+    given); the passing ones are kept in ``search``."""
+    comparisons = (judge(actual, expected, search.dtype) if what is None else
+                   [compare(what, actual, expected.value, expected.scale, depth=expected.depth,
+                            dtype=search.dtype)])
     search.passing += [c for c in comparisons if c.passed]
     return [c for c in comparisons if not c.passed]
 
@@ -306,6 +332,7 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
     """Every mismatch of ``implementation`` on ``case`` (already rounded to the dtype)."""
     reference = rounded(case, search.dtype)  # float64 arrays at the values handed over
     expected = expected_forward(reference, search.backend, search.dtype)
+    search.case_declined = False
     try:
         actual = implementation.forward(case)
     except MemoryBudgetError:
@@ -315,25 +342,50 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
     except Exception as error:
         return [_raised("forward", error)]
     mismatches = _judged(actual, expected, search)
-    if implementation.vjp is None:
-        return mismatches
-    cotangent = round_to(case.cotangent(expected.value.shape), search.dtype)
+    if implementation.vjp is not None:
+        mismatches += _check_vjp(case, reference, expected.value.shape, implementation.vjp,
+                                 search)
+    if implementation.jvp is not None:
+        mismatches += _check_jvp(case, reference, implementation.jvp, search)
+    return mismatches
+
+
+def _check_vjp(case: Case, reference: Case, shape: tuple[int, ...], vjp: Any,
+               search: _Search) -> list[Comparison]:
+    """The mismatches of ``vjp`` at the case's cotangent."""
+    cotangent = round_to(case.cotangent(shape), search.dtype)
     expected_grads = expected_vjp(reference, cotangent, search.backend, search.dtype)
     try:
-        grads = implementation.vjp(case, _handed(cotangent, search.dtype))
+        grads = vjp(case, _handed(cotangent, search.dtype))
     except MemoryBudgetError:
         raise
     except Unsupported as error:
-        return mismatches or _declined(search, "vjp", error)
+        return _declined(search, "vjp", error)
     except Exception as error:
-        return mismatches + [_raised("vjp", error)]
-    return mismatches + _judged(grads, expected_grads, search)
+        return [_raised("vjp", error)]
+    return _judged(grads, expected_grads, search)
+
+
+def _check_jvp(case: Case, reference: Case, jvp: Any, search: _Search) -> list[Comparison]:
+    """The mismatches of ``jvp`` along the case's tangents, judged like an output."""
+    tangents = {name: round_to(t, search.dtype) for name, t in case.tangents().items()}
+    expected = expected_jvp(reference, tangents, search.backend, search.dtype)
+    try:
+        actual = jvp(case, {name: _handed(t, search.dtype) for name, t in tangents.items()})
+    except MemoryBudgetError:
+        raise
+    except Unsupported as error:
+        return _declined(search, "jvp", error)
+    except Exception as error:
+        return [_raised("jvp", error)]
+    return _judged(actual, expected, search, what="jvp")
 
 
 def _declined(search: _Search, what: str, error: Unsupported) -> list[Comparison]:
-    """Count a case the implementation declined (no mismatch: the case is neither passed
-    nor failed) and keep the first reason."""
-    search.declined += 1
+    """Count a case the implementation declined, once however many of its calls declined it
+    (no mismatch: the case is neither passed nor failed), and keep the first reason."""
+    search.declined += not search.case_declined
+    search.case_declined = True
     if not search.first_declined:
         search.first_declined = Comparison.raised(what, error).reason
     return []
@@ -365,20 +417,23 @@ def _backend(fn: str, backend: Any) -> Backend:
 
 
 def _implementation(forward: Any, vjp: Any, supports: Supports | None,
-                    fn: str = "check_implementation") -> Implementation:
+                    fn: str = "check_implementation", jvp: Any = None) -> Implementation:
     if isinstance(forward, Implementation):
         given = forward
         forward, vjp = given.forward, vjp if vjp is not None else given.vjp
+        jvp = jvp if jvp is not None else given.jvp
         supports = supports if supports is not None else given.supports
     if not callable(forward):
         raise TypeError(f"{fn}: forward must be callable or an Implementation, "
                         f"got {type(forward).__name__}")
-    if vjp is not None and not callable(vjp):
-        raise TypeError(f"{fn}: vjp must be callable, got {type(vjp).__name__}")
+    for name, given_callable in (("vjp", vjp), ("jvp", jvp)):
+        if given_callable is not None and not callable(given_callable):
+            raise TypeError(f"{fn}: {name} must be callable, got "
+                            f"{type(given_callable).__name__}")
     if supports is not None and not isinstance(supports, Supports):
         raise TypeError(f"{fn}: supports must be a condconv_ref.testing.Supports, "
                         f"got {supports!r}")
-    return Implementation(forward, vjp, supports)
+    return Implementation(forward, vjp, supports, jvp)
 
 
 def check_implementation(
@@ -387,6 +442,7 @@ def check_implementation(
     variant: str,
     vjp: Callable[[Case, Any], Mapping[str, Any]] | None = None,
     supports: Supports | None = None,
+    jvp: Callable[[Case, Mapping[str, Any]], Any] | None = None,
     dtype: str = "float64",
     max_examples: int = 100,
     seed: int = 0,
@@ -399,8 +455,8 @@ def check_implementation(
     ----------
     forward : callable or Implementation
         ``forward(case) -> y`` (see the module docstring), or an
-        :class:`Implementation` bundling ``forward``, ``vjp`` and ``supports``
-        (the keyword arguments, when given, take precedence).
+        :class:`Implementation` bundling ``forward``, ``vjp``, ``supports`` and
+        ``jvp`` (the keyword arguments, when given, take precedence).
     variant : str
         One of :data:`condconv_ref.variants.LAYER_VARIANTS`: ``condconv`` and
         ``depthwise_condconv`` (external routing weights), ``condconv_layer``,
@@ -411,6 +467,10 @@ def check_implementation(
         ``vjp(case, cotangent) -> {name: gradient}``; checked when given.
     supports : Supports, optional
         What the implementation supports; default: everything the reference does.
+    jvp : callable, optional
+        ``jvp(case, tangents) -> y_dot`` (forward mode); checked when given,
+        along the case's fixed tangents, in the same search, so a failure of
+        the JVP is shrunk like the forward's.
     dtype : {'float64', 'float32', 'float16', 'bfloat16'}
         The dtype the implementation computes in; the arrays handed to it have
         this dtype, except bfloat16, which NumPy lacks: then they are float32
@@ -481,7 +541,7 @@ def check_implementation(
     if not isinstance(raise_on_failure, bool):
         raise TypeError(f"check_implementation: raise_on_failure must be True or False, got "
                         f"{raise_on_failure!r}")
-    implementation = _implementation(forward, vjp, supports)
+    implementation = _implementation(forward, vjp, supports, jvp=jvp)
     search = _Search(dtype, _backend("check_implementation", backend))
     # Only the search needs hypothesis; the rest of the module works without it.
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
@@ -574,8 +634,9 @@ def _finish(search: _Search, variant: str, implementation: Implementation, seed:
                     search.examples, failure.case if failure else None,
                     failure.mismatches if failure else (),
                     largest.units if largest else 0.0, largest.where if largest else "",
-                    implementation.vjp is not None, seed, seconds, note, search.declined,
-                    search.turned_away)
+                    implementation.vjp is not None, seed, seconds, note,
+                    checked_jvp=implementation.jvp is not None, declined=search.declined,
+                    turned_away=search.turned_away)
     if declined_all and raise_on_failure:
         raise ImplementationMismatch(report)
     if failure is not None and raise_on_failure:
@@ -594,6 +655,7 @@ def check_case(
     case: Case,
     *,
     vjp: Callable[[Case, Any], Mapping[str, Any]] | None = None,
+    jvp: Callable[[Case, Mapping[str, Any]], Any] | None = None,
     dtype: str | None = None,
     backend: str | Backend = "numpy",
     raise_on_failure: bool = True,
@@ -614,7 +676,7 @@ def check_case(
         As for :func:`check_implementation` (``supports`` plays no part).
     case : condconv_ref.variants.Case
         The case, e.g. drawn by :func:`condconv_ref.testing.cases`.
-    vjp : callable, optional
+    vjp, jvp : callable, optional
         Checked when given (or carried by an :class:`Implementation`).
     dtype : {'float64', 'float32', 'float16', 'bfloat16'}, optional
         The dtype the implementation computes in: the case's arrays are
@@ -647,7 +709,7 @@ def check_case(
         raise TypeError(f"check_case: case must be a condconv_ref.variants.Case, got "
                         f"{type(case).__name__}")
     dtype = _check_dtype("check_case", case.dtype if dtype is None else dtype)
-    implementation = _implementation(forward, vjp, None, fn="check_case")
+    implementation = _implementation(forward, vjp, None, fn="check_case", jvp=jvp)
     search = _Search(dtype, _backend("check_case", backend))
     started = time.perf_counter()
     search.examples = 1

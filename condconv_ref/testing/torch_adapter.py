@@ -1,9 +1,12 @@
-"""Turn a PyTorch ``nn.Module`` into the ``forward`` / ``vjp`` callables the checker calls.
+"""Turn a PyTorch ``nn.Module`` into the ``forward`` / ``vjp`` / ``jvp`` callables the checker
+calls.
 
 :func:`torch_implementation` builds the module for each case, loads the case's
 arrays into it by name with :func:`torch.func.functional_call` (so nothing is
 copied into the module and autograd sees through the layout conversion), and
-gets the VJP from autograd.  torch is imported only when a callable runs.
+gets the VJP from autograd and the JVP from forward-mode AD
+(:mod:`torch.autograd.forward_ad`, which runs the ``jvp`` rule of a custom
+``torch.autograd.Function``).  torch is imported only when a callable runs.
 
 Examples
 --------
@@ -112,6 +115,7 @@ def torch_implementation(
     supports: Supports | None = None,
     device: Any = "cpu",
     threads: int | None = 1,
+    jvp: bool = True,
 ) -> Implementation:
     """An :class:`~condconv_ref.testing.Implementation` of a PyTorch module.
 
@@ -145,6 +149,10 @@ def torch_implementation(
         The checker's cases are tiny, so one thread (the default) is the
         fastest, and it avoids OpenMP stalls on a busy machine; None leaves
         torch's setting alone.
+    jvp : bool, optional
+        Supply ``jvp`` too (default), so the module's forward mode is checked:
+        set False for a module that uses a custom ``torch.autograd.Function``
+        without a ``jvp`` rule (forward-mode AD refuses to run through it).
 
     Returns
     -------
@@ -152,12 +160,18 @@ def torch_implementation(
         ``forward(case)`` returns the module's output tensor; ``vjp(case,
         cotangent)`` returns autograd's gradient for every case array but the
         variant's buffers (:attr:`~condconv_ref.variants.Case.differentiable`), in the
-        reference's layout (zeros for an array the output does not depend on).
+        reference's layout (zeros for an array the output does not depend on);
+        ``jvp(case, tangents)`` the output's tangent from forward-mode AD, each
+        case array carrying its tangent into the module (through the
+        converters) as a dual tensor.
     """
+    if not isinstance(jvp, bool):
+        raise TypeError(f"torch_implementation: jvp must be True or False, got {jvp!r}")
     mapping = parameter_mapping("torch_implementation", parameters, "a module parameter name")
     inputs = tuple(inputs)
 
-    def run(case: Case, requires_grad: bool) -> tuple[Any, dict[str, Any]]:
+    def run(case: Case, requires_grad: bool,
+            tangents: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         import torch
         from torch.func import functional_call
 
@@ -171,6 +185,13 @@ def torch_implementation(
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
                    .requires_grad_(requires_grad and name in differentiable)
                    for name, a in case.arrays.items()}
+        if tangents is not None:  # inside a forward_ad.dual_level: each array with its tangent
+            from torch.autograd import forward_ad
+
+            tensors.update({name: forward_ad.make_dual(
+                tensors[name], torch.from_numpy(np.ascontiguousarray(t)).to(device=device,
+                                                                          dtype=dtype))
+                for name, t in tangents.items()})
         module = build(case).to(device=device, dtype=dtype)
         known = dict(module.named_parameters()) | dict(module.named_buffers())
         replaced = {}
@@ -205,4 +226,13 @@ def torch_implementation(
         return {name: _readable(torch.zeros_like(tensors[name]) if grad is None else grad)
                 for name, grad in zip(names, grads)}
 
-    return Implementation(forward, vjp, supports)
+    def forward_mode(case: Case, tangents: Mapping[str, Any]) -> Any:
+        import torch
+        from torch.autograd import forward_ad
+
+        with torch.no_grad(), _threads(threads), forward_ad.dual_level():
+            output, _ = run(case, requires_grad=False, tangents=tangents)
+            tangent = forward_ad.unpack_dual(output).tangent
+            return _readable(torch.zeros_like(output) if tangent is None else tangent)
+
+    return Implementation(forward, vjp, supports, forward_mode if jvp else None)
