@@ -16,16 +16,27 @@ from :mod:`condconv_ref.testing`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from condconv_ref._validate import PADDING_MODES, ConvGeometry, conv_geometry
 
-__all__ = ["PADDING_FORMS", "CondConvArrays", "ConvConfig", "Supports", "arrays_for"]
+if TYPE_CHECKING:
+    from condconv_ref.variants import Case
+
+__all__ = ["OPTIONAL_ARRAYS", "PADDING_FORMS", "CondConvArrays", "ConvConfig", "Supports",
+           "arrays_for"]
 
 PADDING_FORMS = ("int", "per_dim", "pairs", "valid", "same")
+
+OPTIONAL_ARRAYS = ("bias", "route_bias", "fc1_bias", "fc2_bias", "bn_bias", "channel_bias",
+                   "filter_bias", "spatial_bias", "kernel_bias")
+"""The arrays a case may leave out, each with its own switch (:attr:`ConvConfig.optional`,
+:attr:`Supports.optional`): the expert bias, the sigmoid routing bias, the biases of the
+softmax routing MLP, and the biases of ODConv's batch norm and heads."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,15 @@ class ConvConfig:
         The padding exactly as drawn, in one of the forms the ops accept.
     padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}
     bias : bool
-        Whether the op gets a bias (and the layer a routing bias).
+        Whether the op gets a bias, and, unless ``optional`` says otherwise, every
+        other optional array of :data:`OPTIONAL_ARRAYS` (the layer's routing biases).
+    optional : tuple of (str, bool)
+        Switches of single optional arrays, e.g. ``(("fc1_bias", False),)``:
+        present or not whatever ``bias`` says.
+    hidden : int or None
+        The hidden width of the routing MLP of ``dynamic_conv_layer`` and of
+        the attention trunk of ``odconv_layer``; None draws it (1 to 4) from
+        the seed.
 
     Examples
     --------
@@ -69,6 +88,27 @@ class ConvConfig:
     padding_mode: str
     n_experts: int
     bias: bool
+    optional: tuple[tuple[str, bool], ...] = ()
+    hidden: int | None = None
+
+    def has(self, name: str) -> bool:
+        """Whether the optional array ``name`` (of :data:`OPTIONAL_ARRAYS`) is present.
+
+        Examples
+        --------
+        >>> config = ConvConfig(batch=1, in_channels=2, out_channels=2, groups=1,
+        ...                     spatial=(3,), kernel=(1,), stride=(1,), dilation=(1,),
+        ...                     padding=0, padding_mode="zeros", n_experts=2, bias=True,
+        ...                     optional=(("fc1_bias", False),))
+        >>> config.has("bias"), config.has("fc1_bias"), config.has("fc2_bias")
+        (True, False, True)
+        """
+        return dict(self.optional).get(name, self.bias)
+
+    @property
+    def any_optional(self) -> bool:
+        """Whether any optional array is present (then all of them are drawn)."""
+        return self.bias or any(present for _, present in self.optional)
 
     @property
     def nd(self) -> int:
@@ -220,10 +260,11 @@ def arrays_for(config: ConvConfig, *, xp: Any, device: Any = None, dtype: Any = 
     route_weight = put(rng.standard_normal((config.n_experts, config.in_channels))
                        / math.sqrt(config.in_channels))
     bias = route_bias = None
-    if config.bias:
+    if config.any_optional:  # both drawn, so that one switch leaves the other's values alone
         bias = put(rng.standard_normal((config.n_experts, config.out_channels)))
         route_bias = put(rng.standard_normal((config.n_experts,)))
-    return CondConvArrays(x, experts, routing, bias, route_weight, route_bias)
+    return CondConvArrays(x, experts, routing, bias if config.has("bias") else None,
+                          route_weight, route_bias if config.has("route_bias") else None)
 
 
 @dataclass(frozen=True)
@@ -247,7 +288,7 @@ class Supports:
         From ``('zeros', 'reflect', 'replicate', 'circular')`` (PyTorch semantics).
     bias : tuple of bool
         ``(False, True)`` draws both; ``(True,)`` always has the expert bias
-        (and the routing biases), ``(False,)`` never.
+        (and the routing biases, unless ``optional`` says otherwise), ``(False,)`` never.
     max_batch, max_experts : int
         Upper bounds on B and E (from 1).
     max_groups : int
@@ -266,6 +307,21 @@ class Supports:
         The range of the temperature of ``odconv_layer``, drawn log-uniformly:
         by default from heads that are almost step functions (:math:`10^{-3}`)
         to heads that are almost constant (:math:`10^{3}`).
+    optional : mapping of str to tuple of bool
+        One switch per optional array of :data:`OPTIONAL_ARRAYS`, e.g.
+        ``{"fc1_bias": (False,)}`` for a DynamicConv layer with an expert bias
+        but a bias-free first routing layer; arrays not named follow ``bias``.
+    max_hidden : int
+        Upper bound on the hidden width of ``dynamic_conv_layer``'s routing MLP
+        and ``odconv_layer``'s attention trunk (drawn from 1, so it shrinks).
+    excludes : callable, optional
+        ``excludes(case) -> str | None``: for a limit the fields cannot say
+        (square kernels only, equal strides, not both stride and dilation
+        above 1), why ``case`` (a :class:`condconv_ref.variants.Case`) is out of
+        reach, or None when it is supported.  The strategies draw again in place
+        of a case it excludes (:attr:`condconv_ref.testing.Report.turned_away`
+        counts them), and golden verification passes such a case by, naming
+        the reason.
 
     Examples
     --------
@@ -275,6 +331,18 @@ class Supports:
     ...                     padding_modes=("zeros",), max_dilation=1)
     >>> supports.max_experts
     4
+
+    A Keras-style layer: square kernels, and stride or dilation above 1 but not both:
+
+    >>> def keras_limits(case):
+    ...     kernel = case.arrays["experts"].shape[3:]  # (E, O, C/groups, *k)
+    ...     stride, dilation = case.options["stride"], case.options["dilation"]
+    ...     if len(set(kernel)) > 1:
+    ...         return f"kernel {kernel} is not square"
+    ...     if max(stride) > 1 and max(dilation) > 1:
+    ...         return "stride and dilation both above 1"
+    ...     return None
+    >>> keras = Supports(spatial_dims=(2,), excludes=keras_limits)
     """
 
     spatial_dims: tuple[int, ...] = (1, 2, 3)
@@ -294,11 +362,26 @@ class Supports:
     max_features: int = 6
     temperatures: tuple[float, float] = (0.5, 4.0)
     odconv_temperatures: tuple[float, float] = (1e-3, 1e3)
+    optional: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
+    max_hidden: int = 4
+    excludes: Callable[[Case], str | None] | None = None
 
     def __post_init__(self) -> None:
-        if not self.bias or any(b not in (False, True) for b in self.bias):
-            raise ValueError(f"Supports: bias must be a non-empty subset of (False, True), "
-                             f"got {self.bias!r}")
+        _switches("bias", self.bias)
+        if not isinstance(self.optional, Mapping):
+            raise TypeError(f"Supports: optional must be a mapping of array names to tuples "
+                            f"of bool, got {self.optional!r}")
+        for name, switches in self.optional.items():
+            if name not in OPTIONAL_ARRAYS:
+                raise ValueError(f"Supports: optional has {name!r}, expected names from "
+                                 f"{OPTIONAL_ARRAYS}")
+            _switches(f"optional[{name!r}]", switches)
+        if isinstance(self.max_hidden, bool) or not isinstance(self.max_hidden, int) \
+                or self.max_hidden < 1:
+            raise ValueError(f"Supports: max_hidden must be an int >= 1, got {self.max_hidden!r}")
+        if self.excludes is not None and not callable(self.excludes):
+            raise TypeError(f"Supports: excludes must be callable (case -> reason or None), "
+                            f"got {self.excludes!r}")
         for name in ("temperatures", "odconv_temperatures"):
             low, high = getattr(self, name)
             if not 0 < low <= high < math.inf:
@@ -312,13 +395,42 @@ class Supports:
         unit kernel and no groups or padding: only B, C = F_in, O = F_out, E
         and ``bias`` matter.
         """
-        options = {name: value for name, value in asdict(self).items()
-                   if name not in ("bias", "max_features", "temperatures",
-                                   "odconv_temperatures")}
-        options["bias"] = self.bias[0] if len(set(self.bias)) == 1 else None
+        options = {f.name: getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("bias", "max_features", "temperatures",
+                                     "odconv_temperatures", "optional", "excludes")}
+        options["bias"] = _fixed(self.bias)
+        options["optional"] = {name: _fixed(switches) for name, switches in self.optional.items()}
         if linear:
             options.update(spatial_dims=(1,), padding_forms=("int",), padding_modes=("zeros",),
                            max_groups=1, max_channels_per_group=self.max_features,
                            max_out_per_group=self.max_features, max_size=1, max_kernel=1,
                            max_stride=1, max_dilation=1, max_padding=0)
         return {**options, "depthwise": depthwise}
+
+    def excluded(self, case: Case) -> str:
+        """Why ``excludes`` rules ``case`` out, or ``""`` when it does not (or is None).
+
+        Raises
+        ------
+        TypeError
+            If ``excludes`` returns something other than a string or None.
+        """
+        if self.excludes is None:
+            return ""
+        reason = self.excludes(case)
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"Supports: excludes must return a reason (str) or None, got "
+                            f"{reason!r}")
+        return reason or ""
+
+
+def _switches(name: str, switches: Any) -> None:
+    if not isinstance(switches, (tuple, list)) or not switches or any(
+            b not in (False, True) for b in switches):
+        raise ValueError(f"Supports: {name} must be a non-empty subset of (False, True), "
+                         f"got {switches!r}")
+
+
+def _fixed(switches: tuple[bool, ...]) -> bool | None:
+    """The one value of ``switches``, or None when both are allowed (drawn)."""
+    return switches[0] if len(set(switches)) == 1 else None

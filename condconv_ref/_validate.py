@@ -32,6 +32,7 @@ __all__ = [
     "ConvGeometry",
     "ConvOptions",
     "PADDING_MODES",
+    "any_array",
     "check_finite_positive",
     "check_tolerance",
     "check_groups",
@@ -60,6 +61,24 @@ def _describe(a: Any) -> str:
 
 
 _PLAIN_NUMPY = (numpy.memmap,)  # the one ndarray subclass that behaves as a plain array
+
+
+def any_array(fn: str, name: str, value: Any) -> Any:
+    """``value`` as an array of the array API: as it is when it is one (or None), else read
+    through DLPack (without a copy where the producer allows) or NumPy's ``__array__`` (a
+    TensorFlow tensor, say) as a NumPy array; a ``TypeError`` naming ``fn`` and ``name``
+    for anything else."""
+    if value is None or _is_array(value):
+        return value
+    if hasattr(value, "__dlpack__"):
+        try:
+            return numpy.from_dlpack(value)
+        except (BufferError, TypeError, RuntimeError, ValueError):
+            pass  # e.g. on a device NumPy cannot read: __array__ copies it to the host
+    if hasattr(value, "__array__"):
+        return numpy.asarray(value)
+    raise TypeError(f"{fn}: {name} must be an array (of the array API, or readable through "
+                    f"DLPack or NumPy's __array__), got {type(value).__name__}")
 
 
 def namespace(fn: str, **arrays: Any) -> ModuleType:

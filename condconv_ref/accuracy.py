@@ -322,7 +322,10 @@ class Comparison:
     count, size : int
         Elements beyond the bound, and all elements.
     reason : str
-        Why the result could not be compared (an exception, a wrong shape).
+        Why the result could not be compared (an exception, a wrong shape), on one line.
+    detail : str
+        The whole of a longer message whose first line is ``reason`` (e.g. an
+        exception that wraps another's message); empty when ``reason`` says it all.
 
     Examples
     --------
@@ -342,6 +345,27 @@ class Comparison:
     count: int = 0
     size: int = 0
     reason: str = ""
+    detail: str = ""
+
+    @classmethod
+    def raised(cls, what: str, error: BaseException, where: str = "") -> Comparison:
+        """The comparison of a call that raised ``error``: its first line as ``reason``
+        (``where`` appended), the whole message as ``detail`` when it has more lines.
+
+        Examples
+        --------
+        >>> failed = Comparison.raised("forward", ValueError("bad input\\n  from: the kernel"))
+        >>> print(failed)
+        forward: raised ValueError: bad input (+1 more line)
+        >>> failed.detail
+        'ValueError: bad input\\n  from: the kernel'
+        """
+        text = f"{type(error).__name__}: {error}"
+        lines = [line for line in text.splitlines() if line.strip()] or [text]
+        more = len(lines) - 1
+        extra = f" (+{more} more line{'s' if more > 1 else ''})" if more else ""
+        return cls(what, reason=f"raised {lines[0].rstrip()}{extra}{where}",
+                   detail=text if more else "")
 
     @property
     def passed(self) -> bool:

@@ -43,7 +43,7 @@ from condconv_ref.accuracy import jsonable
 from condconv_ref.engine import Row
 from condconv_ref.memory import MemoryBudgetError
 from condconv_ref.testing import Supports, checker
-from condconv_ref.variants import VARIANTS
+from condconv_ref.variants import LAYER_VARIANTS, VARIANTS
 
 __all__ = ["EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_INTERNAL", "EXIT_PASSED", "EXIT_USAGE",
            "SUBCOMMANDS", "USER_ERRORS", "add_check", "add_golden", "add_gpu_check", "add_verify",
@@ -319,7 +319,10 @@ def _progress_bar() -> Progress:
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
 
 
-_SUPPORTS_FIELDS = {field.name: field.default for field in dataclasses.fields(Supports)}
+_SUPPORTS_FIELDS = {field.name: field.default for field in dataclasses.fields(Supports)
+                    if isinstance(field.default, (int, tuple))}
+"""The fields ``--supports`` sets: the limits and choices (not the per-array switches of
+``optional`` nor the ``excludes`` function, which a ``--supports-of`` factory carries)."""
 
 
 def _supports_field(text: str) -> tuple[str, Any]:
@@ -479,9 +482,8 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("target", metavar="FILE.py:FACTORY",
                         help="the file defining the factory, and the factory's name")
     parser.add_argument("--variant", required=True, choices=sorted(VARIANTS), metavar="VARIANT",
-                        help="the variant implemented: condconv, condconv_layer, "
-                             "depthwise_condconv_layer, cond_linear_layer, dynamic_conv_layer, "
-                             "odconv_layer (or a raw op of condconv_ref.variants)")
+                        help=f"the variant implemented: {', '.join(LAYER_VARIANTS)} (or a raw op "
+                             f"of condconv_ref.variants)")
     parser.add_argument("--examples", type=_int_at_least(1), default=100, metavar="N",
                         help="random cases before declaring a pass (default: %(default)s)")
     parser.add_argument("--dtype", choices=checker.DTYPES, default="float64",
@@ -521,7 +523,7 @@ def _check(args: argparse.Namespace) -> int:
                                               seed=args.seed, raise_on_failure=False)
     saved = None
     if args.save_case is not None and report.case is not None:
-        saved = golden.save_case(args.save_case, report.case)
+        saved = golden.save_case(args.save_case, report.case, report.mismatches)
     _write_junit(args, "check", [_TestCase(
         f"condconv_ref.check.{args.variant}", args.target, "" if report.passed else str(report),
         seconds=report.seconds)])

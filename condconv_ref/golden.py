@@ -625,11 +625,20 @@ def _manifest(variants: list[str], cases: int, seed: int, dtype: str, supports: 
         "variants": variants,
         "cases_per_variant": cases,
         "generator": {"numpy": np.__version__, "hypothesis": hypothesis.__version__,
-                      "supports": _to_json(asdict(supports))},
+                      "supports": _to_json(_supports_record(supports))},
         "cases": records,
     }
     manifest["checksum"] = _manifest_checksum(manifest)
     return manifest
+
+
+def _supports_record(supports: Supports) -> dict[str, Any]:
+    """The fields of ``supports`` as data: ``excludes`` by its name (a function is no data)."""
+    record = asdict(supports)
+    excludes = record.pop("excludes")
+    record["excludes"] = None if excludes is None else getattr(excludes, "__qualname__",
+                                                               repr(excludes))
+    return record
 
 
 _FLAT_LIST = re.compile(r"\[(?:[^\[\]{}\"]|\"[^\"]*\"|\[[^\[\]{}\"]*\])*\]")
@@ -1057,13 +1066,15 @@ CASE_FORMAT = "condconv-ref case"
 _CASE_MEMBER = "case"
 
 
-def save_case(path: str | os.PathLike[str], case: Case) -> Path:
+def save_case(path: str | os.PathLike[str], case: Case,
+              mismatches: Sequence[Comparison] = ()) -> Path:
     """Write one case to an ``.npz`` file that :func:`load_case` reads back.
 
     The file holds the case's arrays as they are (the values handed to an
     implementation, in its dtype) and, in the member ``case``, a JSON record of
-    the variant, options, longest sums, seed and dtype.  It is written
-    atomically.  ``condconv-ref check --save-case FILE`` saves the minimal
+    the variant, options, longest sums, seed and dtype, and every mismatch
+    found on it, whole (an exception's full message, of which a report shows
+    the first line).  It is written atomically.  ``condconv-ref check --save-case FILE`` saves the minimal
     failing case this way, and ``condconv-ref check --case FILE`` reruns it.
 
     Examples
@@ -1079,7 +1090,8 @@ def save_case(path: str | os.PathLike[str], case: Case) -> Path:
     record = {"format": CASE_FORMAT, "format_version": FORMAT_VERSION,
               "library_version": __version__, "variant": case.variant,
               "options": _to_json(case.options), "lengths": list(case.lengths),
-              "seed": case.seed, "dtype": case.dtype, "arrays": list(case.arrays)}
+              "seed": case.seed, "dtype": case.dtype, "arrays": list(case.arrays),
+              "mismatches": [mismatch.to_json() for mismatch in mismatches]}
     arrays = {name: np.asarray(to_numpy(a)) for name, a in case.arrays.items()}
     path = Path(path)
     text = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)  # numeric, as every member
@@ -1135,10 +1147,6 @@ def load_case(path: str | os.PathLike[str]) -> Case:
 
 def _coarser(a: str, b: str) -> str:
     return a if precision(a).unit_roundoff >= precision(b).unit_roundoff else b
-
-
-def _raised(what: str, error: BaseException) -> Comparison:
-    return Comparison(what, reason=" ".join(f"raised {type(error).__name__}: {error}".split()))
 
 
 def _dtype_name(value: Any) -> str:
@@ -1209,7 +1217,7 @@ def _implementation_result(golden: GoldenCase, implementation: Implementation) -
         raise
     except Exception as error:  # the implementation's failure is the case's failure
         return CaseResult(golden.index, golden.file, golden.variant,
-                          mismatches=(_raised("forward", error),))
+                          mismatches=(Comparison.raised("forward", error),))
     gradients = None
     if implementation.vjp is not None:
         try:
@@ -1218,7 +1226,7 @@ def _implementation_result(golden: GoldenCase, implementation: Implementation) -
             raise
         except Exception as error:
             return CaseResult(golden.index, golden.file, golden.variant,
-                              mismatches=(_raised("vjp", error),))
+                              mismatches=(Comparison.raised("vjp", error),))
         if not isinstance(gradients, Mapping):
             return CaseResult(golden.index, golden.file, golden.variant, mismatches=(
                 Comparison("vjp", reason=f"returned a {type(gradients).__name__}, expected a "
@@ -1328,7 +1336,7 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
                 raise
             except Exception as error:  # the reference raising on a stored case fails it
                 results.append(CaseResult(case.index, case.file, case.variant,
-                                          mismatches=(_raised("reference", error),)))
+                                          mismatches=(Comparison.raised("reference", error),)))
         if progress is not None:
             progress(done, len(selected))
     if against is None:

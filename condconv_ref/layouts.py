@@ -23,7 +23,9 @@ one expert in the reference's layout.  In the depthwise layout, output channel
 ``c·m + j`` is input channel ``c``'s ``j``-th filter, as in TensorFlow's
 ``depthwise_conv2d`` and the reference's :func:`condconv_ref.depthwise_condconv`.
 Every converter is a reshape and a transpose written against the array API: it
-keeps the input's namespace, device and dtype.
+keeps the input's namespace, device and dtype.  An array of a library outside
+the array API (a TensorFlow tensor, say) is read through DLPack or NumPy's
+``__array__`` and converted as a NumPy array.
 
 Examples
 --------
@@ -45,7 +47,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from condconv_ref._validate import check_ndim, check_positive_int, check_shape, namespace
+from condconv_ref._validate import (
+    any_array,
+    check_ndim,
+    check_positive_int,
+    check_shape,
+    namespace,
+)
 
 __all__ = [
     "from_tf_flat_depthwise_experts",
@@ -59,10 +67,12 @@ __all__ = [
 ]
 
 
-def _experts(fn: str, experts: Any, layout: str, ndims: tuple[int, ...] = (4, 5, 6)) -> Any:
+def _experts(fn: str, experts: Any, layout: str,
+             ndims: tuple[int, ...] = (4, 5, 6)) -> tuple[Any, Any]:
+    experts = any_array(fn, "experts", experts)
     xp = namespace(fn, experts=experts)
     check_ndim(fn, "experts", experts, ndims, layout)
-    return xp
+    return xp, experts
 
 
 def _kernel_shape(fn: str, kernel_shape: Sequence[int], least: int = 3) -> tuple[int, ...]:
@@ -73,11 +83,12 @@ def _kernel_shape(fn: str, kernel_shape: Sequence[int], least: int = 3) -> tuple
     return tuple(check_positive_int(fn, "kernel_shape", n) for n in shape)
 
 
-def _flat(fn: str, flat: Any, size: int, described: str) -> Any:
+def _flat(fn: str, flat: Any, size: int, described: str) -> tuple[Any, Any]:
+    flat = any_array(fn, "flat", flat)
     xp = namespace(fn, flat=flat)
     check_ndim(fn, "flat", flat, 2, "(E, size)")
     check_shape(fn, "flat", flat, (flat.shape[0], size), described)
-    return xp
+    return xp, flat
 
 
 # ---------------------------------------------------------------- PyTorch flattened OIHW
@@ -100,7 +111,7 @@ def to_torch_flat_experts(experts: Any) -> Any:
     array([12., 13., 14., 15., 16.])
     """
     fn = "to_torch_flat_experts"
-    xp = _experts(fn, experts, "(E, O, C/groups, *k) or (E, F_out, F_in)", (3, 4, 5, 6))
+    xp, experts = _experts(fn, experts, "(E, O, C/groups, *k) or (E, F_out, F_in)", (3, 4, 5, 6))
     return xp.reshape(experts, (experts.shape[0], math.prod(experts.shape[1:])))
 
 
@@ -123,7 +134,7 @@ def from_torch_flat_experts(flat: Any, kernel_shape: Sequence[int]) -> Any:
     """
     fn = "from_torch_flat_experts"
     shape = _kernel_shape(fn, kernel_shape, least=2)
-    xp = _flat(fn, flat, math.prod(shape), f"(E, O·C/g·*k) for kernel_shape {shape}")
+    xp, flat = _flat(fn, flat, math.prod(shape), f"(E, O·C/g·*k) for kernel_shape {shape}")
     return xp.reshape(flat, (flat.shape[0],) + shape)
 
 
@@ -145,7 +156,7 @@ def to_tf_flat_experts(experts: Any) -> Any:
     array([[ 0.,  6.,  2.,  8.,  4., 10.,  1.,  7.,  3.,  9.,  5., 11.]])
     """
     fn = "to_tf_flat_experts"
-    xp = _experts(fn, experts, "(E, O, C/groups, *k)")
+    xp, experts = _experts(fn, experts, "(E, O, C/groups, *k)")
     nd = experts.ndim - 3
     hwio = xp.permute_dims(experts, (0,) + tuple(range(3, 3 + nd)) + (2, 1))
     return xp.reshape(hwio, (experts.shape[0], math.prod(experts.shape[1:])))
@@ -172,7 +183,7 @@ def from_tf_flat_experts(flat: Any, kernel_shape: Sequence[int]) -> Any:
     """
     fn = "from_tf_flat_experts"
     shape = _kernel_shape(fn, kernel_shape)
-    xp = _flat(fn, flat, math.prod(shape), f"(E, *k·C/g·O) for kernel_shape {shape}")
+    xp, flat = _flat(fn, flat, math.prod(shape), f"(E, *k·C/g·O) for kernel_shape {shape}")
     out_channels, in_per_group, spatial = shape[0], shape[1], shape[2:]
     nd = len(spatial)
     hwio = xp.reshape(flat, (flat.shape[0],) + spatial + (in_per_group, out_channels))
@@ -198,7 +209,7 @@ def to_tf_flat_depthwise_experts(experts: Any, *, depth_multiplier: int) -> Any:
     array([[0., 2., 4., 6., 1., 3., 5., 7.]])
     """
     fn = "to_tf_flat_depthwise_experts"
-    xp = _experts(fn, experts, "(E, C·m, 1, *k)")
+    xp, experts = _experts(fn, experts, "(E, C·m, 1, *k)")
     m = check_positive_int(fn, "depth_multiplier", depth_multiplier)
     n_experts, out_channels, nd = experts.shape[0], experts.shape[1], experts.ndim - 3
     if experts.shape[2] != 1 or out_channels % m:
@@ -237,7 +248,7 @@ def from_tf_flat_depthwise_experts(flat: Any, kernel_shape: Sequence[int], *,
     if shape[1] != 1 or shape[0] % m:
         raise ValueError(f"{fn}: kernel_shape must be (C·m, 1, *k) with C·m a multiple of "
                          f"depth_multiplier={m}, got {shape}")
-    xp = _flat(fn, flat, math.prod(shape), f"(E, *k·C·m) for kernel_shape {shape}")
+    xp, flat = _flat(fn, flat, math.prod(shape), f"(E, *k·C·m) for kernel_shape {shape}")
     spatial, nd = shape[2:], len(shape) - 2
     tf_order = xp.reshape(flat, (flat.shape[0],) + spatial + (shape[0] // m, m))
     split = xp.permute_dims(tf_order, (0, nd + 1, nd + 2) + tuple(range(1, nd + 1)))
@@ -257,6 +268,7 @@ def to_channels_last(x: Any) -> Any:
     (2, 4, 5, 3)
     """
     fn = "to_channels_last"
+    x = any_array(fn, "x", x)
     xp = namespace(fn, x=x)
     check_ndim(fn, "x", x, (3, 4, 5), "(B, C, *spatial) with 1 to 3 spatial dims")
     return xp.moveaxis(x, 1, -1)
@@ -272,6 +284,7 @@ def to_channels_first(x: Any) -> Any:
     (2, 3, 4, 5)
     """
     fn = "to_channels_first"
+    x = any_array(fn, "x", x)
     xp = namespace(fn, x=x)
     check_ndim(fn, "x", x, (3, 4, 5), "(B, *spatial, C) with 1 to 3 spatial dims")
     return xp.moveaxis(x, -1, 1)

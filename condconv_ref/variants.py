@@ -13,11 +13,13 @@ in golden vectors, and in :func:`condconv_ref.testing.check_implementation`.
 
 Variants
 --------
-``condconv``, ``condconv_layer``, ``depthwise_condconv_layer``,
-``cond_linear_layer``, ``dynamic_conv_layer``, ``odconv_layer`` are the layers users check; the
-raw ops ``conv``, ``mix_experts``, ``route_sigmoid``, ``route_softmax``,
-``moe_condconv``, ``depthwise_condconv``, ``cond_linear`` and
-``moe_cond_linear`` are there for the library's own checks.
+``condconv`` and ``depthwise_condconv`` (external routing weights, as the
+convolutions of an EfficientNet-CondConv block take them), ``condconv_layer``,
+``depthwise_condconv_layer``, ``cond_linear_layer``, ``dynamic_conv_layer``,
+``odconv_layer`` are the layers users check (:data:`LAYER_VARIANTS`); the raw
+ops ``conv``, ``mix_experts``, ``route_sigmoid``, ``route_softmax``,
+``moe_condconv``, ``cond_linear`` and ``moe_cond_linear`` are there for the
+library's own checks.
 
 A *layer* variant is called as ``op(x, params, **options)`` with every array
 but ``x`` in ``params``; the others as ``op(**arrays, **options)``.  The
@@ -276,7 +278,8 @@ class Variant:
     ``temperature`` that it has a softmax temperature option; ``buffers`` names the
     arrays it reads but does not differentiate (no gradient is returned for them);
     ``jvp`` is its Jacobian-vector product, ``jvp(tangents, <the op's arguments>)``, or
-    None where the library has none yet.
+    None where the library has none yet; ``optional`` names the arrays a case may leave
+    out (each switched by :meth:`~condconv_ref.testing.ConvConfig.has`).
 
     Examples
     --------
@@ -298,6 +301,7 @@ class Variant:
     temperature: bool = False
     buffers: tuple[str, ...] = ()
     jvp: Callable[..., Any] | None = None
+    optional: tuple[str, ...] = ()
 
     @property
     def takes_values(self) -> bool:
@@ -487,8 +491,9 @@ def unsupported(case: Case, supports: Supports) -> list[str]:
 
     A case is inside when :func:`condconv_ref.testing.cases` could draw it
     from ``supports``: its number of spatial dims, padding form and mode,
-    bias, and every size, stride, dilation, padding amount, group count and
-    temperature within the limits.  Golden-vector verification
+    optional arrays, and every size, stride, dilation, padding amount, group
+    count, hidden width and temperature within the limits, and
+    ``supports.excludes`` does not rule it out.  Golden-vector verification
     (:func:`condconv_ref.golden.verify`) does not hand an implementation the
     cases outside.
 
@@ -508,9 +513,20 @@ def unsupported(case: Case, supports: Supports) -> list[str]:
     """
     entry = VARIANTS[case.variant]
     arrays, options, reasons = case.arrays, case.options, []
-    present = any(name in arrays for name in ("bias", "route_bias", "fc1_bias", "fc2_bias"))
-    if present not in supports.bias:
+    following = [name for name in entry.optional if name not in supports.optional]
+    present = any(name in arrays for name in following)
+    if following and present not in supports.bias:
         reasons.append(f"{'a' if present else 'no'} bias, bias={supports.bias}")
+    for name in entry.optional:
+        if name in supports.optional and (name in arrays) not in supports.optional[name]:
+            reasons.append(f"{'a' if name in arrays else 'no'} {name}, "
+                           f"optional[{name!r}]={supports.optional[name]}")
+    hidden = arrays.get("fc1_weight", arrays.get("fc_weight"))
+    if hidden is not None:
+        _limit(reasons, "hidden width", hidden.shape[0], supports.max_hidden, "max_hidden")
+    excluded = supports.excluded(case)
+    if excluded:
+        reasons.append(excluded)
     x = arrays.get("x")
     if x is not None:
         _limit(reasons, "batch", x.shape[0], supports.max_batch, "max_batch")
@@ -519,10 +535,11 @@ def unsupported(case: Case, supports: Supports) -> list[str]:
         _limit(reasons, "experts", experts.shape[0] if "experts" in arrays else experts.shape[1],
                supports.max_experts, "max_experts")
     if "temperature" in options:
-        low, high = supports.temperatures
+        field_name = "odconv_temperatures" if case.variant == "odconv_layer" else "temperatures"
+        low, high = getattr(supports, field_name)
         if not low <= options["temperature"] <= high:
             reasons.append(f"temperature {options['temperature']:.3g} outside "
-                           f"temperatures={supports.temperatures}")
+                           f"{field_name}={(low, high)}")
     if entry.linear:
         _limit(reasons, "F_in", x.shape[1], supports.max_features, "max_features")
         _limit(reasons, "F_out", arrays["experts"].shape[1], supports.max_features,
@@ -630,7 +647,9 @@ def _build_mix(config: ConvConfig, seed: int, temperature: Any,
 
 def _build_route_sigmoid(config: ConvConfig, seed: int, temperature: Any,
                          values: Any = None) -> Any:
-    a = _conv_arrays(config, seed, values)
+    # the op's ``bias`` is the routing bias, switched as the op's own ``bias``
+    switched = replace(config, optional=(*config.optional, ("route_bias", config.has("bias"))))
+    a = _conv_arrays(switched, seed, values)
     return (_present(x=a.x, weight=a.route_weight, bias=a.route_bias), {},
             _conv_lengths(config))
 
@@ -684,8 +703,10 @@ def _linear_arrays(config: ConvConfig, seed: int, values: CondConvArrays | None 
                    / math.sqrt(in_features))
         routing = rng.uniform(size=(batch, n_experts))
         route_weight = rng.standard_normal((n_experts, in_features)) / math.sqrt(in_features)
-        bias = rng.standard_normal((n_experts, out_features)) if config.bias else None
-        route_bias = rng.standard_normal(n_experts) if config.bias else None
+        bias = rng.standard_normal((n_experts, out_features)) if config.any_optional else None
+        route_bias = rng.standard_normal(n_experts) if config.any_optional else None
+        bias = bias if config.has("bias") else None
+        route_bias = route_bias if config.has("route_bias") else None
     lengths = (n_experts * in_features,
                max(n_experts * in_features, n_experts * out_features, batch,
                    out_features * in_features))
@@ -708,7 +729,7 @@ def _build_linear_layer(config: ConvConfig, seed: int, temperature: Any,
     return _linear_arrays(config, seed, values, layer=True)
 
 
-def _softmax_routing(x: np.ndarray, n_experts: int, bias: bool, seed: int,
+def _softmax_routing(x: np.ndarray, config: ConvConfig, seed: int,
                      temperature: float | None) -> tuple[dict[str, Any], float]:
     """Routing MLP parameters whose ReLU inputs keep clear of the kink, and the temperature.
 
@@ -718,23 +739,25 @@ def _softmax_routing(x: np.ndarray, n_experts: int, bias: bool, seed: int,
     """
     rng = _rng(seed, 2)
     pooled = x.mean(axis=tuple(range(2, x.ndim)))
-    hidden = int(rng.integers(1, 5))
+    drawn_hidden = int(rng.integers(1, 5))  # drawn always: the later draws stay the same
+    hidden = drawn_hidden if config.hidden is None else config.hidden
+    fc1, fc2 = config.has("fc1_bias"), config.has("fc2_bias")
     fc1_weight = np.empty((hidden, x.shape[1]))
     fc1_bias = np.zeros(hidden)
     for j in range(hidden):
         while True:
             fc1_weight[j] = rng.standard_normal(x.shape[1])
-            fc1_bias[j] = rng.standard_normal() if bias else 0.0
+            fc1_bias[j] = rng.standard_normal() if fc1 else 0.0
             size = (np.linalg.norm(pooled, axis=1) * np.linalg.norm(fc1_weight[j])
                     + abs(fc1_bias[j]))
             if np.all(np.abs(pooled @ fc1_weight[j] + fc1_bias[j]) >= _KINK_MARGIN * size):
                 break
-    fc2_weight = rng.standard_normal((n_experts, hidden))
-    fc2_bias = rng.standard_normal(n_experts) if bias else None
+    fc2_weight = rng.standard_normal((config.n_experts, hidden))
+    fc2_bias = rng.standard_normal(config.n_experts) if fc2 else None
     low, high = TEMPERATURE_RANGE
     drawn = float(np.exp(rng.uniform(math.log(low), math.log(high))))
     arrays = _present(fc1_weight=fc1_weight, fc2_weight=fc2_weight,
-                      fc1_bias=fc1_bias if bias else None, fc2_bias=fc2_bias)
+                      fc1_bias=fc1_bias if fc1 else None, fc2_bias=fc2_bias)
     return arrays, drawn if temperature is None else float(temperature)
 
 
@@ -742,7 +765,7 @@ def _build_route_softmax(config: ConvConfig, seed: int, temperature: Any,
                          values: Any = None) -> Any:
     """``route_softmax`` of the configuration's input, away from ReLU kinks."""
     a = _conv_arrays(config, seed, values)
-    routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
+    routing, temperature = _softmax_routing(a.x, config, seed, temperature)
     return {"x": a.x, **routing}, {"temperature": temperature}, _conv_lengths(config)
 
 
@@ -750,7 +773,7 @@ def _build_dynamic(config: ConvConfig, seed: int, temperature: Any,
                    values: Any = None) -> Any:
     """``dynamic_conv_layer``: the experts, softmax routing parameters, temperature."""
     a = _conv_arrays(config, seed, values)
-    routing, temperature = _softmax_routing(a.x, config.n_experts, config.bias, seed, temperature)
+    routing, temperature = _softmax_routing(a.x, config, seed, temperature)
     arrays = _present(x=a.x, experts=a.experts, bias=a.bias, **routing)
     return arrays, {**config.options(), "temperature": temperature}, _conv_lengths(config)
 
@@ -798,17 +821,18 @@ def _build_odconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
     choices = _rng(seed, 5)  # the choices first: the same for every size of the configuration
     train = bool(choices.random() < 0.5) and config.batch >= 2
     present = [head for head in HEADS if choices.random() < 0.75]
-    width = int(choices.integers(1, 5))
+    width = int(choices.integers(1, 5))  # drawn always: the later draws stay the same
+    width = width if config.hidden is None else config.hidden
     low, high = ODCONV_TEMPERATURE_RANGE
     drawn = float(np.exp(choices.uniform(math.log(low), math.log(high))))
     rng = _rng(seed, 6)
     arrays = {"x": a.x, "experts": a.experts,
-              **_odconv_trunk(a.x, width, rng, train=train, bias=config.bias)}
+              **_odconv_trunk(a.x, width, rng, train=train, bias=config.has("bn_bias"))}
     sizes = {"channel": config.in_channels, "filter": config.out_channels,
              "spatial": math.prod(config.kernel), "kernel": config.n_experts}
     for head in present:
         arrays[f"{head}_weight"] = rng.standard_normal((sizes[head], width))
-        if config.bias:
+        if config.has(f"{head}_bias"):
             arrays[f"{head}_bias"] = rng.standard_normal(sizes[head])
     options = {**config.options(), "temperature": drawn if temperature is None
                else float(temperature), "batch_norm": "train" if train else "eval"}
@@ -824,39 +848,47 @@ def _build_odconv(config: ConvConfig, seed: int, temperature: Any) -> Any:
 
 # ---------------------------------------------------------------- the registry
 
+_BIAS = ("bias",)
+_LAYER_BIASES = ("bias", "route_bias")
+_MLP_BIASES = ("fc1_bias", "fc2_bias")
+
 VARIANTS: Mapping[str, Variant] = {
     entry.name: entry for entry in [
-        Variant("conv", conv, conv_vjp, _build_conv, jvp=conv_jvp),
+        Variant("conv", conv, conv_vjp, _build_conv, jvp=conv_jvp, optional=_BIAS),
         Variant("mix_experts", mix_experts, mix_experts_vjp, _build_mix, jvp=mix_experts_jvp),
         Variant("route_sigmoid", route_sigmoid, route_sigmoid_vjp, _build_route_sigmoid,
-                jvp=route_sigmoid_jvp),
+                jvp=route_sigmoid_jvp, optional=_BIAS),
         Variant("route_softmax", route_softmax, route_softmax_vjp, _build_route_softmax,
-                temperature=True, jvp=route_softmax_jvp),
-        Variant("condconv", condconv, condconv_vjp, _build_condconv, jvp=condconv_jvp),
+                temperature=True, jvp=route_softmax_jvp, optional=_MLP_BIASES),
+        Variant("condconv", condconv, condconv_vjp, _build_condconv, jvp=condconv_jvp,
+                optional=_BIAS),
         Variant("moe_condconv", moe_condconv, moe_condconv_vjp, _build_condconv,
-                jvp=moe_condconv_jvp),
+                jvp=moe_condconv_jvp, optional=_BIAS),
         Variant("condconv_layer", condconv_layer, condconv_layer_vjp, _build_condconv_layer,
-                layer=True, jvp=condconv_layer_jvp),
+                layer=True, jvp=condconv_layer_jvp, optional=_LAYER_BIASES),
         Variant("depthwise_condconv", depthwise_condconv, depthwise_condconv_vjp,
-                _build_depthwise, depthwise=True, jvp=depthwise_condconv_jvp),
+                _build_depthwise, depthwise=True, jvp=depthwise_condconv_jvp, optional=_BIAS),
         Variant("depthwise_condconv_layer", depthwise_condconv_layer,
                 depthwise_condconv_layer_vjp, _build_depthwise_layer, layer=True,
-                depthwise=True, jvp=depthwise_condconv_layer_jvp),
+                depthwise=True, jvp=depthwise_condconv_layer_jvp, optional=_LAYER_BIASES),
         Variant("cond_linear", cond_linear, cond_linear_vjp, _build_linear, linear=True,
-                jvp=cond_linear_jvp),
+                jvp=cond_linear_jvp, optional=_BIAS),
         Variant("moe_cond_linear", moe_cond_linear, moe_cond_linear_vjp, _build_linear,
-                linear=True, jvp=moe_cond_linear_jvp),
+                linear=True, jvp=moe_cond_linear_jvp, optional=_BIAS),
         Variant("cond_linear_layer", cond_linear_layer, cond_linear_layer_vjp,
-                _build_linear_layer, layer=True, linear=True, jvp=cond_linear_layer_jvp),
+                _build_linear_layer, layer=True, linear=True, jvp=cond_linear_layer_jvp,
+                optional=_LAYER_BIASES),
         Variant("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
-                _build_dynamic, layer=True, temperature=True, jvp=dynamic_conv_layer_jvp),
+                _build_dynamic, layer=True, temperature=True, jvp=dynamic_conv_layer_jvp,
+                optional=("bias",) + _MLP_BIASES),
         Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
-                temperature=True, buffers=BUFFERS, jvp=odconv_layer_jvp),
+                temperature=True, buffers=BUFFERS, jvp=odconv_layer_jvp,
+                optional=("bn_bias",) + tuple(f"{head}_bias" for head in HEADS)),
     ]
 }
 """Every variant by name.  A new op adds one :class:`Variant` here."""
 
-LAYER_VARIANTS = ("condconv", "condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
-                  "dynamic_conv_layer", "odconv_layer")
+LAYER_VARIANTS = ("condconv", "condconv_layer", "depthwise_condconv", "depthwise_condconv_layer",
+                  "cond_linear_layer", "dynamic_conv_layer", "odconv_layer")
 """The variants users check their implementations against
 (:func:`condconv_ref.testing.check_implementation`)."""

@@ -25,6 +25,7 @@ def _one_line_error(err: str) -> str:
 
 
 @pytest.mark.parametrize("script, reports", [("condconv_torch.py", 2),
+                                             ("depthwise_condconv_torch.py", 1),
                                              ("dynamic_conv_torch.py", 1),
                                              ("odconv_torch.py", 1)])
 def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypatch, capsys):
@@ -42,6 +43,7 @@ def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypat
 @pytest.mark.parametrize("target, variant", [
     ("condconv_torch.py:factory", "condconv_layer"),
     ("condconv_torch.py:loop_factory", "condconv_layer"),
+    ("depthwise_condconv_torch.py:factory", "depthwise_condconv"),
     ("dynamic_conv_torch.py:factory", "dynamic_conv_layer"),
     ("odconv_torch.py:factory", "odconv_layer"),
 ])

@@ -189,3 +189,59 @@ def test_torch_flat_experts_match_grouped_batch_trick_semantics(backend):
 def test_bad_layouts_raise_naming_the_function_and_argument(backend, call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call(backend.xp)
+
+
+class _OnlyArrayProtocol:
+    """An array of a library outside the array API, readable through ``__array__`` only
+    (as a TensorFlow tensor is)."""
+
+    def __init__(self, values):
+        self._values = values
+
+    def __array__(self, dtype=None, copy=None):
+        return self._values if dtype is None else self._values.astype(dtype)
+
+
+class _OnlyDLPack:
+    """An array readable through DLPack only."""
+
+    def __init__(self, values):
+        self._values = values
+
+    def __dlpack__(self, **kwargs):
+        return self._values.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._values.__dlpack_device__()
+
+
+CONVERTERS = [
+    (layouts.to_torch_flat_experts, (2, 3, 4, 2, 2), {}),
+    (layouts.from_torch_flat_experts, (2, 48), {"kernel_shape": (3, 4, 2, 2)}),
+    (layouts.to_tf_flat_experts, (2, 3, 4, 2, 2), {}),
+    (layouts.from_tf_flat_experts, (2, 48), {"kernel_shape": (3, 4, 2, 2)}),
+    (layouts.to_tf_flat_depthwise_experts, (2, 6, 1, 2, 2), {"depth_multiplier": 2}),
+    (layouts.from_tf_flat_depthwise_experts, (2, 24), {"kernel_shape": (6, 1, 2, 2),
+                                                       "depth_multiplier": 2}),
+    (layouts.to_channels_last, (2, 3, 4, 5), {}),
+    (layouts.to_channels_first, (2, 4, 5, 3), {}),
+]
+
+
+@pytest.mark.parametrize("wrapper", [_OnlyArrayProtocol, _OnlyDLPack])
+@pytest.mark.parametrize("convert, shape, options", CONVERTERS,
+                         ids=[convert.__name__ for convert, _, _ in CONVERTERS])
+def test_converters_read_any_array_through_numpy_or_dlpack(wrapper, convert, shape, options):
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    converted = convert(wrapper(values), **options)
+    assert type(converted) is np.ndarray and converted.dtype == np.float32
+    np.testing.assert_array_equal(converted, convert(values, **options))
+
+
+@pytest.mark.parametrize("convert, shape, options", CONVERTERS,
+                         ids=[convert.__name__ for convert, _, _ in CONVERTERS])
+def test_converters_refuse_what_is_no_array(convert, shape, options):
+    with pytest.raises(TypeError, match=rf"{convert.__name__}: \w+ must be an array \(of the "
+                                        r"array API, or readable through DLPack or NumPy's "
+                                        r"__array__\), got list"):
+        convert([[1.0, 2.0]], **options)

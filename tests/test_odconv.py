@@ -64,8 +64,10 @@ def _jvp_holding_the_batch_statistics_still(tangents, x, params, **options):
 
 
 def test_transpose_check_catches_a_jvp_holding_the_batch_statistics_still():
+    # heads that are not saturated (temperature above 0.1), so that the derivative of the
+    # batch statistics reaches the output
     case = next(case for case in draw_examples(cases("odconv_layer", SMALL), 60, seed=5)
-                if case.options["batch_norm"] == "train"
+                if case.options["batch_norm"] == "train" and case.options["temperature"] > 0.1
                 and all(f"{head}_weight" in case.arrays for head in HEADS))
     assert transpose_check(case, "float64").passed
     measured = transpose_check(case, "float64", jvp=_jvp_holding_the_batch_statistics_still)

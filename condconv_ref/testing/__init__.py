@@ -25,6 +25,7 @@ from condconv_ref.testing.checker import (
     Implementation,
     ImplementationMismatch,
     Report,
+    Unsupported,
     check_case,
     check_implementation,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ImplementationMismatch",
     "Report",
     "Supports",
+    "Unsupported",
     "VJPCheck",
     "arrays_for",
     "assert_close",

@@ -83,6 +83,7 @@ __all__ = [
     "Implementation",
     "ImplementationMismatch",
     "Report",
+    "Unsupported",
     "check_case",
     "check_implementation",
     "load_implementation",
@@ -140,6 +141,12 @@ class Report:
     seconds : float
     note : str
         E.g. that the failure did not reproduce (a non-deterministic implementation).
+    declined : int
+        Cases the implementation declined by raising :class:`Unsupported`:
+        neither passed nor failed.  When it declines every case the check fails.
+    turned_away : int
+        Drawn cases that ``Supports.accepts`` turned away (not counted in
+        ``examples``), see :class:`~condconv_ref.testing.Supports`.
 
     Examples
     --------
@@ -167,13 +174,15 @@ class Report:
     seconds: float = 0.0
     note: str = ""
     checked_jvp: bool = False
+    declined: int = 0
+    turned_away: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The report as strict JSON values: the verdict, the figure, and the minimal
         failing case (its shapes, options and one-line description) with every mismatch."""
         record = jsonable({name: getattr(self, name) for name in (
             "variant", "dtype", "passed", "examples", "units", "where", "checked_vjp",
-            "checked_jvp", "seed", "seconds", "note")})
+            "checked_jvp", "seed", "seconds", "note", "declined", "turned_away")})
         record["mismatches"] = [mismatch.to_json() for mismatch in self.mismatches]
         record["case"] = None if self.case is None else {
             "description": self.case.describe(),
@@ -187,12 +196,13 @@ class Report:
         what = ", ".join(checked[:-1]) + " and " + checked[-1] if len(checked) > 1 else "forward"
         head = (f"check_implementation: {self.variant} ({what}, {self.dtype}, seed {self.seed}): "
                 f"{'PASSED' if self.passed else 'FAILED'} after {self.examples} examples "
-                f"in {self.seconds:.1f} s")
+                f"in {self.seconds:.1f} s" + _counts(self.declined, self.turned_away))
         if self.passed:
             return (f"{head}\n  largest error {self.units:.2g} x the bound, at {self.where}"
                     + (f"\n  {self.note}" if self.note else ""))
-        lines = [head, "minimal failing case:"]
+        lines = [head]
         if self.case is not None:
+            lines.append("minimal failing case:")
             lines.append("  " + ", ".join(f"{name} {shape}"
                                           for name, shape in self.case.shapes.items()))
             if self.case.options:
@@ -204,6 +214,14 @@ class Report:
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
+
+
+def _counts(declined: int, turned_away: int) -> str:
+    """``" (3 declined; 5 drawn cases outside supports)"``, or ``""``."""
+    parts = [f"{declined} declined"] * bool(declined)
+    parts += [f"{turned_away} drawn case{'s' * (turned_away != 1)} outside supports"] * bool(
+        turned_away)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 _SHOWN_VALUES = 8
@@ -239,6 +257,31 @@ class ImplementationMismatch(AssertionError):
         self.report = report
 
 
+class Unsupported(Exception):
+    """Raise it from ``forward`` or ``vjp`` to decline a case the implementation does not support.
+
+    The checker counts a declined case (:attr:`Report.declined`) and moves
+    on: it neither passes nor fails.  A check in which every case is declined
+    fails, since nothing was checked.  Declare what an implementation supports
+    with :class:`~condconv_ref.testing.Supports` where possible: a declined case
+    is drawn in vain.
+
+    Examples
+    --------
+    A layer without circular padding:
+
+    >>> from condconv_ref.testing import Unsupported, check_implementation
+    >>> from condconv_ref.variants import reference_forward
+    >>> def forward(case):
+    ...     if case.options["padding_mode"] == "circular":
+    ...         raise Unsupported("no circular padding")
+    ...     return reference_forward(case)
+    >>> report = check_implementation(forward, variant="condconv_layer", max_examples=30)
+    >>> report.passed, 0 < report.declined < report.examples
+    (True, True)
+    """
+
+
 class _CaseFailed(Exception):
     """Raised inside the hypothesis test for a failing case, so that hypothesis shrinks it."""
 
@@ -254,7 +297,7 @@ class _CaseFailed(Exception):
 def _raised(what: str, error: BaseException) -> Comparison:
     frame = traceback.extract_tb(error.__traceback__)[-1:]
     where = f" (at {frame[0].filename}:{frame[0].lineno})" if frame else ""
-    return Comparison(what, reason=f"raised {type(error).__name__}: {error}{where}")
+    return Comparison.raised(what, error, where)
 
 
 @dataclass
@@ -264,6 +307,12 @@ class _Search:
     dtype: str
     backend: Backend
     examples: int = 0
+    declined: int = 0
+    case_declined: bool = False
+    first_declined: str = ""
+    turned_away: int = 0
+    kept: int = 0
+    last_turned_away: str = ""
     failure: _CaseFailed | None = None
     passing: list[Comparison] = field(default_factory=list)
 
@@ -283,10 +332,13 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
     """Every mismatch of ``implementation`` on ``case`` (already rounded to the dtype)."""
     reference = rounded(case, search.dtype)  # float64 arrays at the values handed over
     expected = expected_forward(reference, search.backend, search.dtype)
+    search.case_declined = False
     try:
         actual = implementation.forward(case)
     except MemoryBudgetError:
         raise
+    except Unsupported as error:
+        return _declined(search, "forward", error)
     except Exception as error:
         return [_raised("forward", error)]
     mismatches = _judged(actual, expected, search)
@@ -307,6 +359,8 @@ def _check_vjp(case: Case, reference: Case, shape: tuple[int, ...], vjp: Any,
         grads = vjp(case, _handed(cotangent, search.dtype))
     except MemoryBudgetError:
         raise
+    except Unsupported as error:
+        return _declined(search, "vjp", error)
     except Exception as error:
         return [_raised("vjp", error)]
     return _judged(grads, expected_grads, search)
@@ -320,9 +374,21 @@ def _check_jvp(case: Case, reference: Case, jvp: Any, search: _Search) -> list[C
         actual = jvp(case, {name: _handed(t, search.dtype) for name, t in tangents.items()})
     except MemoryBudgetError:
         raise
+    except Unsupported as error:
+        return _declined(search, "jvp", error)
     except Exception as error:
         return [_raised("jvp", error)]
     return _judged(actual, expected, search, what="jvp")
+
+
+def _declined(search: _Search, what: str, error: Unsupported) -> list[Comparison]:
+    """Count a case the implementation declined, once however many of its calls declined it
+    (no mismatch: the case is neither passed nor failed), and keep the first reason."""
+    search.declined += not search.case_declined
+    search.case_declined = True
+    if not search.first_declined:
+        search.first_declined = Comparison.raised(what, error).reason
+    return []
 
 
 def _handed(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -392,9 +458,10 @@ def check_implementation(
         :class:`Implementation` bundling ``forward``, ``vjp``, ``supports`` and
         ``jvp`` (the keyword arguments, when given, take precedence).
     variant : str
-        One of ``condconv`` (external routing weights), ``condconv_layer``,
+        One of :data:`condconv_ref.variants.LAYER_VARIANTS`: ``condconv`` and
+        ``depthwise_condconv`` (external routing weights), ``condconv_layer``,
         ``depthwise_condconv_layer``, ``cond_linear_layer``,
-        ``dynamic_conv_layer``; or any other key of
+        ``dynamic_conv_layer``, ``odconv_layer``; or any other key of
         :data:`condconv_ref.variants.VARIANTS`.
     vjp : callable, optional
         ``vjp(case, cotangent) -> {name: gradient}``; checked when given.
@@ -497,7 +564,7 @@ def check_implementation(
               report_multiple_bugs=False, print_blob=False,
               suppress_health_check=list(HealthCheck))
     @hypothesis_seed(seed)
-    @given(cases(variant, implementation.supports, xp=np,
+    @given(cases(variant, _counting(implementation.supports, search), xp=np,
                  dtype="float32" if dtype == "bfloat16" else dtype).map(
         lambda case: _in_dtype(case, dtype)))
     def run(case: Case) -> None:
@@ -517,8 +584,40 @@ def check_implementation(
         note = "the failure did not reproduce when replayed: is the implementation deterministic?"
     except Unsatisfiable:
         raise ValueError("check_implementation: supports admit no valid case") from None
+    except _Starved:
+        pass  # hypothesis may report it as a flaky failure instead: checked below
+    if search.kept == 0 and search.turned_away >= _STARVED:
+        raise ValueError(f"check_implementation: supports admit no valid case: excludes "
+                         f"turned away all of the first {_STARVED} cases drawn (the last: "
+                         f"{search.last_turned_away})")
     return _finish(search, variant, implementation, seed, time.perf_counter() - started, note,
                    raise_on_failure)
+
+
+_STARVED = 200
+"""Drawn cases ``Supports.excludes`` may turn away, none kept, before the check gives up."""
+
+
+class _Starved(Exception):
+    """Raised while drawing when ``Supports.excludes`` has turned away every case so far."""
+
+
+def _counting(supports: Supports | None, search: _Search) -> Supports | None:
+    """``supports`` whose ``excludes`` counts the cases it turns away in ``search``."""
+    if supports is None or supports.excludes is None:
+        return supports
+    excludes = supports.excludes
+
+    def counted(case: Case) -> str | None:
+        reason = excludes(case)
+        search.turned_away += bool(reason)
+        search.kept += not reason
+        search.last_turned_away = reason or search.last_turned_away
+        if search.kept == 0 and search.turned_away >= _STARVED:
+            raise _Starved(reason)
+        return reason
+
+    return dataclasses.replace(supports, excludes=counted)
 
 
 def _finish(search: _Search, variant: str, implementation: Implementation, seed: int,
@@ -527,11 +626,19 @@ def _finish(search: _Search, variant: str, implementation: Implementation, seed:
     when it failed and ``raise_on_failure``)."""
     failure = search.failure
     largest = max(search.passing, key=lambda c: c.units, default=None)
-    report = Report(variant, search.dtype, failure is None, search.examples,
-                    failure.case if failure else None, failure.mismatches if failure else (),
+    declined_all = failure is None and search.declined >= search.examples > 0
+    if declined_all:
+        note = (f"the implementation declined all {search.examples} cases, so nothing was "
+                f"checked (first: {search.first_declined})" + (f"; {note}" if note else ""))
+    report = Report(variant, search.dtype, failure is None and not declined_all,
+                    search.examples, failure.case if failure else None,
+                    failure.mismatches if failure else (),
                     largest.units if largest else 0.0, largest.where if largest else "",
                     implementation.vjp is not None, seed, seconds, note,
-                    checked_jvp=implementation.jvp is not None)
+                    checked_jvp=implementation.jvp is not None, declined=search.declined,
+                    turned_away=search.turned_away)
+    if declined_all and raise_on_failure:
+        raise ImplementationMismatch(report)
     if failure is not None and raise_on_failure:
         raise ImplementationMismatch(report)
     return report
@@ -612,6 +719,29 @@ def check_case(
         search.failure = _CaseFailed(handed, mismatches)
     return _finish(search, case.variant, implementation, case.seed, time.perf_counter() - started,
                    "", raise_on_failure)
+
+
+# ---------------------------------------------------------------- the adapters' mapping
+
+
+def parameter_mapping(fn: str, parameters: Mapping[str, Any],
+                      target: str) -> dict[str, tuple[str, Callable[..., Any] | None]]:
+    """An adapter's ``parameters`` as ``{array name: (target name, converter or None)}``.
+
+    Each value is ``target`` (e.g. a module parameter's name) or a ``(name,
+    converter)`` pair; anything else is a ``TypeError`` naming ``fn``.
+    """
+    mapping: dict[str, tuple[str, Callable[..., Any] | None]] = {}
+    for name, given in parameters.items():
+        if isinstance(given, str):
+            mapping[name] = (given, None)
+        elif (isinstance(given, tuple) and len(given) == 2 and isinstance(given[0], str)
+              and callable(given[1])):
+            mapping[name] = given
+        else:
+            raise TypeError(f"{fn}: parameters[{name!r}] must be {target} or a (name, "
+                            f"converter) pair, got {given!r}")
+    return mapping
 
 
 # ---------------------------------------------------------------- implementations in files

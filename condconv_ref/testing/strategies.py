@@ -35,11 +35,11 @@ Examples
 from __future__ import annotations
 
 import math
-
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from hypothesis import assume
+from hypothesis import assume, reject
 from hypothesis import strategies as st
 
 from condconv_ref._cases import PADDING_FORMS, CondConvArrays, ConvConfig, Supports, arrays_for
@@ -116,6 +116,8 @@ def conv_configs(
     padding_modes: tuple[str, ...] = PADDING_MODES,
     depthwise: bool = False,
     bias: bool | None = None,
+    optional: Mapping[str, bool | None] | None = None,
+    max_hidden: int | None = None,
 ) -> ConvConfig:
     """Strategy of valid :class:`ConvConfig` objects.
 
@@ -148,6 +150,13 @@ def conv_configs(
         drawn up to ``max_out_per_group``.
     bias : bool, optional
         Force ``config.bias``; drawn when None.
+    optional : mapping of str to bool or None, optional
+        Switches of single optional arrays (names from ``OPTIONAL_ARRAYS``):
+        forced to the value, or drawn when None; the others follow ``bias``.
+    max_hidden : int, optional
+        Upper bound on ``config.hidden``, the routing MLP's hidden width, drawn
+        from 1 (:func:`cases` always draws it); None leaves ``config.hidden``
+        None, for the seed to choose.
 
     Returns
     -------
@@ -179,6 +188,9 @@ def conv_configs(
     batch = draw(st.integers(1, max_batch))
     n_experts = draw(st.integers(1, max_experts))
     has_bias = draw(st.booleans()) if bias is None else bool(bias)
+    switches = tuple((name, draw(st.booleans()) if fixed is None else bool(fixed))
+                     for name, fixed in sorted((optional or {}).items()))
+    hidden = None if max_hidden is None else draw(st.integers(1, max_hidden))
 
     kernel = draw(st.tuples(*[st.integers(1, max_kernel)] * nd))
     stride = draw(st.tuples(*[st.integers(1, max_stride)] * nd))
@@ -221,7 +233,7 @@ def conv_configs(
     return ConvConfig(batch=batch, in_channels=in_channels, out_channels=out_channels,
                       groups=groups, spatial=tuple(spatial), kernel=kernel, stride=stride,
                       dilation=dilation, padding=padding, padding_mode=mode,
-                      n_experts=n_experts, bias=has_bias)
+                      n_experts=n_experts, bias=has_bias, optional=switches, hidden=hidden)
 
 
 # ---------------------------------------------------------------- values that shrink
@@ -294,9 +306,10 @@ def cases(draw: st.DrawFn, variant: str, supports: Supports | None = None, *, xp
 
     A configuration from :func:`conv_configs` within ``supports``, a seed for
     its arrays, a grid to round them to (:func:`case_values`) and, for the
-    softmax variants, a temperature.  Shrinking goes towards small
-    configurations, whole-number values (0, 1, -1, ...), seed 0 and the
-    simplest temperature.
+    softmax variants, a temperature.  A case that ``supports.excludes`` rules
+    out is drawn again, up to 10 times per example (then the example is
+    rejected).  Shrinking goes towards small configurations, whole-number
+    values (0, 1, -1, ...), seed 0 and the simplest temperature.
 
     Parameters
     ----------
@@ -322,12 +335,28 @@ def cases(draw: st.DrawFn, variant: str, supports: Supports | None = None, *, xp
     ...     assert 0.5 <= case.options["temperature"] <= 4.0
     >>> test_case()
     """
-    from condconv_ref.variants import VARIANTS, build_case
+    from condconv_ref.variants import VARIANTS
 
     if variant not in VARIANTS:
         raise ValueError(f"cases: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    entry = VARIANTS[variant]
     supports = Supports() if supports is None else supports
+    for _ in range(_TRIES):
+        case = draw(_any_case(variant, supports))
+        if not supports.excluded(case):
+            return case if xp is None else case.to(xp, dtype=dtype, device=device)
+    reject()
+
+
+_TRIES = 10
+"""Cases :func:`cases` draws for one example before giving up on ``Supports.excludes``."""
+
+
+@st.composite
+def _any_case(draw: st.DrawFn, variant: str, supports: Supports) -> Case:
+    """One case of ``variant`` within the fields of ``supports`` (``excludes`` not applied)."""
+    from condconv_ref.variants import VARIANTS, build_case
+
+    entry = VARIANTS[variant]
     config = draw(conv_configs(**supports.config_options(depthwise=entry.depthwise,
                                                          linear=entry.linear)))
     seed = draw(seeds())
@@ -340,5 +369,4 @@ def cases(draw: st.DrawFn, variant: str, supports: Supports | None = None, *, xp
         temperature = draw(st.floats(*supports.temperatures, allow_nan=False,
                                      allow_infinity=False))
     values = draw(case_values(config, seed)) if entry.takes_values else None
-    case = build_case(variant, config, seed, temperature=temperature, values=values)
-    return case if xp is None else case.to(xp, dtype=dtype, device=device)
+    return build_case(variant, config, seed, temperature=temperature, values=values)

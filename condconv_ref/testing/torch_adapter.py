@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from condconv_ref._cases import Supports
-from condconv_ref.testing.checker import Implementation
+from condconv_ref.testing.checker import Implementation, parameter_mapping
 from condconv_ref.variants import Case
 
 __all__ = ["torch_implementation"]
@@ -82,20 +82,6 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _mapping(parameters: Mapping[str, Any]) -> dict[str, tuple[str, Converter | None]]:
-    mapping: dict[str, tuple[str, Converter | None]] = {}
-    for name, target in parameters.items():
-        if isinstance(target, str):
-            mapping[name] = (target, None)
-        elif (isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
-              and callable(target[1])):
-            mapping[name] = target
-        else:
-            raise TypeError(f"torch_implementation: parameters[{name!r}] must be a module "
-                            f"parameter name or a (name, converter) pair, got {target!r}")
-    return mapping
 
 
 def _check_every_parameter_set(module: Any, replaced: Mapping[str, Any],
@@ -181,7 +167,7 @@ def torch_implementation(
     """
     if not isinstance(jvp, bool):
         raise TypeError(f"torch_implementation: jvp must be True or False, got {jvp!r}")
-    mapping = _mapping(parameters)
+    mapping = parameter_mapping("torch_implementation", parameters, "a module parameter name")
     inputs = tuple(inputs)
 
     def run(case: Case, requires_grad: bool,
