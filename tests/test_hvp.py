@@ -1,0 +1,137 @@
+"""Second order: each layer's Hessian-vector product matches finite differences of its VJP,
+applies a symmetric Hessian, is validated at the public boundary like the VJP, and a wrong one
+(without the router's own second-order term) is caught."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import condconv_ref
+from condconv_ref import engine
+from condconv_ref.testing import ConvConfig
+from condconv_ref.testing.strategies import Supports, cases
+from condconv_ref.variants import VARIANTS, build_case
+
+HVP_VARIANTS = sorted(name for name, entry in VARIANTS.items() if entry.hvp is not None)
+SMALL = Supports(spatial_dims=(1, 2), max_batch=2, max_experts=3, max_groups=2,
+                 max_channels_per_group=2, max_out_per_group=2, max_size=5)
+DTYPES = st.sampled_from(["float64", "float32"])
+CONFIG = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+                    kernel=(3,), stride=(1,), dilation=(1,), padding=1, padding_mode="zeros",
+                    n_experts=3, bias=True)
+
+
+def test_the_sigmoid_and_softmax_routed_layers_have_an_hvp():
+    assert HVP_VARIANTS == ["cond_linear_layer", "condconv_layer", "depthwise_condconv_layer",
+                            "dynamic_conv_layer"]
+    assert all(name + "_hvp" in condconv_ref.__all__ for name in HVP_VARIANTS)
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+@settings(max_examples=5)
+@given(data=st.data(), dtype=DTYPES)
+def test_hvp_matches_finite_differences_of_the_vjp(backend, variant, data, dtype):
+    case = data.draw(cases(variant, SMALL), label="case")
+    measured = engine.hvp_check(case, dtype, backend, seed=case.seed)
+    assert measured.passed or np.isnan(measured.units), measured
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+@settings(max_examples=5)
+@given(data=st.data(), dtype=DTYPES)
+def test_the_hessian_the_hvp_applies_is_symmetric(backend, variant, data, dtype):
+    case = data.draw(cases(variant, SMALL), label="case")
+    measured = engine.hvp_symmetry_check(case, dtype, backend, seed=case.seed)
+    assert measured.passed, measured
+
+
+# ---------------------------------------------------------------- wrong HVPs are caught
+
+
+def _without_the_routers_term(router):
+    """``router`` with its own second-order term replaced by zeros."""
+    def zero(*args, **kwargs):
+        return {name: 0 * term for name, term in router.route_hvp(*args, **kwargs).items()}
+    return router._replace(route_hvp=zero)
+
+
+@contextmanager
+def _routers_without_second_order(variant, monkeypatch):
+    module = sys.modules[VARIANTS[variant].hvp.__module__]
+    with monkeypatch.context() as patch:
+        if variant == "dynamic_conv_layer":
+            router = module._softmax_router
+            patch.setattr(module, "_softmax_router",
+                          lambda temperature: _without_the_routers_term(router(temperature)))
+        else:
+            patch.setattr(module, "SIGMOID", _without_the_routers_term(module.SIGMOID))
+        yield
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+def test_an_hvp_without_the_routers_second_order_term_is_caught(variant, monkeypatch):
+    def wrong(*args, **kwargs):
+        with _routers_without_second_order(variant, monkeypatch):
+            return VARIANTS[variant].hvp(*args, **kwargs)
+
+    case = build_case(variant, CONFIG, seed=7)
+    assert engine.hvp_check(case, "float64").passed
+    measured = engine.hvp_check(case, "float64", hvp=wrong)
+    assert measured.units > 1, measured
+    assert "x" in measured.detail
+
+
+def test_an_asymmetric_hvp_is_caught():
+    variant = "condconv_layer"
+
+    def asymmetric(cotangent, tangents, x, params, **options):
+        grads = VARIANTS[variant].hvp(cotangent, tangents, x, params, **options)
+        # the Hessian's experts-x block doubled in one direction only
+        shifted = dict(tangents, experts=0 * tangents["experts"])
+        extra = VARIANTS[variant].hvp(cotangent, shifted, x, params, **options)
+        return {**grads, "experts": grads["experts"] + extra["experts"]}
+
+    case = build_case(variant, CONFIG, seed=7)
+    assert engine.hvp_symmetry_check(case, "float64").passed
+    assert not engine.hvp_symmetry_check(case, "float64", hvp=asymmetric).passed
+
+
+# ---------------------------------------------------------------- the public boundary
+
+
+def _layer_call():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 5))
+    params = {"experts": rng.normal(size=(3, 4, 3, 3)), "route_weight": rng.normal(size=(3, 3))}
+    return rng.normal(size=(2, 4, 3)), x, params
+
+
+def test_hvp_rejects_a_tangent_for_an_absent_argument():
+    cotangent, x, params = _layer_call()
+    with pytest.raises(ValueError, match=r"condconv_layer_hvp: tangents has unknown keys"):
+        condconv_ref.condconv_layer_hvp(cotangent, {"kernel": x}, x, params)
+
+
+def test_hvp_rejects_a_tangent_of_the_wrong_shape():
+    cotangent, x, params = _layer_call()
+    with pytest.raises(ValueError, match=r"condconv_layer_hvp: tangents\['x'\] has shape"):
+        condconv_ref.condconv_layer_hvp(cotangent, {"x": x[:1]}, x, params)
+
+
+def test_hvp_rejects_a_cotangent_of_the_wrong_shape():
+    cotangent, x, params = _layer_call()
+    with pytest.raises(ValueError, match=r"condconv_layer_hvp: cotangent has shape"):
+        condconv_ref.condconv_layer_hvp(cotangent[:1], {"x": x}, x, params)
+
+
+def test_hvp_without_tangents_is_zero():
+    cotangent, x, params = _layer_call()
+    grads = condconv_ref.condconv_layer_hvp(cotangent, {}, x, params)
+    assert sorted(grads) == ["experts", "route_weight", "x"]
+    assert all(not np.any(g) for g in grads.values())
