@@ -105,11 +105,19 @@ def layer_jvp(tangents: dict[str, Any], x: Any, p: dict[str, Any], router: Route
     if router.route_jvp is None:
         raise NotImplementedError("layer_jvp: this router has no route_jvp")
     routing, saved = router.route(x, p, xp=xp)
+    return op_jvp(_op_tangents(tangents, x, p, router, saved, xp=xp), x, p["experts"], routing,
+                  p["bias"], xp=xp)
+
+
+def _op_tangents(tangents: dict[str, Any], x: Any, p: dict[str, Any], router: Router,
+                 saved: Any, *, xp: ModuleType) -> dict[str, Any]:
+    """The op's tangents: the layer's ``x``, ``experts``, ``bias`` and the routing's tangent
+    from ``route_jvp`` (absent when no tangent reaches the routing)."""
     op_tangents = {name: tangents[name] for name in ("x", "experts", "bias") if name in tangents}
     routing_tangent = router.route_jvp(tangents, x, p, saved, xp=xp)
     if routing_tangent is not None:
         op_tangents["routing"] = routing_tangent
-    return op_jvp(op_tangents, x, p["experts"], routing, p["bias"], xp=xp)
+    return op_tangents
 
 
 def layer_hvp(cotangent: Any, tangents: dict[str, Any], x: Any, p: dict[str, Any],
@@ -126,10 +134,7 @@ def layer_hvp(cotangent: Any, tangents: dict[str, Any], x: Any, p: dict[str, Any
     if router.route_jvp is None or router.route_hvp is None:
         raise NotImplementedError("layer_hvp: this router has no route_jvp or route_hvp")
     routing, saved = router.route(x, p, xp=xp)
-    op_tangents = {name: tangents[name] for name in ("x", "experts", "bias") if name in tangents}
-    routing_tangent = router.route_jvp(tangents, x, p, saved, xp=xp)
-    if routing_tangent is not None:
-        op_tangents["routing"] = routing_tangent
+    op_tangents = _op_tangents(tangents, x, p, router, saved, xp=xp)
     grads = op_vjp(cotangent, x, p["experts"], routing, p["bias"], xp=xp)
     derivative = mixed_vjp_derivative(op_vjp, cotangent, op_tangents, x, p["experts"], routing,
                                       p["bias"], xp=xp)
