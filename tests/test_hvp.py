@@ -4,6 +4,7 @@ applies a symmetric Hessian, is validated at the public boundary like the VJP, a
 
 from __future__ import annotations
 
+import re
 import sys
 from contextlib import contextmanager
 
@@ -14,9 +15,10 @@ from hypothesis import strategies as st
 
 import condconv_ref
 from condconv_ref import engine
+from condconv_ref.backends import to_numpy
 from condconv_ref.testing import ConvConfig
 from condconv_ref.testing.strategies import Supports, cases
-from condconv_ref.variants import VARIANTS, build_case
+from condconv_ref.variants import VARIANTS, bind, build_case
 
 HVP_VARIANTS = sorted(name for name, entry in VARIANTS.items() if entry.hvp is not None)
 SMALL = Supports(spatial_dims=(1, 2), max_batch=2, max_experts=3, max_groups=2,
@@ -105,33 +107,46 @@ def test_an_asymmetric_hvp_is_caught():
 # ---------------------------------------------------------------- the public boundary
 
 
-def _layer_call():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 3, 5))
-    params = {"experts": rng.normal(size=(3, 4, 3, 3)), "route_weight": rng.normal(size=(3, 3))}
-    return rng.normal(size=(2, 4, 3)), x, params
+def _bound_hvp(variant):
+    """The variant's HVP on CONFIG's case, as ``hvp(cotangent, tangents)``, and the case."""
+    case = build_case(variant, CONFIG, seed=7)
+    x, params = case.arrays["x"], {n: a for n, a in case.arrays.items() if n != "x"}
+    return (lambda cotangent, tangents: VARIANTS[variant].hvp(cotangent, tangents, x, params,
+                                                              **case.options)), case
 
 
-def test_hvp_rejects_a_tangent_for_an_absent_argument():
-    cotangent, x, params = _layer_call()
-    with pytest.raises(ValueError, match=r"condconv_layer_hvp: tangents has unknown keys"):
-        condconv_ref.condconv_layer_hvp(cotangent, {"kernel": x}, x, params)
+def _output_shape(variant, case):
+    return tuple(bind(VARIANTS[variant].forward, case)(**case.arrays).shape)
 
 
-def test_hvp_rejects_a_tangent_of_the_wrong_shape():
-    cotangent, x, params = _layer_call()
-    with pytest.raises(ValueError, match=r"condconv_layer_hvp: tangents\['x'\] has shape"):
-        condconv_ref.condconv_layer_hvp(cotangent, {"x": x[:1]}, x, params)
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+def test_bad_tangents_and_cotangents_are_clear_errors(variant):
+    hvp, case = _bound_hvp(variant)
+    fn = VARIANTS[variant].hvp.__name__
+    cotangent = np.ones(_output_shape(variant, case))
+    x = case.arrays["x"]
+    with pytest.raises(TypeError, match=rf"^{fn}: tangents must be a mapping"):
+        hvp(cotangent, [x])
+    with pytest.raises(ValueError, match=rf"^{fn}: tangents has unknown keys \['cotangent'\]"):
+        hvp(cotangent, {"cotangent": x})
+    with pytest.raises(ValueError, match=rf"^{fn}: tangents\['x'\] has shape \(1,\), "
+                                         rf"expected {re.escape(str(tuple(x.shape)))}"):
+        hvp(cotangent, {"x": np.ones(1)})
+    with pytest.raises(TypeError, match=rf"^{fn}: tangents\['x'\] has dtype float32"):
+        hvp(cotangent, {"x": x.astype(np.float32)})
+    with pytest.raises(ValueError, match=rf"^{fn}: cotangent has shape"):
+        hvp(cotangent[:1], {"x": x})
+    with pytest.raises(TypeError, match=rf"^{fn}: cotangent has dtype float32"):
+        hvp(cotangent.astype(np.float32), {"x": x})
 
 
-def test_hvp_rejects_a_cotangent_of_the_wrong_shape():
-    cotangent, x, params = _layer_call()
-    with pytest.raises(ValueError, match=r"condconv_layer_hvp: cotangent has shape"):
-        condconv_ref.condconv_layer_hvp(cotangent[:1], {"x": x}, x, params)
-
-
-def test_hvp_without_tangents_is_zero():
-    cotangent, x, params = _layer_call()
-    grads = condconv_ref.condconv_layer_hvp(cotangent, {}, x, params)
-    assert sorted(grads) == ["experts", "route_weight", "x"]
-    assert all(not np.any(g) for g in grads.values())
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+def test_missing_tangents_are_zero(backend, variant):
+    hvp, case = _bound_hvp(variant)
+    cotangent = np.ones(_output_shape(variant, case))
+    on = {name: backend.asarray(a, dtype="float64") for name, a in case.arrays.items()}
+    x, params = on["x"], {n: a for n, a in on.items() if n != "x"}
+    grads = VARIANTS[variant].hvp(backend.asarray(cotangent, dtype="float64"), {}, x, params,
+                                  **case.options)
+    assert sorted(grads) == sorted(case.arrays)
+    assert all(not np.any(to_numpy(g)) for g in grads.values())
