@@ -40,9 +40,11 @@ __all__ = [
     "global_average_pool_vjp",
     "routing_memory",
     "sigmoid_routing",
+    "sigmoid_routing_hvp",
     "sigmoid_routing_jvp",
     "sigmoid_routing_vjp",
     "softmax_routing",
+    "softmax_routing_hvp",
     "softmax_routing_jvp",
     "softmax_routing_vjp",
     "stable_sigmoid",
@@ -132,6 +134,53 @@ def sigmoid_routing_jvp(tangents: dict[str, Any], x: Any, weight: Any, bias: Any
     if logits_tangent is None:
         return None
     return stable_sigmoid(logits, xp=xp)[1] * logits_tangent
+
+
+def _or_zeros(tangent: Any, like: Any, *, xp: ModuleType) -> Any:
+    """``tangent``, or zeros like ``like`` where it is ``None`` (a zero tangent)."""
+    return xp.zeros_like(like) if tangent is None else tangent
+
+
+def _affine_vjp_derivative(grad_outputs: Any, grad_outputs_tangent: Any, inputs: Any,
+                           inputs_tangent: Any, weight: Any, weight_tangent: Any, *,
+                           xp: ModuleType) -> tuple[Any, Any]:
+    """The derivative of :func:`affine_vjp` along all three of its arguments: it is bilinear,
+    each gradient linear in the cotangent and in one other argument, so the derivative is
+    ``affine_vjp`` at the cotangent's tangent plus ``affine_vjp`` at the others' tangents."""
+    first = affine_vjp(grad_outputs_tangent, inputs, weight, xp=xp)
+    second = affine_vjp(grad_outputs, inputs_tangent, weight_tangent, xp=xp)
+    return first[0] + second[0], first[1] + second[1]
+
+
+def sigmoid_routing_hvp(cotangent: Any, tangents: dict[str, Any], x: Any, weight: Any,
+                        bias: Any, *, xp: ModuleType) -> dict[str, Any]:
+    r"""The derivative of :func:`sigmoid_routing_vjp` at the fixed ``cotangent``
+    :math:`\bar\alpha` along ``tangents`` (keyed ``x``, ``weight``, ``bias``, absent ones zero).
+
+    With :math:`z = \mathrm{GAP}(x)R^\top + r`, the VJP is
+    :math:`g = \bar\alpha\odot\sigma'(z)`, :math:`\bar x = \mathrm{GAP}^\top(gR)`,
+    :math:`\bar R = g^\top\mathrm{GAP}(x)`, :math:`\bar r = \sum_b g`.  Along
+    :math:`\dot z` (:func:`affine_jvp`), :math:`\dot g = \bar\alpha\odot\sigma''(z)\dot z`
+    with :math:`\sigma'' = \sigma'(1 - 2\sigma)`, the router's own second-order term; the
+    bilinear products then follow the product rule.
+    """
+    pooled, logits = _logits(x, weight, bias, xp=xp)
+    sigmoid, slope = stable_sigmoid(logits, xp=xp)
+    x_tangent = tangents.get("x")
+    pooled_tangent = (xp.zeros_like(pooled) if x_tangent is None
+                      else global_average_pool(x_tangent, xp=xp))
+    logits_tangent = affine_jvp(pooled_tangent, tangents.get("weight"), tangents.get("bias"),
+                                pooled, weight, xp=xp)
+    grad_logits = cotangent * slope
+    grad_logits_tangent = cotangent * slope * (1 - 2 * sigmoid) * logits_tangent
+    grad_pooled, grad_weight = _affine_vjp_derivative(
+        grad_logits, grad_logits_tangent, pooled, pooled_tangent, weight,
+        _or_zeros(tangents.get("weight"), weight, xp=xp), xp=xp)
+    result = {"x": global_average_pool_vjp(grad_pooled, tuple(x.shape), xp=xp),
+              "weight": grad_weight}
+    if bias is not None:
+        result["bias"] = xp.sum(grad_logits_tangent, axis=0)
+    return result
 
 
 # ---------------------------------------------------------------- softmax routing (DY-Conv)
@@ -321,3 +370,52 @@ def softmax_routing_jvp(tangents: dict[str, Any], fc1_weight: Any, fc2_weight: A
     if logits_tangent is None:
         return None
     return stable_softmax_vjp(logits_tangent, forward.routing, xp=xp) / temperature
+
+
+def softmax_routing_hvp(cotangent: Any, tangents: dict[str, Any], x_shape: tuple[int, ...],
+                        fc1_weight: Any, fc2_weight: Any, fc1_bias: Any, fc2_bias: Any,
+                        forward: SoftmaxRouting, temperature: float, *,
+                        xp: ModuleType) -> dict[str, Any]:
+    r"""The derivative of :func:`softmax_routing_vjp` at the fixed ``cotangent``
+    :math:`\bar\alpha` along ``tangents`` (keyed like its gradients, absent ones zero).
+
+    The forward's tangents come first (:func:`softmax_routing_jvp`'s steps).  The
+    softmax's share :math:`T\bar z = \alpha\odot(\bar\alpha - \langle\bar\alpha,
+    \alpha\rangle)` moves with :math:`\alpha` alone, the derivative of the softmax's
+    Jacobian: :math:`T\dot{\bar z} = \dot\alpha\odot(\bar\alpha - \langle\bar\alpha,
+    \alpha\rangle) - \alpha\langle\bar\alpha, \dot\alpha\rangle`.  The ReLU's mask is
+    constant almost everywhere (its second derivative is zero off the kink), and each affine
+    map's VJP is bilinear (:func:`_affine_vjp_derivative`).
+    """
+    def given(name: str, like: Any) -> Any:
+        return _or_zeros(tangents.get(name), like, xp=xp)
+
+    pooled_tangent = (xp.zeros_like(forward.pooled) if "x" not in tangents
+                      else global_average_pool(tangents["x"], xp=xp))
+    active = forward.hidden_preactivation > 0
+    pre_tangent = affine_jvp(pooled_tangent, given("fc1_weight", fc1_weight),
+                             tangents.get("fc1_bias"), forward.pooled, fc1_weight, xp=xp)
+    hidden_tangent = xp.where(active, pre_tangent, 0.0)
+    logits_tangent = affine_jvp(hidden_tangent, tangents.get("fc2_weight"),
+                                tangents.get("fc2_bias"), forward.hidden, fc2_weight, xp=xp)
+    routing_tangent = stable_softmax_vjp(logits_tangent, forward.routing, xp=xp) / temperature
+    scaled_logits = stable_softmax_vjp(cotangent, forward.routing, xp=xp)
+    centred = cotangent - xp.sum(cotangent * forward.routing, axis=-1, keepdims=True)
+    scaled_logits_tangent = (routing_tangent * centred - forward.routing * xp.sum(
+        cotangent * routing_tangent, axis=-1, keepdims=True))
+    scaled_hidden_tangent, scaled_fc2 = _affine_vjp_derivative(
+        scaled_logits, scaled_logits_tangent, forward.hidden, hidden_tangent, fc2_weight,
+        given("fc2_weight", fc2_weight), xp=xp)
+    grad_preactivation = xp.where(active, affine_vjp(scaled_logits, forward.hidden, fc2_weight,
+                                                     xp=xp)[0] / temperature, 0.0)
+    grad_preactivation_tangent = xp.where(active, scaled_hidden_tangent / temperature, 0.0)
+    grad_pooled, grad_fc1 = _affine_vjp_derivative(
+        grad_preactivation, grad_preactivation_tangent, forward.pooled, pooled_tangent,
+        fc1_weight, given("fc1_weight", fc1_weight), xp=xp)
+    result = {"x": global_average_pool_vjp(grad_pooled, x_shape, xp=xp),
+              "fc1_weight": grad_fc1, "fc2_weight": scaled_fc2 / temperature}
+    if fc1_bias is not None:
+        result["fc1_bias"] = xp.sum(grad_preactivation_tangent, axis=0)
+    if fc2_bias is not None:
+        result["fc2_bias"] = xp.sum(scaled_logits_tangent, axis=0) / temperature
+    return result

@@ -182,12 +182,13 @@ def tangent_names(tangents: Mapping[str, Any]) -> dict[str, Any]:
     return {f"tangents[{name!r}]": t for name, t in tangents.items()}
 
 
-def tangent_namespace(fn: str, tangents: Any, arrays: Mapping[str, Any]
+def tangent_namespace(fn: str, tangents: Any, arrays: Mapping[str, Any], cotangent: Any = None
                       ) -> tuple[dict[str, Any], ModuleType]:
-    """A JVP's tangents checked against its ``arrays`` (:func:`tangent_arrays`), and the one
-    namespace of the arrays and the tangents together (:func:`namespace`)."""
+    """A JVP's (or, with its ``cotangent``, an HVP's) tangents checked against its ``arrays``
+    (:func:`tangent_arrays`), and the one namespace of the arrays, the tangents and the
+    cotangent together (:func:`namespace`)."""
     tangents = tangent_arrays(fn, tangents, arrays)
-    return tangents, namespace(fn, **arrays, **tangent_names(tangents))
+    return tangents, namespace(fn, **arrays, **tangent_names(tangents), cotangent=cotangent)
 
 
 def check_tangent_shapes(fn: str, tangents: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:

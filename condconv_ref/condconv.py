@@ -21,6 +21,7 @@ from condconv_ref._layer import (
     SIGMOID,
     check_sigmoid_router,
     layer,
+    layer_hvp,
     layer_jvp,
     layer_params,
     layer_vjp,
@@ -54,6 +55,7 @@ __all__ = [
     "condconv",
     "condconv_jvp",
     "condconv_layer",
+    "condconv_layer_hvp",
     "condconv_layer_jvp",
     "condconv_layer_vjp",
     "condconv_vjp",
@@ -614,3 +616,61 @@ def condconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str,
                             xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     return layer_jvp(tangents, x, p, SIGMOID, partial(mixed_conv_jvp, geometry=geometry), xp=xp)
+
+
+@public_op
+def condconv_layer_hvp(cotangent: Any, tangents: Mapping[str, Any], x: Any,
+                       params: Mapping[str, Any], *, stride: Any = 1, padding: Any = 0,
+                       dilation: Any = 1, groups: int = 1,
+                       padding_mode: str = "zeros") -> dict[str, Any]:
+    r"""Hessian-vector product of :func:`condconv_layer`: the derivative of
+    :func:`condconv_layer_vjp` at a fixed ``cotangent`` along ``tangents``.
+
+    Parameters
+    ----------
+    cotangent : array, shape (B, O, \*out)
+        :math:`c`, held fixed.
+    tangents : mapping
+        As for :func:`condconv_layer_jvp`: any of ``"x"`` and the keys present
+        in ``params``; a missing key is a zero tangent.
+    x, params, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`condconv_layer`.
+
+    Returns
+    -------
+    dict
+        Keyed like :func:`condconv_layer_vjp`: :math:`H t` for the Hessian
+        :math:`H` of :math:`\langle c, f(x, \theta)\rangle` over the input and
+        all parameters, i.e. :math:`\partial_\varepsilon\,\mathrm{vjp}(c, (x, \theta)
+        + \varepsilon t)` at :math:`\varepsilon = 0`.
+
+    Notes
+    -----
+    :func:`condconv` is linear in each of :math:`x, W, \alpha, \beta`, so the
+    derivative of its VJP along a tangent is a sum of VJPs, each with one
+    argument replaced by its tangent.  The routing's tangent
+    :math:`\dot\alpha` comes from :func:`route_sigmoid_jvp`; the router adds
+    its own term at the routing's gradient :math:`\bar\alpha`: with
+    :math:`g = \bar\alpha\odot\sigma'(z)`,
+    :math:`\dot g = \bar\alpha\odot\sigma'(z)(1 - 2\sigma(z))\dot z`, chained
+    back like :math:`g` in :func:`route_sigmoid_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import condconv_layer_hvp
+    >>> params = {"experts": np.ones((2, 1, 1, 2)), "route_weight": np.zeros((2, 1))}
+    >>> hvp = condconv_layer_hvp(np.ones((1, 1, 3)), {"x": np.ones((1, 1, 4))},
+    ...                          np.ones((1, 1, 4)), params)
+    >>> hvp["experts"].shape, sorted(hvp)
+    ((2, 1, 1, 2), ['experts', 'route_weight', 'x'])
+    """
+    fn = "condconv_layer_hvp"
+    p = layer_params(fn, params)
+    arrays = {"x": x, **p}
+    tangents, xp = tangent_namespace(fn, tangents, arrays, cotangent)
+    geometry = _check_layer(fn, x, p, ConvOptions(stride, padding, dilation, groups, padding_mode),
+                            cotangent, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_hvp(cotangent, tangents, x, p, SIGMOID,
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp), xp=xp)

@@ -31,6 +31,7 @@ from condconv_ref._layer import (
     SIGMOID,
     check_sigmoid_router,
     layer,
+    layer_hvp,
     layer_jvp,
     layer_params,
     layer_vjp,
@@ -53,6 +54,7 @@ __all__ = [
     "depthwise_condconv",
     "depthwise_condconv_jvp",
     "depthwise_condconv_layer",
+    "depthwise_condconv_layer_hvp",
     "depthwise_condconv_layer_jvp",
     "depthwise_condconv_layer_vjp",
     "depthwise_condconv_vjp",
@@ -405,3 +407,39 @@ def depthwise_condconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Ma
                                 xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     return layer_jvp(tangents, x, p, SIGMOID, partial(mixed_conv_jvp, geometry=geometry), xp=xp)
+
+
+@public_op
+def depthwise_condconv_layer_hvp(cotangent: Any, tangents: Mapping[str, Any], x: Any,
+                                 params: Mapping[str, Any], *, depth_multiplier: int = 1,
+                                 stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                                 padding_mode: str = "zeros") -> dict[str, Any]:
+    r"""Hessian-vector product of :func:`depthwise_condconv_layer`: the derivative of
+    :func:`depthwise_condconv_layer_vjp` at a fixed ``cotangent`` along ``tangents``.
+
+    ``tangents`` is keyed as for :func:`depthwise_condconv_layer_jvp`; the other
+    arguments are exactly those of :func:`depthwise_condconv_layer_vjp`.  Returns a
+    dict keyed like the VJP's gradients.  Derived as in :func:`condconv_layer_hvp`:
+    the op is linear in each argument and the sigmoid router adds its own term.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import depthwise_condconv_layer_hvp
+    >>> params = {"experts": np.ones((2, 1, 1, 2)), "route_weight": np.zeros((2, 1))}
+    >>> hvp = depthwise_condconv_layer_hvp(np.ones((1, 1, 3)), {"x": np.ones((1, 1, 4))},
+    ...                                    np.ones((1, 1, 4)), params)
+    >>> sorted(hvp)
+    ['experts', 'route_weight', 'x']
+    """
+    fn = "depthwise_condconv_layer_hvp"
+    p = layer_params(fn, params)
+    arrays = {"x": x, **p}
+    tangents, xp = tangent_namespace(fn, tangents, arrays, cotangent)
+    check_sigmoid_router(fn, x, p)
+    geometry = _check_depthwise(fn, x, p["experts"], None, p["bias"], depth_multiplier,
+                                ConvOptions(stride, padding, dilation, padding_mode=padding_mode),
+                                cotangent, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_hvp(cotangent, tangents, x, p, SIGMOID,
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp), xp=xp)

@@ -21,12 +21,13 @@ from types import ModuleType
 from typing import Any
 
 from condconv_ref._conv_engine import run_conv, run_conv_vjp
-from condconv_ref._layer import Router, layer, layer_jvp, layer_params, layer_vjp
+from condconv_ref._layer import Router, layer, layer_hvp, layer_jvp, layer_params, layer_vjp
 from condconv_ref._mixing import check_condconv, mixed_conv, mixed_conv_jvp, mixed_conv_vjp
 from condconv_ref._routing import (
     SoftmaxRouting,
     check_softmax_routing,
     softmax_routing,
+    softmax_routing_hvp,
     softmax_routing_jvp,
     softmax_routing_vjp,
 )
@@ -42,8 +43,8 @@ from condconv_ref._validate import (
     tangent_namespace,
 )
 
-__all__ = ["dynamic_conv_layer", "dynamic_conv_layer_jvp", "dynamic_conv_layer_vjp",
-           "temperature_schedule"]
+__all__ = ["dynamic_conv_layer", "dynamic_conv_layer_hvp", "dynamic_conv_layer_jvp",
+           "dynamic_conv_layer_vjp", "temperature_schedule"]
 
 _DYNAMIC_KEYS = {"experts": True, "bias": False, "fc1_weight": True, "fc1_bias": False,
                  "fc2_weight": True, "fc2_bias": False}
@@ -91,11 +92,21 @@ def _route_softmax_jvp(tangents: dict[str, Any], x: Any, p: dict[str, Any],
                                xp=xp)
 
 
+def _route_softmax_hvp(cotangent: Any, tangents: dict[str, Any], x: Any, p: dict[str, Any],
+                       forward: SoftmaxRouting, *, temperature: float,
+                       xp: ModuleType) -> dict[str, Any]:
+    """The softmax router's second-order term at the routing's gradient ``cotangent``."""
+    return softmax_routing_hvp(cotangent, tangents, tuple(x.shape), p["fc1_weight"],
+                               p["fc2_weight"], p["fc1_bias"], p["fc2_bias"], forward,
+                               temperature, xp=xp)
+
+
 def _softmax_router(temperature: float) -> Router:
     """Dynamic Convolution's router at temperature ``temperature``."""
     return Router(partial(_route_softmax, temperature=temperature),
                   partial(_route_softmax_vjp, temperature=temperature),
-                  partial(_route_softmax_jvp, temperature=temperature))
+                  partial(_route_softmax_jvp, temperature=temperature),
+                  partial(_route_softmax_hvp, temperature=temperature))
 
 
 @public_op
@@ -324,3 +335,48 @@ def temperature_schedule(step: float, *, start: float = 30.0, end: float = 1.0,
         return end
     value = start + (end - start) * progress
     return min(max(value, min(start, end)), max(start, end))
+
+
+@public_op
+def dynamic_conv_layer_hvp(cotangent: Any, tangents: Mapping[str, Any], x: Any,
+                           params: Mapping[str, Any], *, temperature: float = 1.0,
+                           stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                           padding_mode: str = "zeros") -> dict[str, Any]:
+    r"""Hessian-vector product of :func:`dynamic_conv_layer`: the derivative of
+    :func:`dynamic_conv_layer_vjp` at a fixed ``cotangent`` along ``tangents``.
+
+    ``tangents`` is keyed as for :func:`dynamic_conv_layer_jvp`; the other
+    arguments are exactly those of :func:`dynamic_conv_layer_vjp`.  Returns a
+    dict keyed like the VJP's gradients.
+
+    Notes
+    -----
+    As in :func:`condconv_layer_hvp`, the op's share is a sum of VJPs with one
+    argument replaced by its tangent.  The softmax router's own term moves its
+    Jacobian with the routing: with :math:`T\bar z = \alpha\odot(\bar\alpha -
+    \langle\bar\alpha, \alpha\rangle)`, :math:`T\dot{\bar z} = \dot\alpha\odot
+    (\bar\alpha - \langle\bar\alpha,\alpha\rangle) - \alpha\langle\bar\alpha,
+    \dot\alpha\rangle`, chained back through the two affine maps by the product rule;
+    the ReLU contributes no second-order term (its mask is constant off the kink).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import dynamic_conv_layer_hvp
+    >>> params = {"experts": np.ones((2, 1, 1, 2)), "fc1_weight": np.ones((3, 1)),
+    ...           "fc2_weight": np.ones((2, 3))}
+    >>> hvp = dynamic_conv_layer_hvp(np.ones((1, 1, 3)), {"x": np.ones((1, 1, 4))},
+    ...                              np.ones((1, 1, 4)), params)
+    >>> sorted(hvp)
+    ['experts', 'fc1_weight', 'fc2_weight', 'x']
+    """
+    fn = "dynamic_conv_layer_hvp"
+    p = layer_params(fn, params, _DYNAMIC_KEYS)
+    arrays = {"x": x, **p}
+    tangents, xp = tangent_namespace(fn, tangents, arrays, cotangent)
+    geometry, temperature = _check_dynamic(
+        fn, x, p, temperature, ConvOptions(stride, padding, dilation, groups, padding_mode),
+        cotangent, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_hvp(cotangent, tangents, x, p, _softmax_router(temperature),
+                     partial(mixed_conv_vjp, geometry=geometry, conv_vjp=run_conv_vjp), xp=xp)

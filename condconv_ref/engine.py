@@ -102,6 +102,8 @@ __all__ = [
     "expected_jvp",
     "expected_vjp",
     "finite_difference_check",
+    "hvp_check",
+    "hvp_symmetry_check",
     "judge",
     "rounded",
     "transpose_check",
@@ -400,17 +402,22 @@ FIVE_POINT = ((8.0, 1.0), (-8.0, -1.0), (-1.0, 2.0), (1.0, -2.0))
 degree up to 4 along the line."""
 
 
+def _forward_scale(case: Case) -> tuple[np.ndarray, int]:
+    """The scale and depth of ``case``'s forward (what :func:`_difference` differences)."""
+    return _scales.forward_scale(case), _scales.depth(case, vjp=False)
+
+
 def _difference(case: Case, forward: Any, c: np.ndarray, point: Mapping[str, np.ndarray],
                 tangents: Mapping[str, np.ndarray], gradient_scale: Mapping[str, np.ndarray],
                 step: float, stencil: tuple[tuple[float, float], ...],
-                backend: Backend) -> tuple[float, float]:
+                backend: Backend, value_scale: Any = _forward_scale) -> tuple[float, float]:
     """``<c, Jt>`` by ``stencil`` at ``step`` in float64, and the bound on its rounding error:
-    each evaluation of ``f`` within :math:`\\beta_{64}` of its scale, each perturbed point
-    rounded by :math:`u_{64}|x + kht|` (which moves ``<c, f>`` by at most
+    each evaluation of ``f`` within :math:`\\beta_{64}` of its scale (``value_scale`` of the
+    moved case: scale and depth), each perturbed point rounded by :math:`u_{64}|x + kht|`
+    (which moves ``<c, f>`` by at most
     :math:`u_{64}\\langle s_{\\bar g}, |x| + |k| h |t|\\rangle`), and the weighted sum."""
     denominator = sum(weight * offset for weight, offset in stencil) * step
     u = PRECISIONS["float64"].unit_roundoff
-    depth = _scales.depth(case, vjp=False)
     total, rounding, magnitude = 0.0, 0.0, 0.0
     for weight, offset in stencil:
         moved = {name: a + offset * step * tangents[name] if name in tangents else a
@@ -419,7 +426,7 @@ def _difference(case: Case, forward: Any, c: np.ndarray, point: Mapping[str, np.
                                                    for name, a in moved.items()}))
         total += weight * float(np.sum(c * value))
         magnitude += abs(weight) * float(np.sum(np.abs(c * value)))
-        scale = _scales.forward_scale(replace(case, arrays=moved))
+        scale, depth = value_scale(replace(case, arrays=moved))
         rounding += abs(weight) * float(np.sum(np.abs(c) * bound(scale, depth)))
         rounding += abs(weight) * u * sum(
             float(np.sum(gradient_scale[name] * (np.abs(point[name]) + abs(offset) * step
@@ -669,6 +676,7 @@ class _Identity:
     point: Mapping[str, np.ndarray]
     analytic: Any
     gradient_scale: Mapping[str, np.ndarray]
+    value_scale: Any = _forward_scale
 
     def measure(self, tangents: Mapping[str, np.ndarray]) -> tuple[float, float, float, str]:
         """``(units, |error|, bound, note)``; NaN units when the case sits on a ReLU kink."""
@@ -693,7 +701,7 @@ class _Identity:
                 note = f"step {step:.2g} -> {kink / 2:.2g} to stay off a ReLU kink"
                 step = kink / 2
         difference = partial(_difference, at, f, c, point, tangents, self.gradient_scale,
-                             backend=self.backend)
+                             backend=self.backend, value_scale=self.value_scale)
         if at.variant in _scales.MULTILINEAR:  # a polynomial of degree <= 3 along the line: exact
             numeric, rounding = difference(step, FIVE_POINT)
             allowed = vjp_error + rounding
@@ -706,3 +714,197 @@ class _Identity:
             allowed = vjp_error + rounding + correction
         error = abs(analytic - numeric)
         return (0.0 if error == 0 else error / allowed), error, allowed, note
+
+
+# ---------------------------------------------------------------- second order
+
+
+def _bind_hvp(op: Any, case: Case) -> Any:
+    """A layer's HVP as a function of the cotangent, the tangents and ``case``'s arrays."""
+    options = case.options
+    return lambda cotangent, tangents, x, **params: op(cotangent, tangents, x, params,
+                                                       **options)
+
+
+def hvp_check(case: Case, dtype: str, backend: str | Backend | None = None, seed: int = 0, *,
+              hvp: Any = None) -> Measurement:
+    r"""Check the Hessian-vector product of a layer ``case``, computed in ``dtype``, against
+    float64 differences of its VJP.
+
+    With the fixed cotangent :math:`c`, a tangent :math:`t` and a probe :math:`d`
+    (standard normal, drawn from ``seed``), the identity is
+
+    .. math::
+
+        \langle d, \mathrm{hvp}(c, t)\rangle
+        = \partial_s \langle d, \mathrm{vjp}(c, \theta + s t)\rangle\big|_{s=0},
+
+    the right side by Richardson's difference of central differences, exactly
+    as :func:`finite_difference_check` takes :math:`\langle c, Jt\rangle` (the
+    step, the ReLU kink guard, the correction as the truncation's bound), with
+    the VJP in place of the forward.  The two sides may differ by at most the sum of
+
+    - the HVP's rounding: :math:`\langle |d|, \beta\rangle` of
+      :func:`~condconv_ref.accuracy.exact_bound` in ``dtype``, at depth the
+      VJP's plus :data:`~condconv_ref._scales.TANGENT_ADDITIONS`, with the scale of
+      the VJP at :math:`|\theta| + |t|` and :math:`|c|`: each term of the HVP is a
+      term of the VJP with one factor replaced by its tangent, so for the
+      multilinear op this bounds the sum of their magnitudes (a polynomial with
+      non-negative coefficients grows by at least its derivative along
+      :math:`|t|`); the routers' terms are held to the same model;
+    - the differences' rounding: each float64 VJP within :math:`\beta_{64}` of
+      its scale (:func:`~condconv_ref._scales.vjp_scale` at the moved point),
+      and each moved point rounded by :math:`u_{64}|\theta + kht|`, which moves
+      :math:`\langle d, \mathrm{vjp}\rangle` by its gradient, the reference HVP
+      along :math:`d`, to first order (doubled, for its change over the step);
+    - the truncation: the Richardson correction.
+
+    Parameters
+    ----------
+    case : Case
+        A layer with a Hessian-vector product (``VARIANTS[...].hvp``); its
+        arrays, the cotangent, the tangents and the probe are rounded to ``dtype``.
+    dtype : str
+        The dtype the HVP runs in.
+    backend : str or Backend, optional
+        Where everything runs (default NumPy).
+    seed : int
+        Seed of the tangents and the probe.
+    hvp : callable, optional
+        The HVP to check, called like the reference's (default the reference
+        itself); the bound is the reference's.
+
+    Returns
+    -------
+    Measurement
+        The identity's error in units of its bound (NaN with the reason in
+        ``note`` on a ReLU kink); on failure ``detail`` names the arguments
+        whose tangent alone breaks it.
+
+    Examples
+    --------
+    >>> from condconv_ref import engine
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = build_case("dynamic_conv_layer", config, seed=7)
+    >>> engine.hvp_check(case, "float32").passed
+    True
+    """
+    entry = _check_has_hvp("hvp_check", case)
+    setup = _setup(case, dtype, backend, seed, None)
+    at, c, chosen, point = setup.at, setup.cotangent, setup.backend, setup.point
+    names = list(setup.tangents)
+    rng = np.random.default_rng([seed, 5])
+    probe = {name: round_to(rng.standard_normal(point[name].shape), dtype) for name in names}
+    f_vjp = bind(entry.vjp, at, vjp=True)
+    c64 = chosen.asarray(c, dtype="float64")
+    depth = _scales.depth(at, vjp=True)
+
+    def gradients(**arrays: Any) -> np.ndarray:
+        grads = _host_grads(f_vjp(c64, **arrays), names, "VJP")
+        return np.concatenate([grads[name].ravel() for name in names])
+
+    def value_scale(moved: Case) -> tuple[np.ndarray, int]:
+        scale = _scales.vjp_scale(moved, c)
+        return np.concatenate([np.asarray(scale[name]).ravel() for name in names]), depth
+
+    along_probe = _run_hvp(setup, entry.hvp, probe, "float64")
+    analytic = _hvp_side(setup, dtype, hvp or entry.hvp, probe)
+    identity = _Identity(at, chosen, gradients,
+                         np.concatenate([probe[name].ravel() for name in names]), point,
+                         analytic, {name: 2 * np.abs(along_probe[name]) for name in names},
+                         value_scale)
+    units, error, allowed, note = identity.measure(setup.tangents)
+    detail = at.describe()
+    if math.isnan(units):
+        return Measurement(units, "", detail, note)
+    if units > 1:
+        detail += _explain(identity.measure, setup.tangents,
+                           "<d, hvp(c, t)> - d/ds <d, vjp(c, x + s t)>", error, allowed)
+    return Measurement(units, "HVP identity", detail, note)
+
+
+def _run_hvp(setup: _Setup, f_hvp: Any, tangents: Mapping[str, np.ndarray],
+             dtype: str) -> dict[str, np.ndarray]:
+    """``f_hvp`` at the setup's cotangent along ``tangents``, all in ``dtype``, on the host."""
+    at, chosen = setup.at, setup.backend
+    given = {name: chosen.asarray(t, dtype=dtype) for name, t in tangents.items()}
+    return _host_grads(_bind_hvp(f_hvp, at)(chosen.asarray(setup.cotangent, dtype=dtype), given,
+                                            **at.arrays_on(chosen, dtype)),
+                       list(setup.tangents), "HVP")
+
+
+def _hvp_side(setup: _Setup, dtype: str, f_hvp: Any, probe: Mapping[str, np.ndarray]) -> Any:
+    """``<probe, hvp(c, t)>`` in ``dtype`` and the bound on its rounding (:func:`hvp_check`
+    states it), for any tangents ``t``."""
+    at, c, point = setup.at, setup.cotangent, setup.point
+    depth = _scales.depth(at, vjp=True) + _scales.TANGENT_ADDITIONS
+    u = PRECISIONS["float64"].unit_roundoff
+
+    def side(tangents: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        grads = _run_hvp(setup, f_hvp, tangents, dtype)
+        widened = replace(at, arrays={name: np.abs(a) + np.abs(tangents[name])
+                                      if name in tangents else np.abs(a)
+                                      for name, a in point.items()})
+        scale = _scales.vjp_scale(widened, np.abs(c), dtype)
+        error = sum(float(np.sum(np.abs(d) * exact_bound(scale[name], depth, dtype)))
+                    for name, d in probe.items())
+        error += gamma(sum(d.size for d in probe.values()), u) * _inner(
+            {name: np.abs(g) for name, g in grads.items()},
+            {name: np.abs(d) for name, d in probe.items()})
+        return _inner(grads, probe), error
+
+    return side
+
+
+def _check_has_hvp(fn: str, case: Case) -> Any:
+    """The registry entry of ``case``'s variant, which must have a Hessian-vector product."""
+    entry = VARIANTS[case.variant]
+    if entry.hvp is None:
+        with_hvp = sorted(name for name, variant in VARIANTS.items() if variant.hvp is not None)
+        raise ValueError(f"{fn}: case has variant {case.variant!r}, which has no "
+                         f"Hessian-vector product; expected one of {with_hvp}")
+    return entry
+
+
+def hvp_symmetry_check(case: Case, dtype: str, backend: str | Backend | None = None,
+                       seed: int = 0, *, hvp: Any = None) -> Measurement:
+    r"""Check that the Hessian of :math:`\langle c, f\rangle` that the HVP of a layer
+    ``case`` applies is symmetric: :math:`\langle t_2, \mathrm{hvp}(c, t_1)\rangle =
+    \langle t_1, \mathrm{hvp}(c, t_2)\rangle` over the input and every parameter.
+
+    An exact identity, both sides computed in ``dtype``; they may differ by the
+    sum of their rounding bounds, each as the HVP's in :func:`hvp_check`.
+    Arguments and result as :func:`hvp_check` (:math:`t_1, t_2` standard normal
+    from ``seed``).
+
+    Examples
+    --------
+    >>> from condconv_ref import engine
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = build_case("condconv_layer", config, seed=7)
+    >>> engine.hvp_symmetry_check(case, "float32").passed
+    True
+    """
+    entry = _check_has_hvp("hvp_symmetry_check", case)
+    setup = _setup(case, dtype, backend, seed, None)
+    first = setup.tangents
+    rng = np.random.default_rng([seed, 5])
+    second = {name: round_to(rng.standard_normal(t.shape), dtype) for name, t in first.items()}
+    f_hvp = hvp or entry.hvp
+    (left, left_error) = _hvp_side(setup, dtype, f_hvp, second)(first)
+    (right, right_error) = _hvp_side(setup, dtype, f_hvp, first)(second)
+    error, allowed = abs(left - right), left_error + right_error
+    units = 0.0 if error == 0 else error / allowed
+    detail = setup.at.describe()
+    if units > 1:
+        detail += (f"\n|<t2, hvp(c, t1)> - <t1, hvp(c, t2)>| = {error:.3g} > bound "
+                   f"{allowed:.3g}")
+    return Measurement(units, "Hessian symmetry", detail)

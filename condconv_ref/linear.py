@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from condconv_ref._layer import SIGMOID, layer, layer_jvp, layer_params, layer_vjp
+from condconv_ref._layer import SIGMOID, layer, layer_hvp, layer_jvp, layer_params, layer_vjp
 from condconv_ref._mixing import mix, mix_vjp
 from condconv_ref._routing import affine, affine_jvp, affine_vjp
 from condconv_ref._tangent import total
@@ -59,6 +59,7 @@ __all__ = [
     "cond_linear",
     "cond_linear_jvp",
     "cond_linear_layer",
+    "cond_linear_layer_hvp",
     "cond_linear_layer_jvp",
     "cond_linear_layer_vjp",
     "cond_linear_vjp",
@@ -615,3 +616,33 @@ def cond_linear_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[s
     _check_layer(fn, x, p, xp=xp)
     check_tangent_shapes(fn, tangents, arrays)
     return layer_jvp(tangents, x, p, SIGMOID, _cond_linear_jvp, xp=xp)
+
+
+@public_op
+def cond_linear_layer_hvp(cotangent: Any, tangents: Mapping[str, Any], x: Any,
+                          params: Mapping[str, Any]) -> dict[str, Any]:
+    r"""Hessian-vector product of :func:`cond_linear_layer`: the derivative of
+    :func:`cond_linear_layer_vjp` at a fixed ``cotangent`` (B, F_out) along ``tangents``.
+
+    ``tangents`` is keyed as for :func:`cond_linear_layer_jvp`.  Returns a dict
+    keyed like the VJP's gradients.  Derived as in :func:`condconv_layer_hvp`:
+    :func:`cond_linear` is linear in each argument and the sigmoid router adds
+    its own term.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import cond_linear_layer_hvp
+    >>> params = {"experts": np.ones((2, 2, 2)), "route_weight": np.zeros((2, 2))}
+    >>> hvp = cond_linear_layer_hvp(np.ones((1, 2)), {"experts": np.ones((2, 2, 2))},
+    ...                             np.array([[1.0, -1.0]]), params)
+    >>> hvp["x"]
+    array([[2., 2.]])
+    """
+    fn = "cond_linear_layer_hvp"
+    p = layer_params(fn, params)
+    arrays = {"x": x, **p}
+    tangents, xp = tangent_namespace(fn, tangents, arrays, cotangent)
+    _check_layer(fn, x, p, cotangent, xp=xp)
+    check_tangent_shapes(fn, tangents, arrays)
+    return layer_hvp(cotangent, tangents, x, p, SIGMOID, _cond_linear_vjp, xp=xp)

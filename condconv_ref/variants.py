@@ -67,6 +67,7 @@ from condconv_ref.condconv import (
     condconv,
     condconv_jvp,
     condconv_layer,
+    condconv_layer_hvp,
     condconv_layer_jvp,
     condconv_layer_vjp,
     condconv_vjp,
@@ -82,12 +83,14 @@ from condconv_ref.depthwise import (
     depthwise_condconv,
     depthwise_condconv_jvp,
     depthwise_condconv_layer,
+    depthwise_condconv_layer_hvp,
     depthwise_condconv_layer_jvp,
     depthwise_condconv_layer_vjp,
     depthwise_condconv_vjp,
 )
 from condconv_ref.dynamic import (
     dynamic_conv_layer,
+    dynamic_conv_layer_hvp,
     dynamic_conv_layer_jvp,
     dynamic_conv_layer_vjp,
 )
@@ -95,6 +98,7 @@ from condconv_ref.linear import (
     cond_linear,
     cond_linear_jvp,
     cond_linear_layer,
+    cond_linear_layer_hvp,
     cond_linear_layer_jvp,
     cond_linear_layer_vjp,
     cond_linear_vjp,
@@ -278,7 +282,9 @@ class Variant:
     ``temperature`` that it has a softmax temperature option; ``buffers`` names the
     arrays it reads but does not differentiate (no gradient is returned for them);
     ``jvp`` is its Jacobian-vector product, ``jvp(tangents, <the op's arguments>)``, or
-    None where the library has none yet; ``optional`` names the arrays a case may leave
+    None where the library has none yet; ``hvp`` its Hessian-vector product,
+    ``hvp(cotangent, tangents, x, params, **options)``, for the layers that have one;
+    ``optional`` names the arrays a case may leave
     out (each switched by :meth:`~condconv_ref.testing.ConvConfig.has`).
 
     Examples
@@ -302,6 +308,7 @@ class Variant:
     buffers: tuple[str, ...] = ()
     jvp: Callable[..., Any] | None = None
     optional: tuple[str, ...] = ()
+    hvp: Callable[..., Any] | None = None
 
     @property
     def takes_values(self) -> bool:
@@ -865,22 +872,24 @@ VARIANTS: Mapping[str, Variant] = {
         Variant("moe_condconv", moe_condconv, moe_condconv_vjp, _build_condconv,
                 jvp=moe_condconv_jvp, optional=_BIAS),
         Variant("condconv_layer", condconv_layer, condconv_layer_vjp, _build_condconv_layer,
-                layer=True, jvp=condconv_layer_jvp, optional=_LAYER_BIASES),
+                layer=True, jvp=condconv_layer_jvp, optional=_LAYER_BIASES,
+                hvp=condconv_layer_hvp),
         Variant("depthwise_condconv", depthwise_condconv, depthwise_condconv_vjp,
                 _build_depthwise, depthwise=True, jvp=depthwise_condconv_jvp, optional=_BIAS),
         Variant("depthwise_condconv_layer", depthwise_condconv_layer,
                 depthwise_condconv_layer_vjp, _build_depthwise_layer, layer=True,
-                depthwise=True, jvp=depthwise_condconv_layer_jvp, optional=_LAYER_BIASES),
+                depthwise=True, jvp=depthwise_condconv_layer_jvp, optional=_LAYER_BIASES,
+                hvp=depthwise_condconv_layer_hvp),
         Variant("cond_linear", cond_linear, cond_linear_vjp, _build_linear, linear=True,
                 jvp=cond_linear_jvp, optional=_BIAS),
         Variant("moe_cond_linear", moe_cond_linear, moe_cond_linear_vjp, _build_linear,
                 linear=True, jvp=moe_cond_linear_jvp, optional=_BIAS),
         Variant("cond_linear_layer", cond_linear_layer, cond_linear_layer_vjp,
                 _build_linear_layer, layer=True, linear=True, jvp=cond_linear_layer_jvp,
-                optional=_LAYER_BIASES),
+                optional=_LAYER_BIASES, hvp=cond_linear_layer_hvp),
         Variant("dynamic_conv_layer", dynamic_conv_layer, dynamic_conv_layer_vjp,
                 _build_dynamic, layer=True, temperature=True, jvp=dynamic_conv_layer_jvp,
-                optional=("bias",) + _MLP_BIASES),
+                optional=("bias",) + _MLP_BIASES, hvp=dynamic_conv_layer_hvp),
         Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
                 temperature=True, buffers=BUFFERS, jvp=odconv_layer_jvp,
                 optional=("bn_bias",) + tuple(f"{head}_bias" for head in HEADS)),

@@ -29,6 +29,11 @@ The kinds of check
     :math:`\langle c, \mathrm{jvp}(t)\rangle = \langle c, Jt\rangle` with
     :math:`Jt` by float64 central differences
     (:func:`condconv_ref.engine.finite_difference_check`, ``mode="jvp"``).
+``HVP vs finite diff.``
+    For each layer with a Hessian-vector product:
+    :math:`\langle d, \mathrm{hvp}(c, t)\rangle` against float64 Richardson
+    differences of :math:`\langle d, \mathrm{vjp}(c, x + s t)\rangle`
+    (:func:`condconv_ref.engine.hvp_check`).
 ``SciPy oracle``
     ``scipy.signal.correlate`` per example and channel
     (:func:`condconv_ref.testing.oracles.scipy_conv`), in float64; skipped, with
@@ -108,6 +113,7 @@ from condconv_ref.engine import (
     Measurement,
     Row,
     finite_difference_check,
+    hvp_check,
     judge,
     rounded,
     transpose_check,
@@ -126,6 +132,7 @@ __all__ = [
     "FINITE_DIFFERENCES",
     "GROUPED",
     "GROUPED_VJP",
+    "HVP_FINITE_DIFFERENCES",
     "JVP_FINITE_DIFFERENCES",
     "MOE",
     "MOE_VJP",
@@ -155,6 +162,7 @@ __all__ = [
     "route_sigmoid_inputs",
     "route_softmax_inputs",
     "run",
+    "second_order_check",
     "vjp_equivalence_check",
 ]
 
@@ -170,6 +178,7 @@ GROUPED_VJP = "equals condconv groups=C, VJP"
 FINITE_DIFFERENCES = "VJP vs finite diff."
 TRANSPOSE = "JVP transposes VJP"
 JVP_FINITE_DIFFERENCES = "JVP vs finite diff."
+HVP_FINITE_DIFFERENCES = "HVP vs finite diff."
 ORACLE = "SciPy oracle"
 
 
@@ -571,6 +580,28 @@ def forward_mode_checks(op: str, inputs: Callable[[Case], VariantCase]) -> list[
     return [Check(op, TRANSPOSE, transpose), Check(op, JVP_FINITE_DIFFERENCES, differences)]
 
 
+def second_order_check(op: str, inputs: Callable[[Case], VariantCase]) -> Check:
+    """The check of ``op``'s reference HVP against float64 differences of its VJP.
+
+    Examples
+    --------
+    >>> from condconv_ref import verify
+    >>> from condconv_ref.backends import get_backend
+    >>> from condconv_ref.testing import ConvConfig
+    >>> config = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=3, bias=True)
+    >>> case = verify.Case(0, 7, config, config, get_backend("numpy"), "float32")
+    >>> check = verify.second_order_check("condconv_layer", verify.condconv_layer_inputs)
+    >>> check.kind, check.run(case).passed
+    ('HVP vs finite diff.', True)
+    """
+    def differences(case: Case) -> Measurement:
+        return hvp_check(inputs(case), case.dtype, case.backend, seed=case_seed(case.seed, 6))
+
+    return Check(op, HVP_FINITE_DIFFERENCES, differences)
+
+
 
 
 # ---------------------------------------------------------------- the registry
@@ -614,6 +645,8 @@ CHECKS: list[Check] = [
     *(check for op, entry in VARIANTS.items() if entry.jvp is not None
       for check in forward_mode_checks(op, _inputs(f"{op}_inputs", op,
                                                    depthwise=entry.depthwise))),
+    *(second_order_check(op, _inputs(f"{op}_inputs", op, depthwise=entry.depthwise))
+      for op, entry in VARIANTS.items() if entry.hvp is not None),
 ]
 """Every check ``run`` performs, in table order.  A new op adds its rows here."""
 

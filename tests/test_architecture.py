@@ -54,9 +54,12 @@ CALLS = {
                                 "spatial_weight": (3, 2), "kernel_weight": (3, 2),
                                 "kernel_bias": (3,)}, {"batch_norm": "train"}),
 }
-PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS), *(name + "_jvp" for name in CALLS)])
-"""Every op has a VJP and a JVP: a new op without one fails
-test_every_public_op_taking_arrays_is_counted."""
+HVP_LAYERS = ("condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
+              "dynamic_conv_layer")
+PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS), *(name + "_jvp" for name in CALLS),
+                     *(name + "_hvp" for name in HVP_LAYERS)])
+"""Every op has a VJP and a JVP, and each layer in HVP_LAYERS a Hessian-vector product: a new
+op without them fails test_every_public_op_taking_arrays_is_counted."""
 
 
 def test_every_public_op_taking_arrays_is_counted():
@@ -70,15 +73,15 @@ def test_every_public_op_taking_arrays_is_counted():
 
 @pytest.mark.parametrize("name", PUBLIC_OPS)
 def test_each_public_op_resolves_the_namespace_once(backend, name, monkeypatch):
-    op = name.removesuffix("_vjp").removesuffix("_jvp")
+    op = name.removesuffix("_vjp").removesuffix("_jvp").removesuffix("_hvp")
     shapes, param_shapes, options = CALLS[op]
     args = list(_arrays(backend, shapes).values())
     if param_shapes is not None:
         args.append(_arrays(backend, param_shapes))
-    if name.endswith("_jvp"):  # a tangent for every argument
+    output = getattr(condconv_ref, op)(*args, **options)
+    if name.endswith(("_jvp", "_hvp")):  # a tangent for every argument
         args.insert(0, _arrays(backend, {**shapes, **(param_shapes or {})}))
-    if name.endswith("_vjp"):
-        output = getattr(condconv_ref, op)(*args, **options)
+    if name.endswith(("_vjp", "_hvp")):  # and the cotangent first
         args.insert(0, backend.asarray(np.ones(tuple(output.shape)), dtype="float64"))
     resolve = array_api_compat.array_namespace
     calls = []

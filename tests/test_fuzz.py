@@ -453,12 +453,16 @@ def test_scalar_functions_reject_bad_values(name):
 # other arguments pass through the same check functions as the ops fuzzed here.
 JVPS = {name for name in FUNCTIONS if name.removesuffix("_jvp") in VARIANTS
         and name.endswith("_jvp")}
+# The layers' HVPs likewise (a cotangent and tangents first): tests/test_hvp.py
+# (test_bad_tangents_and_cotangents_are_clear_errors).
+HVPS = {name for name in FUNCTIONS if name.removesuffix("_hvp") in VARIANTS
+        and name.endswith("_hvp")}
 
 
 def test_every_public_function_is_fuzzed():
-    assert set(FUNCTIONS) == set(ARRAY_OPS) | set(SCALAR_FUZZ) | JVPS, (
+    assert set(FUNCTIONS) == set(ARRAY_OPS) | set(SCALAR_FUZZ) | JVPS | HVPS, (
         "register a variant (condconv_ref.variants.VARIANTS) or a SCALAR_FUZZ entry for: "
-        f"{sorted(set(FUNCTIONS) - set(ARRAY_OPS) - set(SCALAR_FUZZ) - JVPS)}")
+        f"{sorted(set(FUNCTIONS) - set(ARRAY_OPS) - set(SCALAR_FUZZ) - JVPS - HVPS)}")
 
 
 # ---------------------------------------------------------------- the toolkit's entry points

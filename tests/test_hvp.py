@@ -1,0 +1,152 @@
+"""Second order: each layer's Hessian-vector product matches finite differences of its VJP,
+applies a symmetric Hessian, is validated at the public boundary like the VJP, and a wrong one
+(without the router's own second-order term) is caught."""
+
+from __future__ import annotations
+
+import re
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import condconv_ref
+from condconv_ref import engine
+from condconv_ref.backends import to_numpy
+from condconv_ref.testing import ConvConfig
+from condconv_ref.testing.strategies import Supports, cases
+from condconv_ref.variants import VARIANTS, bind, build_case
+
+HVP_VARIANTS = sorted(name for name, entry in VARIANTS.items() if entry.hvp is not None)
+SMALL = Supports(spatial_dims=(1, 2), max_batch=2, max_experts=3, max_groups=2,
+                 max_channels_per_group=2, max_out_per_group=2, max_size=5)
+DTYPES = st.sampled_from(["float64", "float32"])
+CONFIG = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
+                    kernel=(3,), stride=(1,), dilation=(1,), padding=1, padding_mode="zeros",
+                    n_experts=3, bias=True)
+
+
+def test_the_sigmoid_and_softmax_routed_layers_have_an_hvp():
+    assert HVP_VARIANTS == ["cond_linear_layer", "condconv_layer", "depthwise_condconv_layer",
+                            "dynamic_conv_layer"]
+    assert all(name + "_hvp" in condconv_ref.__all__ for name in HVP_VARIANTS)
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+@settings(max_examples=5)
+@given(data=st.data(), dtype=DTYPES)
+def test_hvp_matches_finite_differences_of_the_vjp(backend, variant, data, dtype):
+    case = data.draw(cases(variant, SMALL), label="case")
+    measured = engine.hvp_check(case, dtype, backend, seed=case.seed)
+    assert measured.passed or np.isnan(measured.units), measured
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+@settings(max_examples=5)
+@given(data=st.data(), dtype=DTYPES)
+def test_the_hessian_the_hvp_applies_is_symmetric(backend, variant, data, dtype):
+    case = data.draw(cases(variant, SMALL), label="case")
+    measured = engine.hvp_symmetry_check(case, dtype, backend, seed=case.seed)
+    assert measured.passed, measured
+
+
+# ---------------------------------------------------------------- wrong HVPs are caught
+
+
+def _without_the_routers_term(router):
+    """``router`` with its own second-order term replaced by zeros."""
+    def zero(*args, **kwargs):
+        return {name: 0 * term for name, term in router.route_hvp(*args, **kwargs).items()}
+    return router._replace(route_hvp=zero)
+
+
+@contextmanager
+def _routers_without_second_order(variant, monkeypatch):
+    module = sys.modules[VARIANTS[variant].hvp.__module__]
+    with monkeypatch.context() as patch:
+        if variant == "dynamic_conv_layer":
+            router = module._softmax_router
+            patch.setattr(module, "_softmax_router",
+                          lambda temperature: _without_the_routers_term(router(temperature)))
+        else:
+            patch.setattr(module, "SIGMOID", _without_the_routers_term(module.SIGMOID))
+        yield
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+def test_an_hvp_without_the_routers_second_order_term_is_caught(variant, monkeypatch):
+    def wrong(*args, **kwargs):
+        with _routers_without_second_order(variant, monkeypatch):
+            return VARIANTS[variant].hvp(*args, **kwargs)
+
+    case = build_case(variant, CONFIG, seed=7)
+    assert engine.hvp_check(case, "float64").passed
+    measured = engine.hvp_check(case, "float64", hvp=wrong)
+    assert measured.units > 1, measured
+    assert "x" in measured.detail
+
+
+def test_an_asymmetric_hvp_is_caught():
+    variant = "condconv_layer"
+
+    def asymmetric(cotangent, tangents, x, params, **options):
+        grads = VARIANTS[variant].hvp(cotangent, tangents, x, params, **options)
+        # the Hessian's experts-x block doubled in one direction only
+        shifted = dict(tangents, experts=0 * tangents["experts"])
+        extra = VARIANTS[variant].hvp(cotangent, shifted, x, params, **options)
+        return {**grads, "experts": grads["experts"] + extra["experts"]}
+
+    case = build_case(variant, CONFIG, seed=7)
+    assert engine.hvp_symmetry_check(case, "float64").passed
+    assert not engine.hvp_symmetry_check(case, "float64", hvp=asymmetric).passed
+
+
+# ---------------------------------------------------------------- the public boundary
+
+
+def _bound_hvp(variant):
+    """The variant's HVP on CONFIG's case, as ``hvp(cotangent, tangents)``, and the case."""
+    case = build_case(variant, CONFIG, seed=7)
+    x, params = case.arrays["x"], {n: a for n, a in case.arrays.items() if n != "x"}
+    return (lambda cotangent, tangents: VARIANTS[variant].hvp(cotangent, tangents, x, params,
+                                                              **case.options)), case
+
+
+def _output_shape(variant, case):
+    return tuple(bind(VARIANTS[variant].forward, case)(**case.arrays).shape)
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+def test_bad_tangents_and_cotangents_are_clear_errors(variant):
+    hvp, case = _bound_hvp(variant)
+    fn = VARIANTS[variant].hvp.__name__
+    cotangent = np.ones(_output_shape(variant, case))
+    x = case.arrays["x"]
+    with pytest.raises(TypeError, match=rf"^{fn}: tangents must be a mapping"):
+        hvp(cotangent, [x])
+    with pytest.raises(ValueError, match=rf"^{fn}: tangents has unknown keys \['cotangent'\]"):
+        hvp(cotangent, {"cotangent": x})
+    with pytest.raises(ValueError, match=rf"^{fn}: tangents\['x'\] has shape \(1,\), "
+                                         rf"expected {re.escape(str(tuple(x.shape)))}"):
+        hvp(cotangent, {"x": np.ones(1)})
+    with pytest.raises(TypeError, match=rf"^{fn}: tangents\['x'\] has dtype float32"):
+        hvp(cotangent, {"x": x.astype(np.float32)})
+    with pytest.raises(ValueError, match=rf"^{fn}: cotangent has shape"):
+        hvp(cotangent[:1], {"x": x})
+    with pytest.raises(TypeError, match=rf"^{fn}: cotangent has dtype float32"):
+        hvp(cotangent.astype(np.float32), {"x": x})
+
+
+@pytest.mark.parametrize("variant", HVP_VARIANTS)
+def test_missing_tangents_are_zero(backend, variant):
+    hvp, case = _bound_hvp(variant)
+    cotangent = np.ones(_output_shape(variant, case))
+    on = {name: backend.asarray(a, dtype="float64") for name, a in case.arrays.items()}
+    x, params = on["x"], {n: a for n, a in on.items() if n != "x"}
+    grads = VARIANTS[variant].hvp(backend.asarray(cotangent, dtype="float64"), {}, x, params,
+                                  **case.options)
+    assert sorted(grads) == sorted(case.arrays)
+    assert all(not np.any(to_numpy(g)) for g in grads.values())
