@@ -127,6 +127,7 @@ __all__ = [
     "bind",
     "build_case",
     "reference_forward",
+    "reference_hvp",
     "reference_jvp",
     "reference_vjp",
     "unsupported",
@@ -410,6 +411,44 @@ def reference_jvp(case: Case, tangents: Mapping[str, Any], backend: str | Backen
     reference = VARIANTS[case.variant]
     given = {name: chosen.asarray(to_numpy(t), dtype=dtype) for name, t in tangents.items()}
     return bind(reference.jvp, case, vjp=True)(given, **case.arrays_on(chosen, dtype))
+
+
+def reference_hvp(case: Case, cotangent: Any, tangents: Mapping[str, Any],
+                  backend: str | Backend | None = None, dtype: str = "float64") -> dict[str, Any]:
+    """The reference Hessian-vector product of ``case``: the derivative of
+    :func:`reference_vjp` at the fixed ``cotangent`` along ``tangents`` (keyed like the
+    VJP's gradients, absent keys zero; any arrays, copied to ``backend``), for the
+    layers whose registry entry has one (:attr:`Variant.hvp`).
+
+    Raises
+    ------
+    ValueError
+        For a variant without a Hessian-vector product.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case, reference_hvp
+    >>> config = ConvConfig(batch=1, in_channels=2, out_channels=2, groups=1, spatial=(4,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=2, bias=False)
+    >>> case = build_case("condconv_layer", config, seed=1)
+    >>> hvp = reference_hvp(case, np.ones((1, 2, 4)), {"x": np.ones((1, 2, 4))})
+    >>> {name: tuple(h.shape) for name, h in hvp.items()} == case.shapes
+    True
+    """
+    reference = VARIANTS[case.variant]
+    if reference.hvp is None:
+        with_hvp = sorted(name for name, entry in VARIANTS.items() if entry.hvp is not None)
+        raise ValueError(f"reference_hvp: variant {case.variant!r} has no Hessian-vector "
+                         f"product; expected one of {with_hvp}")
+    chosen = _backend(backend)
+    c = chosen.asarray(to_numpy(cotangent), dtype=dtype)
+    given = {name: chosen.asarray(to_numpy(t), dtype=dtype) for name, t in tangents.items()}
+    arrays = case.arrays_on(chosen, dtype)
+    x = arrays.pop("x")
+    return reference.hvp(c, given, x, arrays, **case.options)
 
 
 def build_case(variant: str, config: ConvConfig, seed: int = 0, *,

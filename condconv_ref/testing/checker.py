@@ -30,6 +30,14 @@ The protocol
     shape and of ``dtype`` (:meth:`~condconv_ref.variants.Case.tangents`); the
     result is the directional derivative of the output along them, of the
     output's shape.
+``hvp(case, cotangent, tangents) -> {name: gradient_dot}``
+    Second order: the derivative of ``vjp(case, cotangent)`` at the fixed
+    ``cotangent`` along ``tangents`` (given as for ``jvp``), i.e. the
+    Hessian-vector product of :math:`\langle c, f\rangle` over the input and the
+    parameters; one array per differentiable array of ``case.arrays``, keyed and
+    shaped like the VJP's gradients.  Only the layers with a reference
+    Hessian-vector product (:func:`~condconv_ref.variants.reference_hvp`) are
+    checked at second order.
 
 Comparison
 ----------
@@ -114,6 +122,7 @@ class Implementation:
     vjp: Callable[[Case, Any], Mapping[str, Any]] | None = None
     supports: Supports | None = None
     jvp: Callable[[Case, Mapping[str, Any]], Any] | None = None
+    hvp: Callable[[Case, Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
