@@ -35,6 +35,7 @@ than a few digits.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,8 +43,8 @@ import numpy as np
 from condconv_ref.accuracy import ELEMENTARY_ROUNDINGS, precision
 from condconv_ref.backends import to_numpy
 
-__all__ = ["MULTILINEAR", "TANGENT_ADDITIONS", "depth", "forward_scale", "jvp_depth",
-           "jvp_scale", "vjp_scale"]
+__all__ = ["MULTILINEAR", "TANGENT_ADDITIONS", "depth", "forward_scale", "hvp_depth",
+           "hvp_scale", "jvp_depth", "jvp_scale", "vjp_scale"]
 
 TANGENT_ADDITIONS = 4
 """Additions a JVP adds to the forward's longest chain: the product rule's terms of an op (at
@@ -753,3 +754,107 @@ def jvp_scale(case: Any, tangents: Any, dtype: Any = "float64") -> np.ndarray:
                                 _layer_operands(case.variant, absolute,
                                                 routing.value + routing.scale),
                                 _op_options(case.options)))
+
+
+# ---------------------------------------------------------------- second order
+
+
+def hvp_depth(case: Any) -> int:
+    """The longest chain of roundings of ``case``'s Hessian-vector product: the VJP's
+    (:func:`depth`), plus :data:`TANGENT_ADDITIONS`."""
+    return depth(case, vjp=True) + TANGENT_ADDITIONS
+
+
+def hvp_scale(case: Any, cotangent: Any, tangents: Any,
+              dtype: Any = "float64") -> dict[str, np.ndarray]:
+    r"""The scale of every element of every array of ``case``'s reference Hessian-vector
+    product at ``cotangent`` along ``tangents`` (keyed like the VJP's gradients, absent keys
+    zero; exact inputs, like the arrays), computed in ``dtype``.
+
+    The HVP of a layer is ``route_vjp`` of the op's VJP differentiated along
+    :math:`(\dot x, \dot W, \dot\alpha, \dot\beta)`, plus the router's own
+    second-order term (:func:`condconv_ref._layer.layer_hvp`).
+
+    - The op's share, every term of the op's VJP with one factor replaced by
+      its tangent: the op's VJP on absolute values at :math:`|c|`, with
+      :math:`|x| + |\dot x|`, :math:`|W| + |\dot W|`, :math:`|\beta| +
+      |\dot\beta|` and the routing :math:`|\alpha| + s_\alpha + |\dot\alpha| +
+      s_{\dot\alpha}` (the routing's tangent and its scale, as
+      :func:`jvp_scale` has them).  The op is multilinear with non-negative
+      coefficients, so this sums the magnitudes of those terms (and of the
+      VJP's own); it is the whole scale of the experts' and the bias's HVP.
+    - Its routing gradient's derivative :math:`\dot{\bar\alpha}` chained
+      through the router's VJP, with that scale (the router's rules of
+      :func:`vjp_scale`).
+    - The router's own second-order term (the derivative of its VJP at the
+      fixed :math:`\bar\alpha`): the VJP's scale at the point widened by
+      the tangents, :math:`|\theta| + |t|`, and at :math:`|c|`.  A model
+      rather than a derivation: each term of it is a term of the VJP with
+      one factor replaced by its tangent, but the sigmoid's and the
+      softmax's derivatives are not monotone in their arguments.
+
+    Variants without a layer's structure (ODConv) get the last model alone.
+
+    Examples
+    --------
+    :math:`\bar x = c\,\alpha w` of one feature and one expert, whose HVP
+    along :math:`\dot\alpha = 1` is :math:`c w`; the scale is the VJP's at
+    :math:`|\alpha| + |\dot\alpha|`:
+
+    >>> import numpy as np
+    >>> from condconv_ref._scales import hvp_scale
+    >>> from condconv_ref.variants import Case
+    >>> arrays = {"x": np.array([[2.0]]), "experts": np.array([[[-0.25]]]),
+    ...           "routing": np.array([[0.5]])}
+    >>> hvp_scale(Case("cond_linear", arrays, {}, (2, 2)), np.array([[-2.0]]),
+    ...           {"routing": np.array([[1.0]])})["x"]
+    array([[0.75]])
+    """
+    arrays, given = _host(case.arrays), _host(dict(tangents))
+    c = np.asarray(to_numpy(cotangent), dtype=np.float64)
+    widened = {name: np.abs(a) + np.abs(given[name]) if name in given else np.abs(a)
+               for name, a in arrays.items()}
+    model = vjp_scale(replace(case, arrays=widened), np.abs(c), dtype)
+    if case.variant not in _LAYERS:
+        return model
+    op, _, names = _LAYERS[case.variant]
+    options = _op_options(case.options)
+    routing = _routing(case.variant, arrays, case.options, _floor(dtype))
+    routing_tangent, routing_tangent_scale = _routing_tangent(case.variant, routing, arrays,
+                                                              given)
+    through_op = _call_vjp(op, np.abs(c), _layer_operands(
+        case.variant, widened, np.abs(routing.value) + routing.scale + np.abs(routing_tangent)
+        + routing_tangent_scale), options)
+    through_routing = _ROUTING_VJP[routing.kind](
+        routing, _routing_gradient_derivative(case.variant, c, arrays, given, routing.value,
+                                              options),
+        np.asarray(through_op["routing"]))
+    scales = {"x": np.asarray(through_op["x"]) + through_routing["x"] + model["x"]}
+    for name in ("experts", "bias"):
+        if name in arrays:
+            scales[name] = np.asarray(through_op[name])
+    for own, name in names.items():
+        if name in arrays:
+            scales[name] = through_routing[own] + model[name]
+    return scales
+
+
+def _routing_gradient_derivative(variant: str, c: np.ndarray, arrays: dict[str, np.ndarray],
+                                 tangents: dict[str, np.ndarray], routing: np.ndarray,
+                                 options: dict[str, Any]) -> np.ndarray:
+    """The derivative of the layer's op's routing gradient along the tangents of ``x``, the
+    experts and the bias: that gradient is bilinear in ``x`` and the experts, linear in the
+    bias and independent of the routing, so it is the gradient at ``(x', W, beta')`` plus the
+    one at ``(x, W', 0)`` (a prime: the tangent, zero where absent)."""
+    op = _LAYERS[variant][0]
+
+    def tangent(name: str) -> np.ndarray:
+        return tangents.get(name, np.zeros(arrays[name].shape))
+
+    bias = {"bias": tangent("bias")} if "bias" in arrays else {}
+    along_x = _layer_operands(variant, {**arrays, "x": tangent("x"), **bias}, routing)
+    no_bias = {name: np.zeros(a.shape) for name, a in bias.items()}
+    along_experts = _layer_operands(variant, {**arrays, "experts": tangent("experts"),
+                                              **no_bias}, routing)
+    return (np.asarray(_call_vjp(op, c, along_x, options)["routing"])
+            + np.asarray(_call_vjp(op, c, along_experts, options)["routing"]))
