@@ -350,7 +350,7 @@ def test_a_jvp_rule_is_checked_and_a_wrong_one_caught_while_forward_and_vjp_pass
     right = check_implementation(_custom_sigmoid_layer(lambda t, y: t * y * (1 - y)),
                                  variant="condconv_layer", max_examples=BUG_EXAMPLES)
     assert right.passed and right.checked_vjp and right.checked_jvp
-    assert "forward, VJP and JVP" in str(right)
+    assert "forward, VJP, JVP and HVP" in str(right)
     # the rule forgets the factor 1 - y; forward and backward are right
     report = _failing(_custom_sigmoid_layer(lambda t, y: t * y), "condconv_layer")
     assert _differing(report) == {"jvp"}
