@@ -365,14 +365,9 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
     reference = rounded(case, search.dtype)  # float64 arrays at the values handed over
     expected = expected_forward(reference, search.backend, search.dtype)
     search.case_declined = False
-    try:
-        actual = implementation.forward(case)
-    except MemoryBudgetError:
-        raise
-    except Unsupported as error:
-        return _declined(search, "forward", error)
-    except Exception as error:
-        return [_raised("forward", error)]
+    actual, instead = _called(search, "forward", implementation.forward, case)
+    if instead is not None:
+        return instead
     mismatches = _judged(actual, expected, search)
     if implementation.vjp is not None:
         mismatches += _check_vjp(case, reference, expected.value.shape, implementation.vjp,
@@ -383,6 +378,21 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
         mismatches += _check_hvp(case, reference, expected.value.shape, implementation.hvp,
                                  search)
     return mismatches
+
+
+def _called(search: _Search, what: str, function: Any, *args: Any
+            ) -> tuple[Any, list[Comparison] | None]:
+    """``function(*args)`` and None; or, when it declines (:class:`Unsupported`) or raises,
+    None and the comparisons that take the result's place: none for a declined case, a
+    failure of ``what`` for an exception."""
+    try:
+        return function(*args), None
+    except MemoryBudgetError:
+        raise
+    except Unsupported as error:
+        return None, _declined(search, what, error)
+    except Exception as error:
+        return None, [_raised(what, error)]
 
 
 def _cotangent(case: Case, shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -400,30 +410,17 @@ def _check_vjp(case: Case, reference: Case, shape: tuple[int, ...], vjp: Any,
     """The mismatches of ``vjp`` at the case's cotangent."""
     cotangent = _cotangent(case, shape, search.dtype)
     expected_grads = expected_vjp(reference, cotangent, search.backend, search.dtype)
-    try:
-        grads = vjp(case, _handed(cotangent, search.dtype))
-    except MemoryBudgetError:
-        raise
-    except Unsupported as error:
-        return _declined(search, "vjp", error)
-    except Exception as error:
-        return [_raised("vjp", error)]
-    return _judged(grads, expected_grads, search)
+    grads, instead = _called(search, "vjp", vjp, case, _handed(cotangent, search.dtype))
+    return instead if instead is not None else _judged(grads, expected_grads, search)
 
 
 def _check_jvp(case: Case, reference: Case, jvp: Any, search: _Search) -> list[Comparison]:
     """The mismatches of ``jvp`` along the case's tangents, judged like an output."""
     tangents = _tangents(case, search.dtype)
     expected = expected_jvp(reference, tangents, search.backend, search.dtype)
-    try:
-        actual = jvp(case, {name: _handed(t, search.dtype) for name, t in tangents.items()})
-    except MemoryBudgetError:
-        raise
-    except Unsupported as error:
-        return _declined(search, "jvp", error)
-    except Exception as error:
-        return [_raised("jvp", error)]
-    return _judged(actual, expected, search, what="jvp")
+    actual, instead = _called(search, "jvp", jvp, case,
+                              {name: _handed(t, search.dtype) for name, t in tangents.items()})
+    return instead if instead is not None else _judged(actual, expected, search, what="jvp")
 
 
 def _check_hvp(case: Case, reference: Case, shape: tuple[int, ...], hvp: Any,
@@ -432,16 +429,9 @@ def _check_hvp(case: Case, reference: Case, shape: tuple[int, ...], hvp: Any,
     the gradients."""
     cotangent, tangents = _cotangent(case, shape, search.dtype), _tangents(case, search.dtype)
     expected = expected_hvp(reference, cotangent, tangents, search.backend, search.dtype)
-    try:
-        actual = hvp(case, _handed(cotangent, search.dtype),
-                     {name: _handed(t, search.dtype) for name, t in tangents.items()})
-    except MemoryBudgetError:
-        raise
-    except Unsupported as error:
-        return _declined(search, "hvp", error)
-    except Exception as error:
-        return [_raised("hvp", error)]
-    return _judged(actual, expected, search, what="hvp")
+    actual, instead = _called(search, "hvp", hvp, case, _handed(cotangent, search.dtype),
+                              {name: _handed(t, search.dtype) for name, t in tangents.items()})
+    return instead if instead is not None else _judged(actual, expected, search, what="hvp")
 
 
 def _declined(search: _Search, what: str, error: Unsupported) -> list[Comparison]:
