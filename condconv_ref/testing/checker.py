@@ -891,7 +891,8 @@ def load_implementation(target: str) -> Implementation:
 
     The factory takes no arguments and returns an :class:`Implementation`
     (e.g. from :func:`condconv_ref.testing.torch_adapter.torch_implementation`),
-    a ``forward`` callable, or a ``(forward, vjp)`` pair.
+    whose ``vjp``, ``jvp`` and ``hvp`` come with it, a ``forward`` callable, or
+    a ``(forward, vjp)`` pair.
 
     A file inside a package (a folder with an ``__init__.py``, and its parents
     up to the first folder without one) is imported under its package-qualified
