@@ -326,7 +326,7 @@ def heads(hidden: Any, p: dict[str, Any], *, temperature: float,
 
 def _slope(hidden: Any, p: dict[str, Any], head: str, *, temperature: float,
            xp: ModuleType) -> tuple[Any, Any]:
-    """A sigmoid head's attention and slope :math:`\sigma'(l/T)`, from its logits: as
+    r"""A sigmoid head's attention and slope :math:`\sigma'(l/T)`, from its logits: as
     ``alpha * (1 - alpha)`` the slope would be lost where alpha rounds to 1."""
     logits = affine(hidden, p[f"{head}_weight"], p[f"{head}_bias"], xp=xp)
     return stable_sigmoid(logits / temperature, xp=xp)
