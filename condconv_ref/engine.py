@@ -840,16 +840,13 @@ def _run_hvp(setup: _Setup, f_hvp: Any, tangents: Mapping[str, np.ndarray],
 def _hvp_side(setup: _Setup, dtype: str, f_hvp: Any, probe: Mapping[str, np.ndarray]) -> Any:
     """``<probe, hvp(c, t)>`` in ``dtype`` and the bound on its rounding (:func:`hvp_check`
     states it), for any tangents ``t``."""
-    at, c, point = setup.at, setup.cotangent, setup.point
+    at, c = setup.at, setup.cotangent
     depth = _scales.depth(at, vjp=True) + _scales.TANGENT_ADDITIONS
     u = PRECISIONS["float64"].unit_roundoff
 
     def side(tangents: Mapping[str, np.ndarray]) -> tuple[float, float]:
         grads = _run_hvp(setup, f_hvp, tangents, dtype)
-        widened = replace(at, arrays={name: np.abs(a) + np.abs(tangents[name])
-                                      if name in tangents else np.abs(a)
-                                      for name, a in point.items()})
-        scale = _scales.vjp_scale(widened, np.abs(c), dtype)
+        scale = _scales.hvp_scale(at, c, tangents, dtype)
         error = sum(float(np.sum(np.abs(d) * exact_bound(scale[name], depth, dtype)))
                     for name, d in probe.items())
         error += gamma(sum(d.size for d in probe.values()), u) * _inner(
