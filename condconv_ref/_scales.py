@@ -418,7 +418,7 @@ def _odconv_conv(od: _ODConv, x: np.ndarray, experts: np.ndarray, attentions: di
 
 
 def _odconv_forward_scale(case: Any, arrays: dict[str, np.ndarray], dtype: Any) -> np.ndarray:
-    """The attended convolution on absolute values, each attention at :math:`|\alpha| + s`."""
+    r"""The attended convolution on absolute values, each attention at :math:`|\alpha| + s`."""
     od = _odconv(arrays, case.options, _floor(dtype))
     inexact = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
     return np.asarray(_odconv_conv(od, np.abs(arrays["x"]), np.abs(arrays["experts"]), inexact,
@@ -463,7 +463,7 @@ def _batch_norm_vjp_scales(od: _ODConv, grad: np.ndarray, grad_scale: np.ndarray
 
 def _head_jacobian(od: _ODConv, head: str, v: np.ndarray, v_scale: np.ndarray,
                    temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """A head's Jacobian (symmetric: the same for its VJP and its JVP) applied to an inexact
+    r"""A head's Jacobian (symmetric: the same for its VJP and its JVP) applied to an inexact
     ``v``, from the attention to the logits: :math:`\sigma'(l/T)v/T` or the softmax's; the
     value and its scale."""
     alpha = od.attentions[head]
@@ -567,7 +567,7 @@ def _odconv_tangents(od: _ODConv, arrays: dict[str, np.ndarray], given: dict[str
 
 def _odconv_jvp_scale(case: Any, arrays: dict[str, np.ndarray], given: dict[str, np.ndarray],
                       dtype: Any) -> np.ndarray:
-    """The trunk's and the heads' tangents (:func:`_odconv_tangents`), then the attended
+    r"""The trunk's and the heads' tangents (:func:`_odconv_tangents`), then the attended
     convolution's JVP on absolute values, each attention at :math:`|\alpha| + s_\alpha` and
     each attention's tangent at :math:`|\dot\alpha| + s_{\dot\alpha}`."""
     od = _odconv(arrays, case.options, _floor(dtype))
@@ -602,7 +602,7 @@ def _batch_mean(a: np.ndarray, a_scale: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _head_own_term(od: _ODConv, head: str, grad: np.ndarray, grad_scale: np.ndarray,
                    tangent: np.ndarray, tangent_scale: np.ndarray, temperature: float
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """A head's own second-order term at the attention's gradient :math:`\bar\alpha` along
+    r"""A head's own second-order term at the attention's gradient :math:`\bar\alpha` along
     its tangent :math:`\dot\alpha` (over :math:`T`), the value and its scale: a sigmoid's
     :math:`\bar\alpha(1 - 2\alpha)\dot\alpha`, the softmax's
     :math:`\dot\alpha\odot(\bar\alpha - \langle\bar\alpha,\alpha\rangle)
@@ -633,7 +633,7 @@ def _head_own_term(od: _ODConv, head: str, grad: np.ndarray, grad_scale: np.ndar
 def _normalizing_jacobian_derivative_scale(od: _ODConv, moved: _Moved, vector: np.ndarray,
                                            vector_scale: np.ndarray
                                            ) -> tuple[np.ndarray, np.ndarray]:
-    """Train mode's :func:`condconv_ref._attention.normalizing_jacobian_derivative` at an
+    r"""Train mode's :func:`condconv_ref._attention.normalizing_jacobian_derivative` at an
     inexact ``vector``, :math:`-r(\overline{\hat a\dot a}\,Jv + \dot{\hat a}\,
     \overline{v\hat a} + \hat a\,\overline{v\dot{\hat a}})`, and its scale."""
     normalized, normalized_scale = od.trunk.normalized, od.normalized_scale
