@@ -746,12 +746,13 @@ def hvp_check(case: Case, dtype: str, backend: str | Backend | None = None, seed
 
     - the HVP's rounding: :math:`\langle |d|, \beta\rangle` of
       :func:`~condconv_ref.accuracy.exact_bound` in ``dtype``, at depth the
-      VJP's plus :data:`~condconv_ref._scales.TANGENT_ADDITIONS`, with the scale of
-      the VJP at :math:`|\theta| + |t|` and :math:`|c|`: each term of the HVP is a
+      VJP's plus :data:`~condconv_ref._scales.TANGENT_ADDITIONS`, with the HVP's
+      scale (:func:`~condconv_ref._scales.hvp_scale`): for the routed layers the
+      VJP's at :math:`|\theta| + |t|` and :math:`|c|` (each term of the HVP is a
       term of the VJP with one factor replaced by its tangent, so for the
-      multilinear op this bounds the sum of their magnitudes (a polynomial with
-      non-negative coefficients grows by at least its derivative along
-      :math:`|t|`); the routers' terms are held to the same model;
+      multilinear op this bounds the sum of their magnitudes; the routers' terms
+      are held to the same model), for ODConv the first-order rule through each
+      step of its HVP;
     - the differences' rounding: each float64 VJP within :math:`\beta_{64}` of
       its scale (:func:`~condconv_ref._scales.vjp_scale` at the moved point),
       and each moved point rounded by :math:`u_{64}|\theta + kht|`, which moves
@@ -840,16 +841,13 @@ def _run_hvp(setup: _Setup, f_hvp: Any, tangents: Mapping[str, np.ndarray],
 def _hvp_side(setup: _Setup, dtype: str, f_hvp: Any, probe: Mapping[str, np.ndarray]) -> Any:
     """``<probe, hvp(c, t)>`` in ``dtype`` and the bound on its rounding (:func:`hvp_check`
     states it), for any tangents ``t``."""
-    at, c, point = setup.at, setup.cotangent, setup.point
+    at, c = setup.at, setup.cotangent
     depth = _scales.depth(at, vjp=True) + _scales.TANGENT_ADDITIONS
     u = PRECISIONS["float64"].unit_roundoff
 
     def side(tangents: Mapping[str, np.ndarray]) -> tuple[float, float]:
         grads = _run_hvp(setup, f_hvp, tangents, dtype)
-        widened = replace(at, arrays={name: np.abs(a) + np.abs(tangents[name])
-                                      if name in tangents else np.abs(a)
-                                      for name, a in point.items()})
-        scale = _scales.vjp_scale(widened, np.abs(c), dtype)
+        scale = _scales.hvp_scale(at, c, tangents, dtype)
         error = sum(float(np.sum(np.abs(d) * exact_bound(scale[name], depth, dtype)))
                     for name, d in probe.items())
         error += gamma(sum(d.size for d in probe.values()), u) * _inner(

@@ -55,7 +55,7 @@ CALLS = {
                                 "kernel_bias": (3,)}, {"batch_norm": "train"}),
 }
 HVP_LAYERS = ("condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
-              "dynamic_conv_layer")
+              "dynamic_conv_layer", "odconv_layer")
 PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS), *(name + "_jvp" for name in CALLS),
                      *(name + "_hvp" for name in HVP_LAYERS)])
 """Every op has a VJP and a JVP, and each layer in HVP_LAYERS a Hessian-vector product: a new
