@@ -781,12 +781,13 @@ def hvp_check(case: Case, dtype: str, backend: str | Backend | None = None, seed
 
     - the HVP's rounding: :math:`\langle |d|, \beta\rangle` of
       :func:`~condconv_ref.accuracy.exact_bound` in ``dtype``, at depth the
-      VJP's plus :data:`~condconv_ref._scales.TANGENT_ADDITIONS`, with the scale of
-      the VJP at :math:`|\theta| + |t|` and :math:`|c|`: each term of the HVP is a
+      VJP's plus :data:`~condconv_ref._scales.TANGENT_ADDITIONS`, with the HVP's
+      scale (:func:`~condconv_ref._scales.hvp_scale`): for the routed layers the
+      VJP's at :math:`|\theta| + |t|` and :math:`|c|` (each term of the HVP is a
       term of the VJP with one factor replaced by its tangent, so for the
-      multilinear op this bounds the sum of their magnitudes (a polynomial with
-      non-negative coefficients grows by at least its derivative along
-      :math:`|t|`); the routers' terms are held to the same model;
+      multilinear op this bounds the sum of their magnitudes; the routers' terms
+      are held to the same model), for ODConv the first-order rule through each
+      step of its HVP;
     - the differences' rounding: each float64 VJP within :math:`\beta_{64}` of
       its scale (:func:`~condconv_ref._scales.vjp_scale` at the moved point),
       and each moved point rounded by :math:`u_{64}|\theta + kht|`, which moves

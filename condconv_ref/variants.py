@@ -107,7 +107,7 @@ from condconv_ref.linear import (
     moe_cond_linear_vjp,
 )
 from condconv_ref._attention import BUFFERS, HEADS
-from condconv_ref.odconv import odconv_layer, odconv_layer_jvp, odconv_layer_vjp
+from condconv_ref.odconv import odconv_layer, odconv_layer_hvp, odconv_layer_jvp, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_jvp,
@@ -943,7 +943,8 @@ VARIANTS: Mapping[str, Variant] = {
                 optional=("bias",) + _MLP_BIASES, hvp=dynamic_conv_layer_hvp),
         Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
                 temperature=True, buffers=BUFFERS, jvp=odconv_layer_jvp,
-                optional=("bn_bias",) + tuple(f"{head}_bias" for head in HEADS)),
+                optional=("bn_bias",) + tuple(f"{head}_bias" for head in HEADS),
+                hvp=odconv_layer_hvp),
     ]
 }
 """Every variant by name.  A new op adds one :class:`Variant` here."""

@@ -31,7 +31,7 @@ has a reference Hessian-vector product."""
 
 @pytest.mark.parametrize("script, reports, checked", [
     ("condconv_torch.py", 2, SECOND_ORDER), ("depthwise_condconv_torch.py", 1, FIRST_ORDER),
-    ("dynamic_conv_torch.py", 1, SECOND_ORDER), ("odconv_torch.py", 1, FIRST_ORDER)])
+    ("dynamic_conv_torch.py", 1, SECOND_ORDER), ("odconv_torch.py", 1, SECOND_ORDER)])
 def test_example_script_checks_its_layers_and_exits_0(script, reports, checked, monkeypatch,
                                                       capsys):
     """Each script runs as ``python examples/<script> --examples 8`` would (in-process)."""
@@ -49,7 +49,7 @@ def test_example_script_checks_its_layers_and_exits_0(script, reports, checked, 
     ("condconv_torch.py:loop_factory", "condconv_layer", SECOND_ORDER),
     ("depthwise_condconv_torch.py:factory", "depthwise_condconv", FIRST_ORDER),
     ("dynamic_conv_torch.py:factory", "dynamic_conv_layer", SECOND_ORDER),
-    ("odconv_torch.py:factory", "odconv_layer", FIRST_ORDER),
+    ("odconv_torch.py:factory", "odconv_layer", SECOND_ORDER),
 ])
 def test_check_command_passes_the_examples(target, variant, checked, capsys):
     assert main(["check", str(EXAMPLES / target), "--variant", variant, "--examples", "8",
