@@ -299,7 +299,10 @@ def bound(scale: Any, depth: int, dtype: Any = "float64",
     # the final rounding of a result that lands in the storage dtype's subnormals errs by up
     # to half their spacing, lambda u_out, which u_out |r| does not cover
     stored_subnormal = PRECISIONS[tested.storage].smallest_normal * tested.result_roundoff
-    return relative * s + underflow * (1.0 + s) + stored_subnormal
+    # an element whose terms are all zero is exactly zero at any depth: where the depth is past
+    # the model's reach (n u >= 1, gamma infinite) only the others have no bound
+    scaled = np.where(s > 0, math.inf, 0.0) if math.isinf(relative) else relative * s
+    return scaled + underflow * (1.0 + s) + stored_subnormal
 
 
 @dataclass(frozen=True)

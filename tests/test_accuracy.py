@@ -470,3 +470,16 @@ def test_an_elementary_function_that_flushes_a_subnormal_result_to_zero_passes(d
     assert result.index == (1,) and not result.passed
     assert compare("output", np.zeros(1), reference[:1], reference[:1], depth=6,
                    dtype=dtype).passed
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_an_exactly_zero_element_is_checked_at_any_depth(dtype):
+    """Past the model's reach (n u >= 1) an element of scale 0 still has a finite bound: its
+    terms are all zero, so its value is exactly zero.  The bound was inf * 0 = NaN there, and
+    a wrong value at such an element was never reported."""
+    depth = 4096  # gamma_n(u) is infinite in both dtypes
+    beta = bound(np.array([0.0, 1.0]), depth, dtype)
+    assert np.isfinite(beta[0]) and beta[1] == np.inf
+    wrong = compare("output", np.array([0.5, 1.0]), np.array([0.0, 1.0]), np.array([0.0, 1.0]),
+                    depth=depth, dtype=dtype)
+    assert not wrong.passed and wrong.index == (0,), wrong
