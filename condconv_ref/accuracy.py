@@ -329,6 +329,12 @@ class Comparison:
     detail : str
         The whole of a longer message whose first line is ``reason`` (e.g. an
         exception that wraps another's message); empty when ``reason`` says it all.
+    unbounded : int
+        Elements the model cannot bound: their longest chain of roundings
+        :math:`n` is past what the precision allows (:math:`n u \ge 1`, so
+        :math:`\gamma_n(u)` is infinite: 256 roundings in bfloat16, 2048 in
+        float16) and their terms are not all zero.  They cannot fail, so they
+        were not checked; reports say how many.
 
     Examples
     --------
@@ -349,6 +355,7 @@ class Comparison:
     size: int = 0
     reason: str = ""
     detail: str = ""
+    unbounded: int = 0
 
     @classmethod
     def raised(cls, what: str, error: BaseException, where: str = "") -> Comparison:
@@ -522,7 +529,8 @@ def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,
     index = tuple(int(i) for i in np.unravel_index(flat, expected.shape))
     return Comparison(what, float(units[index]), index, float(host[index]),
                       float(expected[index]), float(beta[index]),
-                      int(np.count_nonzero(units > 1)), int(expected.size))
+                      int(np.count_nonzero(units > 1)), int(expected.size),
+                      unbounded=int(np.count_nonzero(np.isinf(beta))))
 
 
 def gradient_keys(actual: Any, reference: Mapping[str, Any],

@@ -43,7 +43,7 @@ from condconv_ref.engine import (
     rounded,
     worst,
 )
-from condconv_ref.testing import Supports, check_implementation
+from condconv_ref.testing import ConvConfig, Supports, check_implementation
 from condconv_ref.testing.sampling import draw_examples
 from condconv_ref.testing.strategies import cases
 from condconv_ref.variants import (
@@ -483,3 +483,25 @@ def test_an_exactly_zero_element_is_checked_at_any_depth(dtype):
     wrong = compare("output", np.array([0.5, 1.0]), np.array([0.0, 1.0]), np.array([0.0, 1.0]),
                     depth=depth, dtype=dtype)
     assert not wrong.passed and wrong.index == (0,), wrong
+
+
+def test_elements_past_the_models_reach_are_counted_and_reported():
+    """A sum too long for bfloat16 to bound cannot fail, so a report that passed over it says
+    it was not checked instead of passing silently."""
+    from condconv_ref.testing import check_case
+    from condconv_ref.variants import build_case, reference_forward
+
+    beyond = compare("output", np.array([9.0, 1.0]), np.array([1.0, 1.0]),
+                     np.array([1.0, 1.0]), depth=300, dtype="bfloat16")
+    assert beyond.passed and beyond.unbounded == 2
+    within = compare("output", np.array([1.0]), np.array([1.0]), np.array([1.0]), depth=3,
+                     dtype="bfloat16")
+    assert within.unbounded == 0
+    config = ConvConfig(batch=2, in_channels=32, out_channels=2, groups=1, spatial=(4, 4),
+                        kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1,
+                        padding_mode="zeros", n_experts=2, bias=False)  # 288-term sums
+    report = check_case(reference_forward, build_case("condconv", config, seed=0),
+                        dtype="bfloat16")
+    assert report.passed and report.unbounded > 0
+    assert f"{report.unbounded} elements not checked" in str(report)
+    assert report.to_json()["unbounded"] == report.unbounded

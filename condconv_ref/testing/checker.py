@@ -177,6 +177,10 @@ class Report:
     turned_away : int
         Drawn cases that ``Supports.accepts`` turned away (not counted in
         ``examples``), see :class:`~condconv_ref.testing.Supports`.
+    unbounded : int
+        Elements compared over all cases that the model cannot bound in
+        ``dtype`` (:attr:`condconv_ref.accuracy.Comparison.unbounded`): not
+        checked, and said so in ``str(report)``.
 
     Examples
     --------
@@ -207,6 +211,7 @@ class Report:
     declined: int = 0
     turned_away: int = 0
     checked_hvp: bool = False
+    unbounded: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The report as strict JSON values: the verdict, the figure, and the minimal
@@ -214,7 +219,7 @@ class Report:
         record = jsonable({name: getattr(self, name) for name in (
             "variant", "dtype", "passed", "examples", "units", "where", "checked_vjp",
             "checked_jvp", "checked_hvp", "seed", "seconds", "note", "declined",
-            "turned_away")})
+            "turned_away", "unbounded")})
         record["mismatches"] = [mismatch.to_json() for mismatch in self.mismatches]
         record["case"] = None if self.case is None else {
             "description": self.case.describe(),
@@ -232,6 +237,8 @@ class Report:
                 f"in {self.seconds:.1f} s" + _counts(self.declined, self.turned_away))
         if self.passed:
             return (f"{head}\n  largest error {self.units:.2g} x the bound, at {self.where}"
+                    + (f"\n  {_unbounded_text(self.unbounded, self.dtype)}"
+                       if self.unbounded else "")
                     + (f"\n  {self.note}" if self.note else ""))
         lines = [head]
         if self.case is not None:
@@ -247,6 +254,12 @@ class Report:
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
+
+
+def _unbounded_text(count: int, dtype: str) -> str:
+    """The line saying ``count`` compared elements were past the model's reach in ``dtype``."""
+    return (f"{count} element{'s' * (count != 1)} not checked: their sums are too long for "
+            f"{dtype} to bound (n u >= 1, see Comparison.unbounded)")
 
 
 def _counts(declined: int, turned_away: int) -> str:
@@ -716,7 +729,8 @@ def _finish(search: _Search, variant: str, implementation: Implementation, seed:
                     largest.units if largest else 0.0, largest.where if largest else "",
                     implementation.vjp is not None, seed, seconds, note,
                     checked_jvp=implementation.jvp is not None, declined=search.declined,
-                    turned_away=search.turned_away, checked_hvp=implementation.hvp is not None)
+                    turned_away=search.turned_away, checked_hvp=implementation.hvp is not None,
+                    unbounded=sum(c.unbounded for c in search.passing))
     if declined_all and raise_on_failure:
         raise ImplementationMismatch(report)
     if failure is not None and raise_on_failure:
