@@ -10,7 +10,9 @@ Skipped without JAX.
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,14 +23,13 @@ import pytest
 pytest.importorskip("hypothesis")
 jax = pytest.importorskip("jax")
 
-import jax.numpy as jnp  # noqa: E402
-from hypothesis import HealthCheck, Phase, find, given, settings  # noqa: E402
+from hypothesis import HealthCheck, find, given, settings  # noqa: E402
 
-from condconv_ref import _scales, layouts  # noqa: E402
+import condconv_ref  # noqa: E402
+from condconv_ref import _scales  # noqa: E402
 from condconv_ref.cli import main  # noqa: E402
 from condconv_ref.engine import Expected, judge, round_to, rounded  # noqa: E402
 from condconv_ref.testing import (  # noqa: E402
-    Supports,
     Unsupported,
     cases,
     check_case,
@@ -65,41 +66,32 @@ condconv_layer, NAMES, SUPPORTS = example.condconv_layer, example.PARAMETERS, ex
 # ---------------------------------------------------------------- the HVP, judged
 
 
+def expected_hvp(case, cotangent, tangents, dtype):
+    """The reference HVP of ``case`` (float64 arrays at the values handed over) and the scale
+    and depth of its rounding in ``dtype``, as ``engine.hvp_check`` bounds it: the VJP's scale
+    at :math:`|\\theta| + |t|` and :math:`|c|`, at the VJP's depth plus the tangent's
+    additions.  The one place this module derives an HVP's bound (the engine's
+    ``expected_hvp``, where it has one, is the same)."""
+    widened = replace(case, arrays={name: np.abs(a) + np.abs(tangents[name])
+                                    if name in tangents else np.abs(a)
+                                    for name, a in case.arrays.items()})
+    value = {name: np.asarray(h, dtype=np.float64)
+             for name, h in reference_hvp(case, cotangent, tangents).items()}
+    return Expected(value, _scales.vjp_scale(widened, np.abs(cotangent), dtype),
+                    _scales.depth(case, vjp=True) + _scales.TANGENT_ADDITIONS)
+
+
 def hvp_comparisons(implementation, case, dtype):
-    """``implementation.hvp`` on ``case`` (rounded to ``dtype``) at the case's cotangent and
-    tangents against :func:`~condconv_ref.variants.reference_hvp`, by the library's error
-    model: the scale and depth of the HVP's rounding are those of ``engine.hvp_check`` (the
-    VJP's scale at :math:`|\\theta| + |t|` and :math:`|c|`, the VJP's depth plus the tangent's
-    additions).  The one place this module judges an HVP: where the engine has an
-    ``expected_hvp``, the ``Expected`` built here is it."""
+    """``implementation.hvp`` on ``case`` rounded to ``dtype``, at the case's cotangent and
+    tangents, judged against :func:`expected_hvp` by the library's error model."""
     handed = replace(case, dtype=dtype, arrays={name: round_to(a, dtype).astype(dtype)
                                                 for name, a in case.arrays.items()})
     reference = rounded(handed, dtype)
-    shape = np.shape(reference_forward(reference))
-    cotangent = round_to(case.cotangent(shape), dtype)
+    cotangent = round_to(case.cotangent(np.shape(reference_forward(reference))), dtype)
     tangents = {name: round_to(t, dtype) for name, t in case.tangents().items()}
-    widened = replace(reference, arrays={name: np.abs(a) + np.abs(tangents[name])
-                                         if name in tangents else np.abs(a)
-                                         for name, a in reference.arrays.items()})
-    expected = Expected({name: np.asarray(h, dtype=np.float64) for name, h in
-                         reference_hvp(reference, cotangent, tangents).items()},
-                        _scales.vjp_scale(widened, np.abs(cotangent), dtype),
-                        _scales.depth(reference, vjp=True) + _scales.TANGENT_ADDITIONS)
     actual = implementation.hvp(handed, cotangent.astype(dtype),
                                 {name: t.astype(dtype) for name, t in tangents.items()})
-    return judge(actual, expected, dtype)
-
-
-def hvp_failure(implementation, supports, dtype="float64"):
-    """The smallest case hypothesis finds on which ``implementation``'s HVP fails, and its
-    comparisons."""
-    case = find(cases("condconv_layer", supports),
-                lambda case: not all(c.passed for c in hvp_comparisons(implementation, case,
-                                                                        dtype)),
-                settings=settings(max_examples=40, database=None, deadline=None,
-                                  phases=[Phase.generate, Phase.shrink],
-                                  suppress_health_check=list(HealthCheck)))
-    return case, hvp_comparisons(implementation, case, dtype)
+    return judge(actual, expected_hvp(reference, cotangent, tangents, dtype), dtype)
 
 
 # ---------------------------------------------------------------- a correct layer
@@ -113,12 +105,14 @@ def test_a_correct_jax_condconv_layer_passes_forward_vjp_and_jvp(dtype, examples
     assert report.units <= 1 and report.examples == examples
 
 
-@pytest.mark.parametrize("mode", ["forward-over-reverse", "reverse-over-reverse"])
+@pytest.mark.parametrize("mode, dtype", [("forward-over-reverse", "float64"),
+                                         ("reverse-over-reverse", "float64"),
+                                         ("forward-over-reverse", "float32")])
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases("condconv_layer", SUPPORTS))
-def test_its_hvp_matches_reference_hvp_within_the_bound(mode, case):
+def test_its_hvp_matches_reference_hvp_within_the_bound(mode, dtype, case):
     implementation = jax_implementation(condconv_layer(), NAMES, hvp=mode)
-    comparisons = hvp_comparisons(implementation, case, "float64")
+    comparisons = hvp_comparisons(implementation, case, dtype)
     assert sorted(c.what for c in comparisons) == sorted(
         f"gradient {name!r}" for name in case.differentiable)
     assert all(c.passed for c in comparisons), [str(c) for c in comparisons if not c.passed]
@@ -192,8 +186,9 @@ def test_forward_mode_through_a_custom_vjp_is_reported_as_a_failure_of_jvp():
     ("first_order_backward_sigmoid", "reverse-over-reverse"),
 ], ids=["custom_jvp", "custom_vjp"])
 def test_a_derivative_right_to_first_order_only_fails_at_second_order(sigmoid, mode):
-    implementation = jax_implementation(condconv_layer(howto[sigmoid]), NAMES, supports=SUPPORTS,
-                                        jvp=mode == "forward-over-reverse", hvp=mode)
+    implementation = jax_implementation(condconv_layer(howto[sigmoid]), NAMES,
+                                        supports=SUPPORTS, jvp=mode == "forward-over-reverse",
+                                        hvp=mode)
     assert check_implementation(implementation, variant="condconv_layer",
                                 max_examples=3).passed
     comparisons = hvp_comparisons(implementation, howto["CASE"], "float64")
@@ -330,3 +325,16 @@ def test_the_check_command_runs_the_how_to_layers(factory, flags, status, line, 
 def test_the_how_to_second_order_check_passes_the_right_layer_and_fails_the_other():
     assert howto["hvp_check"](howto["layer"]()).passed
     assert not howto["hvp_check"](howto["first_order_layer"]()).passed
+
+
+def test_the_testing_package_exports_jax_implementation_without_importing_jax():
+    code = ("import sys, condconv_ref.testing as testing; "
+            "from condconv_ref.testing import jax_implementation; "
+            "from condconv_ref.testing.jax_adapter import jax_implementation as defined; "
+            "assert jax_implementation is defined, 'another function'; "
+            "assert 'jax' not in sys.modules, 'JAX imported'")
+    tree = str(Path(condconv_ref.__file__).resolve().parents[1])  # the package under test
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [tree, os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 0, run.stderr
