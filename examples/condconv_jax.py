@@ -18,22 +18,19 @@ Two implementations:
   (``feature_group_count = C``).  Flax is not needed: the adapter only calls
   ``.apply``.
 
-Run ``python examples/condconv_jax.py [--examples N]``, or through the command line
-tool: ``condconv-ref check examples/condconv_jax.py:factory --variant condconv_layer``
-(``:flax_factory`` for the module).  float64 needs JAX's x64 mode, which the factories
+Check them with the command line tool: ``condconv-ref check
+examples/condconv_jax.py:factory --variant condconv_layer`` (``:flax_factory`` for
+the module, with ``--variant condconv_layer`` or ``depthwise_condconv_layer``).  float64 needs JAX's x64 mode, which the factories
 switch on.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import jax
 import jax.numpy as jnp
 
 from condconv_ref import layouts
-from condconv_ref.testing import Supports, check_implementation
+from condconv_ref.testing import Supports
 from condconv_ref.testing.jax_adapter import jax_implementation
 
 SUPPORTS = Supports(spatial_dims=(1, 2), max_size=5, max_batch=3)
@@ -138,23 +135,3 @@ def flax_factory():
     jax.config.update("jax_enable_x64", True)
     return jax_implementation(FlaxStyleCondConv, FLAX_PARAMETERS, data_format="channels_last",
                               supports=FLAX_SUPPORTS)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=50)
-    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"))
-    args = parser.parse_args(argv)
-    passed = True
-    for name, make, variant in (("JAX function", factory, "condconv_layer"),
-                                ("Flax-style module", flax_factory, "condconv_layer"),
-                                ("Flax-style module", flax_factory, "depthwise_condconv_layer")):
-        report = check_implementation(make(), variant=variant, dtype=args.dtype,
-                                      max_examples=args.examples, raise_on_failure=False)
-        print(f"{name}: {report}")
-        passed &= report.passed
-    return 0 if passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

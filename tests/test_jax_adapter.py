@@ -170,7 +170,8 @@ def test_a_wrong_custom_vjp_backward_is_caught_in_reverse_mode():
 
 
 def test_forward_mode_through_a_custom_vjp_is_reported_as_a_failure_of_jvp():
-    implementation = jax_implementation(condconv_layer(howto["backward_sigmoid"]), NAMES, supports=SUPPORTS)
+    implementation = jax_implementation(condconv_layer(howto["backward_sigmoid"]), NAMES,
+                                        supports=SUPPORTS)
     report = check_implementation(implementation, variant="condconv_layer", max_examples=3,
                                   raise_on_failure=False)
     assert not report.passed

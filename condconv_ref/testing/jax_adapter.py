@@ -74,7 +74,11 @@ import numpy as np
 
 from condconv_ref import layouts
 from condconv_ref._cases import Supports
-from condconv_ref.testing.checker import Implementation, parameter_mapping
+from condconv_ref.testing.checker import (
+    Implementation,
+    check_every_array_mapped,
+    parameter_mapping,
+)
 from condconv_ref.testing.tf_adapter import DATA_FORMATS
 from condconv_ref.variants import Case
 
@@ -292,10 +296,7 @@ def jax_implementation(
         out, the buffers held fixed), and those arrays, as JAX arrays."""
         import jax.numpy as jnp
 
-        unmapped = sorted(set(case.arrays) - set(mapping) - set(inputs))
-        if unmapped:
-            raise ValueError(f"{_FN}: case arrays {unmapped} are neither mapped to variables "
-                             f"nor inputs (mapped: {sorted(mapping)}, inputs: {list(inputs)})")
+        check_every_array_mapped(_FN, case, mapping, inputs, "variables")
         _require_x64(case.dtype)
         dtype = getattr(jnp, case.dtype)  # bfloat16 arrives as float32 holding its values
         arrays = {name: jnp.asarray(a, dtype=dtype) for name, a in case.arrays.items()}

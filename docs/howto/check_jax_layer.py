@@ -38,26 +38,24 @@ from condconv_ref.testing.jax_adapter import jax_implementation  # noqa: E402
 from condconv_ref.variants import build_case  # noqa: E402
 
 
-@jax.custom_jvp
-def wrong_rule_sigmoid(z):
-    return jax.nn.sigmoid(z)
+def custom_jvp_sigmoid(slope):
+    """A sigmoid whose forward mode is ``slope(y)`` times the tangent."""
+
+    @jax.custom_jvp
+    def sigmoid(z):
+        return jax.nn.sigmoid(z)
+
+    @sigmoid.defjvp
+    def rule(primals, tangents):
+        y = jax.nn.sigmoid(primals[0])
+        return y, slope(y) * tangents[0]
+
+    return sigmoid
 
 
-@wrong_rule_sigmoid.defjvp
-def _wrong_rule(primals, tangents):
-    y = jax.nn.sigmoid(primals[0])
-    return y, tangents[0] * y  # forgets the factor 1 - y
-
-
-@jax.custom_jvp
-def first_order_sigmoid(z):
-    return jax.nn.sigmoid(z)
-
-
-@first_order_sigmoid.defjvp
-def _first_order_rule(primals, tangents):
-    y = jax.nn.sigmoid(primals[0])
-    return y, tangents[0] * jax.lax.stop_gradient(y * (1 - y))  # right, but held constant
+wrong_rule_sigmoid = custom_jvp_sigmoid(lambda y: y)  # forgets the factor 1 - y
+first_order_sigmoid = custom_jvp_sigmoid(  # right, but y(1 - y) is held constant
+    lambda y: jax.lax.stop_gradient(y * (1 - y)))
 
 
 def custom_vjp_sigmoid(backward):
