@@ -97,12 +97,12 @@ def hvp_comparisons(implementation, case, dtype):
 # ---------------------------------------------------------------- a correct layer
 
 
-@pytest.mark.parametrize("dtype, examples", [("float64", 5), ("float32", 3)])
-def test_a_correct_jax_condconv_layer_passes_forward_vjp_and_jvp(dtype, examples):
+def test_a_correct_jax_condconv_layer_passes_forward_vjp_and_jvp():
+    """In float64; the Flax-style module below is checked in float32."""
     report = check_implementation(jax_implementation(condconv_layer(), NAMES, supports=SUPPORTS),
-                                  variant="condconv_layer", dtype=dtype, max_examples=examples)
+                                  variant="condconv_layer", max_examples=5)
     assert report.passed and report.checked_vjp and report.checked_jvp
-    assert report.units <= 1 and report.examples == examples
+    assert report.units <= 1 and report.examples == 5
 
 
 @pytest.mark.parametrize("mode, dtype", [("forward-over-reverse", "float64"),
@@ -191,7 +191,7 @@ def test_a_derivative_right_to_first_order_only_fails_at_second_order(sigmoid, m
                                         supports=SUPPORTS, jvp=mode == "forward-over-reverse",
                                         hvp=mode)
     assert check_implementation(implementation, variant="condconv_layer",
-                                max_examples=3).passed
+                                max_examples=2).passed
     comparisons = hvp_comparisons(implementation, howto["CASE"], "float64")
     failing = [c.what for c in comparisons if not c.passed]
     assert "gradient 'route_weight'" in failing and "gradient 'experts'" not in failing
@@ -313,7 +313,6 @@ def test_the_check_command_runs_a_jax_factory(capsys):
 
 
 @pytest.mark.parametrize("factory, flags, status, line", [
-    ("layer", [], 0, "(forward, VJP and JVP, float64, seed 0): PASSED after 3 examples"),
     ("custom_vjp_layer", [], 1, "jvp: raised TypeError: can't apply forward-mode autodiff"),
     ("custom_vjp_layer", ["--no-jvp"], 0, "(forward and VJP, float64, seed 0): PASSED"),
 ])

@@ -122,10 +122,9 @@ def first_order_backward_layer():
 
 
 CASE = build_case("condconv_layer", ConvConfig(
-    batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5, 5), kernel=(3, 3),
-    stride=(1, 1), dilation=(1, 1), padding=1, padding_mode="reflect", n_experts=3,
-    bias=True), seed=7)
-"""A 2-D case for the second-order check."""
+    batch=2, in_channels=2, out_channels=4, groups=2, spatial=(6,), kernel=(3,), stride=(1,),
+    dilation=(1,), padding=1, padding_mode="reflect", n_experts=3, bias=True), seed=7)
+"""A case for the second-order check."""
 
 
 def hvp_check(implementation, case=CASE, dtype="float64"):
