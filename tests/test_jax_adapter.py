@@ -127,11 +127,11 @@ def test_a_layer_the_user_jitted_passes_with_and_without_the_adapters_jit(a_case
         assert report.passed and report.checked_vjp and report.checked_jvp
 
 
-@pytest.mark.parametrize("variant", ["condconv_layer", "depthwise_condconv_layer"])
-def test_a_flax_style_module_with_channels_last_kernels_passes(variant):
+@pytest.mark.parametrize("variant, dtype", [("condconv_layer", "float32"),
+                                            ("depthwise_condconv_layer", "bfloat16")])
+def test_a_flax_style_module_with_channels_last_kernels_passes(variant, dtype):
     implementation = example.flax_factory()
-    report = check_implementation(implementation, variant=variant, dtype="float32",
-                                  max_examples=3)
+    report = check_implementation(implementation, variant=variant, dtype=dtype, max_examples=3)
     assert report.passed and report.checked_vjp and report.checked_jvp
     case = find(cases(variant, example.FLAX_SUPPORTS),
                 lambda case: case.x.ndim == 4 and "bias" in case.arrays,
