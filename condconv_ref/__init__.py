@@ -74,7 +74,7 @@ from condconv_ref.memory import (
     memory_budget,
     set_memory_budget,
 )
-from condconv_ref.odconv import odconv_layer, odconv_layer_jvp, odconv_layer_vjp
+from condconv_ref.odconv import odconv_layer, odconv_layer_hvp, odconv_layer_jvp, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_jvp,
@@ -129,6 +129,7 @@ __all__ = [
     "moe_condconv_jvp",
     "moe_condconv_vjp",
     "odconv_layer",
+    "odconv_layer_hvp",
     "odconv_layer_jvp",
     "odconv_layer_vjp",
     "route_sigmoid",

@@ -5,7 +5,8 @@ or batch statistics, ReLU) and :func:`heads` (a sigmoid per channel, filter and
 spatial head, a softmax over the experts, each at temperature T) compute the
 attentions of :func:`condconv_ref.odconv_layer`; :func:`attended_conv` is the
 convolution they scale, multilinear in ``x``, the experts and each attention,
-run by the convolution engine.  Each function sits beside its VJP and its JVP.
+run by the convolution engine.  Each function sits beside its VJP and its JVP, and
+the VJP's derivative (``*_vjp_derivative``, for the layer's Hessian-vector product).
 :data:`ODCONV_KEYS` names the layer's params (name -> required).
 """
 
@@ -21,13 +22,17 @@ from condconv_ref._routing import (
     affine,
     affine_jvp,
     affine_vjp,
+    affine_vjp_derivative,
     global_average_pool,
     global_average_pool_vjp,
+    or_zeros,
+    sigmoid_vjp_derivative,
     stable_sigmoid,
     stable_softmax,
     stable_softmax_vjp,
+    stable_softmax_vjp_derivative,
 )
-from condconv_ref._tangent import added, conv_tangent
+from condconv_ref._tangent import added, conv_tangent, total
 from condconv_ref._validate import ConvGeometry
 
 __all__ = [
@@ -36,18 +41,25 @@ __all__ = [
     "HEADS",
     "ODCONV_KEYS",
     "Trunk",
+    "TrunkTangents",
     "attended_conv",
     "attended_conv_jvp",
     "attended_conv_vjp",
+    "attended_conv_vjp_derivative",
     "batch_norm_jvp",
     "batch_norm_vjp",
     "heads",
     "heads_jvp",
     "heads_vjp",
+    "heads_vjp_derivative",
+    "normalizing_jacobian",
+    "normalizing_jacobian_derivative",
     "shaped_attentions",
     "trunk",
     "trunk_jvp",
+    "trunk_tangents",
     "trunk_vjp",
+    "trunk_vjp_derivative",
 ]
 
 HEADS = ("channel", "filter", "spatial", "kernel")
@@ -139,20 +151,21 @@ def normalizing_jacobian(vector: Any, forward: Trunk, *, train: bool, xp: Module
 
 
 def batch_norm_jvp(tangents: Mapping[str, Any], preactivation_tangent: Any, forward: Trunk,
-                   bn_weight: Any, *, train: bool, xp: ModuleType) -> Any:
-    r"""The tangent of the batch norm's output :math:`z = \gamma \hat a + \beta` along the
-    input's tangent :math:`\dot a` (``None``: zero) and ``tangents["bn_weight"]``,
-    ``tangents["bn_bias"]`` (absent: zero); ``None`` when no tangent is given.
+                   bn_weight: Any, *, train: bool, xp: ModuleType) -> tuple[Any, Any]:
+    r"""The tangents of the normalized input :math:`\hat a` and of the batch norm's output
+    :math:`z = \gamma \hat a + \beta` along the input's tangent :math:`\dot a` (``None``:
+    zero) and ``tangents["bn_weight"]``, ``tangents["bn_bias"]`` (absent: zero); ``None``
+    for each that no tangent reaches.
 
     :math:`\dot z = \gamma \dot{\hat a} + \dot\gamma \hat a + \dot\beta`.  In eval mode
     :math:`\dot{\hat a} = r \dot a`.  In train mode :math:`\dot\mu = \overline{\dot a}`
     (the mean over the batch), :math:`\dot{\sigma^2} = 2\,\overline{(a - \mu)\dot a}`,
-    so :math:`\dot r = -\tfrac12 r^3 \dot{\sigma^2} = -r\,\overline{\hat a \dot a}`
+    so :math:`\dot r = -\tfrac12 r^3 \dot{\sigma^2} = -r^2\,\overline{\hat a \dot a}`
     and :math:`\dot{\hat a} = r(\dot a - \dot\mu) + (a - \mu)\dot r
     = r\big(\dot a - \overline{\dot a} - \hat a\,\overline{\hat a \dot a}\big)`:
     the same symmetric matrix the VJP applies (:func:`normalizing_jacobian`).
     """
-    terms = []
+    terms, normalized = [], None
     if preactivation_tangent is not None:
         normalized = normalizing_jacobian(preactivation_tangent, forward, train=train, xp=xp)
         terms.append(normalized if bn_weight is None else normalized * bn_weight)
@@ -160,9 +173,48 @@ def batch_norm_jvp(tangents: Mapping[str, Any], preactivation_tangent: Any, forw
         terms.append(forward.normalized * tangents["bn_weight"])
     if tangents.get("bn_bias") is not None:
         terms.append(xp.broadcast_to(tangents["bn_bias"], tuple(forward.normalized.shape)))
-    return added(terms)
+    return normalized, added(terms)
 
 
+def normalizing_jacobian_derivative(vector: Any, preactivation_tangent: Any,
+                                    normalized_tangent: Any, forward: Trunk, *,
+                                    xp: ModuleType) -> Any:
+    r"""The derivative of train mode's :func:`normalizing_jacobian` applied to a fixed
+    ``vector`` :math:`v`, along the input's tangent :math:`\dot a` (whose
+    :math:`\dot{\hat a}` is ``normalized_tangent``); eval mode's Jacobian :math:`r` is
+    constant and has none.
+
+    :math:`Jv = rPv` with :math:`Pv = v - \bar v - \hat a\,\overline{v\hat a}` per
+    feature.  With :math:`\dot r = -r^2\,\overline{\hat a\dot a}`
+    (:func:`batch_norm_jvp`) and :math:`\dot P v = -\dot{\hat a}\,\overline{v\hat a}
+    - \hat a\,\overline{v\dot{\hat a}}`,
+
+    .. math::
+
+        \dot J v = \dot r P v + r \dot P v = -r\big(\overline{\hat a\dot a}\,Jv
+                  + \dot{\hat a}\,\overline{v\hat a}
+                  + \hat a\,\overline{v\dot{\hat a}}\big),
+
+    symmetric in the batch like :math:`J`: the batch's second-order coupling.
+    """
+    def mean(a: Any) -> Any:
+        return xp.mean(a, axis=0, keepdims=True)
+
+    normalized = forward.normalized
+    return -forward.inverse_std * (
+        mean(normalized * preactivation_tangent) * normalizing_jacobian(vector, forward,
+                                                                        train=True, xp=xp)
+        + normalized_tangent * mean(vector * normalized)
+        + normalized * mean(vector * normalized_tangent))
+
+
+class TrunkTangents(NamedTuple):
+    """The tangents of the trunk's intermediates (``None``: zero), what the HVP needs."""
+
+    pooled: Any  # (B, C)
+    preactivation: Any  # (B, A)
+    normalized: Any  # (B, A)
+    hidden: Any  # (B, A)
 
 
 def trunk_vjp(grad_hidden: Any, x_shape: tuple[int, ...], p: dict[str, Any], forward: Trunk, *,
@@ -172,6 +224,13 @@ def trunk_vjp(grad_hidden: Any, x_shape: tuple[int, ...], p: dict[str, Any], for
     grad_pre, grad_bn_weight, grad_bn_bias = batch_norm_vjp(grad_output, forward, p["bn_weight"],
                                                             train=train, xp=xp)
     grad_pooled, grad_fc = affine_vjp(grad_pre, forward.pooled, p["fc_weight"], xp=xp)
+    return _trunk_grads(grad_pooled, grad_fc, grad_bn_weight, grad_bn_bias, x_shape, p, xp=xp)
+
+
+def _trunk_grads(grad_pooled: Any, grad_fc: Any, grad_bn_weight: Any, grad_bn_bias: Any,
+                 x_shape: tuple[int, ...], p: dict[str, Any], *, xp: ModuleType
+                 ) -> dict[str, Any]:
+    """The trunk's gradients by name: ``x``'s through the pooling, the params given."""
     grads = {"x": global_average_pool_vjp(grad_pooled, x_shape, xp=xp), "fc_weight": grad_fc}
     if p["bn_weight"] is not None:
         grads["bn_weight"] = grad_bn_weight
@@ -180,10 +239,10 @@ def trunk_vjp(grad_hidden: Any, x_shape: tuple[int, ...], p: dict[str, Any], for
     return grads
 
 
-def trunk_jvp(tangents: Mapping[str, Any], p: dict[str, Any], forward: Trunk, *, train: bool,
-              xp: ModuleType) -> Any:
-    r"""The tangent of :func:`trunk`'s ``hidden`` along ``tangents`` (any of ``"x"``,
-    ``"fc_weight"``, ``"bn_weight"``, ``"bn_bias"``); ``None`` when none reaches it.
+def trunk_tangents(tangents: Mapping[str, Any], p: dict[str, Any], forward: Trunk, *,
+                   train: bool, xp: ModuleType) -> TrunkTangents:
+    r"""The tangents of :func:`trunk`'s intermediates along ``tangents`` (any of ``"x"``,
+    ``"fc_weight"``, ``"bn_weight"``, ``"bn_bias"``).
 
     :math:`\dot{\bar x} = \mathrm{GAP}(\dot x)`, :math:`\dot a = \dot{\bar x} W_\mathrm{fc}^\top
     + \bar x \dot W_\mathrm{fc}^\top`, the batch norm's tangent (:func:`batch_norm_jvp`),
@@ -193,11 +252,58 @@ def trunk_jvp(tangents: Mapping[str, Any], p: dict[str, Any], forward: Trunk, *,
     pooled_tangent = None if x_tangent is None else global_average_pool(x_tangent, xp=xp)
     pre_tangent = affine_jvp(pooled_tangent, tangents.get("fc_weight"), None, forward.pooled,
                              p["fc_weight"], xp=xp)
-    output_tangent = batch_norm_jvp(tangents, pre_tangent, forward, p["bn_weight"], train=train,
-                                    xp=xp)
-    if output_tangent is None:
-        return None
-    return xp.where(forward.activation_input <= 0, 0.0, output_tangent)
+    normalized_tangent, output_tangent = batch_norm_jvp(tangents, pre_tangent, forward,
+                                                        p["bn_weight"], train=train, xp=xp)
+    hidden_tangent = (None if output_tangent is None
+                      else xp.where(forward.activation_input <= 0, 0.0, output_tangent))
+    return TrunkTangents(pooled_tangent, pre_tangent, normalized_tangent, hidden_tangent)
+
+
+def trunk_jvp(tangents: Mapping[str, Any], p: dict[str, Any], forward: Trunk, *, train: bool,
+              xp: ModuleType) -> Any:
+    """The tangent of :func:`trunk`'s ``hidden`` along ``tangents``
+    (:func:`trunk_tangents`); ``None`` when none reaches it."""
+    return trunk_tangents(tangents, p, forward, train=train, xp=xp).hidden
+
+
+def trunk_vjp_derivative(grad_hidden: Any, grad_hidden_tangent: Any,
+                         tangents: Mapping[str, Any], moved: TrunkTangents,
+                         x_shape: tuple[int, ...], p: dict[str, Any], forward: Trunk, *,
+                         train: bool, xp: ModuleType) -> dict[str, Any]:
+    r"""The derivative of :func:`trunk_vjp` along ``grad_hidden_tangent`` (the tangent of
+    its cotangent :math:`\bar h`), the params' ``tangents`` and the intermediates'
+    tangents ``moved`` (:func:`trunk_tangents`).
+
+    The ReLU's mask is constant off its kink: :math:`\dot{\bar z} = \dot{\bar h}` where
+    :math:`z > 0`.  The batch norm's gradients :math:`\bar\gamma = \sum_b \bar z\hat a`,
+    :math:`\bar\beta = \sum_b \bar z` and :math:`\bar a = J(\gamma\bar z)` move as
+    :math:`\sum_b(\dot{\bar z}\hat a + \bar z\dot{\hat a})`, :math:`\sum_b\dot{\bar z}`
+    and :math:`J(\dot\gamma\bar z + \gamma\dot{\bar z}) + \dot J(\gamma\bar z)`, the
+    last term train mode's alone (:func:`normalizing_jacobian_derivative`); the fc layer's
+    VJP is bilinear (:func:`~condconv_ref._routing.affine_vjp_derivative`) and the
+    pooling's linear.
+    """
+    inactive = forward.activation_input <= 0
+    grad_output = xp.where(inactive, 0.0, grad_hidden)
+    grad_output_tangent = xp.where(inactive, 0.0, grad_hidden_tangent)
+    normalized_tangent = or_zeros(moved.normalized, forward.normalized, xp=xp)
+    grad_bn_weight = xp.sum(grad_output_tangent * forward.normalized
+                            + grad_output * normalized_tangent, axis=0)
+    weight, weight_tangent = p["bn_weight"], tangents.get("bn_weight")
+    scaled = grad_output if weight is None else grad_output * weight
+    scaled_tangent = grad_output_tangent if weight is None else grad_output_tangent * weight
+    if weight_tangent is not None:
+        scaled_tangent = scaled_tangent + grad_output * weight_tangent
+    grad_pre_tangent = normalizing_jacobian(scaled_tangent, forward, train=train, xp=xp)
+    if train and moved.preactivation is not None:
+        grad_pre_tangent = grad_pre_tangent + normalizing_jacobian_derivative(
+            scaled, moved.preactivation, normalized_tangent, forward, xp=xp)
+    grad_pooled, grad_fc = affine_vjp_derivative(
+        normalizing_jacobian(scaled, forward, train=train, xp=xp), grad_pre_tangent,
+        forward.pooled, or_zeros(moved.pooled, forward.pooled, xp=xp), p["fc_weight"],
+        or_zeros(tangents.get("fc_weight"), p["fc_weight"], xp=xp), xp=xp)
+    return _trunk_grads(grad_pooled, grad_fc, grad_bn_weight,
+                        xp.sum(grad_output_tangent, axis=0), x_shape, p, xp=xp)
 
 
 # ---------------------------------------------------------------- the four heads
@@ -218,6 +324,14 @@ def heads(hidden: Any, p: dict[str, Any], *, temperature: float,
     return attentions
 
 
+def _slope(hidden: Any, p: dict[str, Any], head: str, *, temperature: float,
+           xp: ModuleType) -> tuple[Any, Any]:
+    r"""A sigmoid head's attention and slope :math:`\sigma'(l/T)`, from its logits: as
+    ``alpha * (1 - alpha)`` the slope would be lost where alpha rounds to 1."""
+    logits = affine(hidden, p[f"{head}_weight"], p[f"{head}_bias"], xp=xp)
+    return stable_sigmoid(logits / temperature, xp=xp)
+
+
 def heads_vjp(grads: Mapping[str, Any], hidden: Any, p: dict[str, Any],
               attentions: Mapping[str, Any], *, temperature: float,
               xp: ModuleType) -> tuple[Any, dict[str, Any]]:
@@ -229,17 +343,67 @@ def heads_vjp(grads: Mapping[str, Any], hidden: Any, p: dict[str, Any],
     softmax VJP asks (at a small :math:`T` the products of :math:`\bar l` could overflow)."""
     grad_hidden, params = xp.zeros_like(hidden), {}
     for head, alpha in attentions.items():
-        weight, bias = p[f"{head}_weight"], p[f"{head}_bias"]
         if head == "kernel":
             scaled_logits = stable_softmax_vjp(grads[head], alpha, xp=xp)
-        else:  # the slope from the logits: alpha (1 - alpha) loses it where alpha rounds to 1
-            slope = stable_sigmoid(affine(hidden, weight, bias, xp=xp) / temperature, xp=xp)[1]
-            scaled_logits = grads[head] * slope
-        into_hidden, weight_grad = affine_vjp(scaled_logits, hidden, weight, xp=xp)
-        params[f"{head}_weight"] = weight_grad / temperature
+        else:
+            scaled_logits = grads[head] * _slope(hidden, p, head, temperature=temperature,
+                                                 xp=xp)[1]
+        into_hidden, weight_grad = affine_vjp(scaled_logits, hidden, p[f"{head}_weight"], xp=xp)
         grad_hidden = grad_hidden + into_hidden / temperature
-        if bias is not None:
-            params[f"{head}_bias"] = xp.sum(scaled_logits, axis=0) / temperature
+        params.update(_head_grads(head, weight_grad, scaled_logits, p, temperature, xp=xp))
+    return grad_hidden, params
+
+
+def _head_grads(head: str, scaled_weight_grad: Any, scaled_logits: Any, p: dict[str, Any],
+                temperature: float, *, xp: ModuleType) -> dict[str, Any]:
+    """A head's weight's and bias's gradients from :math:`T` times them (the bias's a sum)."""
+    grads = {f"{head}_weight": scaled_weight_grad / temperature}
+    if p[f"{head}_bias"] is not None:
+        grads[f"{head}_bias"] = xp.sum(scaled_logits, axis=0) / temperature
+    return grads
+
+
+def heads_vjp_derivative(grads: Mapping[str, Any], grad_tangents: Mapping[str, Any],
+                         hidden: Any, hidden_tangent: Any, tangents: Mapping[str, Any],
+                         p: dict[str, Any], attentions: Mapping[str, Any],
+                         attention_tangents: Mapping[str, Any], *, temperature: float,
+                         xp: ModuleType) -> tuple[Any, dict[str, Any]]:
+    r"""The derivative of :func:`heads_vjp` along the attentions' gradients' tangents
+    ``grad_tangents``, ``hidden_tangent`` (``None``: zero), the heads' ``tangents`` and the
+    attentions' own tangents ``attention_tangents`` (:func:`heads_jvp`; a head absent is
+    still).
+
+    :math:`T\bar l` moves with the gradient it is formed from and with the attention: a
+    sigmoid head's :math:`T\dot{\bar l} = \dot{\bar\alpha}\,\sigma'
+    + \bar\alpha(1 - 2\alpha)\dot\alpha` (:func:`~condconv_ref._routing.sigmoid_vjp_derivative`),
+    the kernel head's :math:`\alpha\odot(\dot{\bar\alpha} - \langle\dot{\bar\alpha},
+    \alpha\rangle) + \dot\alpha\odot(\bar\alpha - \langle\bar\alpha,\alpha\rangle)
+    - \alpha\langle\bar\alpha,\dot\alpha\rangle`
+    (:func:`~condconv_ref._routing.stable_softmax_vjp_derivative`); each head's affine VJP
+    is bilinear (:func:`~condconv_ref._routing.affine_vjp_derivative`).
+    """
+    grad_hidden, params = xp.zeros_like(hidden), {}
+    hidden_tangent = or_zeros(hidden_tangent, hidden, xp=xp)
+    for head, alpha in attentions.items():
+        moved = attention_tangents.get(head)
+        if head == "kernel":
+            scaled_logits = stable_softmax_vjp(grads[head], alpha, xp=xp)
+            scaled_tangent = stable_softmax_vjp(grad_tangents[head], alpha, xp=xp)
+            if moved is not None:
+                scaled_tangent = scaled_tangent + stable_softmax_vjp_derivative(
+                    grads[head], alpha, moved, xp=xp)
+        else:
+            sigmoid, slope = _slope(hidden, p, head, temperature=temperature, xp=xp)
+            scaled_logits, scaled_tangent = grads[head] * slope, grad_tangents[head] * slope
+            if moved is not None:
+                scaled_tangent = scaled_tangent + sigmoid_vjp_derivative(grads[head], sigmoid,
+                                                                         moved)
+        weight = p[f"{head}_weight"]
+        into_hidden, weight_grad = affine_vjp_derivative(
+            scaled_logits, scaled_tangent, hidden, hidden_tangent, weight,
+            or_zeros(tangents.get(f"{head}_weight"), weight, xp=xp), xp=xp)
+        grad_hidden = grad_hidden + into_hidden / temperature
+        params.update(_head_grads(head, weight_grad, scaled_tangent, p, temperature, xp=xp))
     return grad_hidden, params
 
 
@@ -265,7 +429,7 @@ def heads_jvp(hidden_tangent: Any, tangents: Mapping[str, Any], hidden: Any,
         if head == "kernel":
             result[head] = stable_softmax_vjp(logits_tangent, alpha, xp=xp) / temperature
         else:
-            slope = stable_sigmoid(affine(hidden, weight, bias, xp=xp) / temperature, xp=xp)[1]
+            slope = _slope(hidden, p, head, temperature=temperature, xp=xp)[1]
             result[head] = slope * logits_tangent / temperature
     return result
 
@@ -403,6 +567,31 @@ def attended_conv_jvp(tangents: Mapping[str, Any], x: Any, experts: Any,
         output = run_conv(scaled, kernel, None, geometry, xp=xp)
         result = result + output * _along(tangents["filter"], output.ndim, xp=xp)
     return result
+
+
+def attended_conv_vjp_derivative(cotangent: Any, tangents: Mapping[str, Any], x: Any,
+                                 experts: Any, attentions: Mapping[str, Any],
+                                 geometry: ConvGeometry, *, xp: ModuleType) -> dict[str, Any]:
+    r"""The derivative of :func:`attended_conv_vjp` at the fixed ``cotangent`` along
+    ``tangents`` (any of ``"x"``, ``"experts"`` and the heads in ``attentions``, shaped like
+    them); keyed like its gradients, every entry present.
+
+    :func:`attended_conv` is one product, linear in each of :math:`x`, :math:`W` and the
+    attentions, so the gradient for one argument is multilinear in the others and does not
+    depend on itself: its derivative is the sum, over the other arguments :math:`a_j`, of
+    the VJP with :math:`a_j` replaced by its tangent :math:`\dot a_j`, one VJP call per
+    tangent (the rule of :mod:`condconv_ref._tangent`).
+    """
+    arguments = {"x": x, "experts": experts, **attentions}
+    terms: dict[str, list[Any]] = {name: [] for name in arguments}
+    for name, tangent in tangents.items():
+        replaced = {**arguments, name: tangent}
+        grads = attended_conv_vjp(cotangent, replaced["x"], replaced["experts"],
+                                  {head: replaced[head] for head in attentions}, geometry, xp=xp)
+        for other in arguments:
+            if other != name:
+                terms[other].append(grads[other])
+    return {name: total(terms[name], tuple(a.shape), x, xp=xp) for name, a in arguments.items()}
 
 
 def shaped_attentions(attentions: Mapping[str, Any], experts: Any, *,

@@ -34,7 +34,6 @@ from types import ModuleType
 from typing import Any
 
 import array_api_compat
-import numpy as np
 
 from condconv_ref._conv_parts import bias_broadcast, kernel_offsets, pad_vjp
 from condconv_ref._validate import ConvGeometry
@@ -51,30 +50,30 @@ __all__ = ["GATHER_ELEMENTS", "gather_conv", "gather_conv_vjp", "gather_memory"]
 GATHER_ELEMENTS = 2**19
 
 
-def _source(size: int, before: int, mode: str, positions: np.ndarray) -> np.ndarray:
+def _source(size: int, before: int, mode: str, positions: Any, *, xp: ModuleType) -> Any:
     """Input index read at padded positions ``positions`` of one axis; -1 for a zero.
 
     PyTorch's padding semantics, as :func:`condconv_ref._conv_parts.pad` applies them.
     """
     j = positions - before
     if mode == "zeros":
-        return np.where((j >= 0) & (j < size), j, -1)
+        return xp.where((j >= 0) & (j < size), j, -1)
     if mode == "reflect":
-        j = np.abs(j)
-        return np.where(j >= size, 2 * (size - 1) - j, j)
+        j = xp.abs(j)
+        return xp.where(j >= size, 2 * (size - 1) - j, j)
     if mode == "replicate":
-        return np.clip(j, 0, size - 1)
+        return xp.clip(j, 0, size - 1)
     return j % size  # circular
 
 
-def _combine(per_axis: list[np.ndarray], sizes: tuple[int, ...]) -> np.ndarray:
-    """Flat row-major index from per-axis indices (each broadcastable); -1 where any is -1."""
-    flat = np.zeros((), dtype=np.int64)
-    missing = np.zeros((), dtype=bool)
-    for index, size in zip(per_axis, sizes):
+def _combine(per_axis: list[Any], sizes: tuple[int, ...], *, xp: ModuleType) -> Any:
+    """Flat row-major index from per-axis indices (broadcast together); -1 where any is -1."""
+    per_axis = xp.broadcast_arrays(*per_axis)
+    flat, missing = per_axis[0], per_axis[0] < 0
+    for index, size in zip(per_axis[1:], sizes[1:]):
         flat = flat * size + index
         missing = missing | (index < 0)
-    return np.where(missing, -1, flat)
+    return xp.where(missing, -1, flat)
 
 
 @dataclass(frozen=True)
@@ -93,49 +92,48 @@ class _Plan:
     adjoint_shape: tuple[int, ...]
 
 
-def _host_plan(spatial: tuple[int, ...], kernel_spatial: tuple[int, ...],
-               geometry: ConvGeometry) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    offsets = np.array(kernel_offsets(kernel_spatial), dtype=np.int64).reshape(
-        -1, len(kernel_spatial))  # (K, nd)
-    nd = len(spatial)
-    padded = tuple(n + b + a for n, (b, a) in zip(spatial, geometry.padding))
-    zeros = geometry.padding_mode == "zeros"
-    # columns[κ, p]: per axis the padded position s·p + d·κ, mapped to its source.
-    columns_axes, tap_axes = [], []
-    for axis in range(nd):
-        p = np.arange(geometry.out[axis]).reshape((1,) + (1,) * axis + (-1,) + (1,) * (nd - axis - 1))
-        kappa = offsets[:, axis].reshape((-1,) + (1,) * nd)
-        tap = geometry.stride[axis] * p + geometry.dilation[axis] * kappa
-        tap_axes.append(tap)
-        columns_axes.append(_source(spatial[axis], geometry.padding[axis][0],
-                                    geometry.padding_mode, tap))
-    columns = _combine(columns_axes, spatial).reshape(len(offsets), -1)
-    # adjoint[κ, q]: the output p whose tap κ is q, on the input (zeros) or padded grid.
-    grid = spatial if zeros else padded
-    shift = [b for b, _ in geometry.padding] if zeros else [0] * nd
-    output_index = np.broadcast_to(
-        np.arange(math.prod(geometry.out)).reshape((1,) + geometry.out), columns.shape[:1] + geometry.out)
-    target_axes = [tap_axes[axis] - shift[axis] for axis in range(nd)]
-    inside = np.ones((), dtype=bool)
-    for axis in range(nd):
-        inside = inside & (target_axes[axis] >= 0) & (target_axes[axis] < grid[axis])
-    target = _combine([np.where(inside, t, -1) for t in target_axes], grid)
-    target = np.broadcast_to(target, output_index.shape)
-    adjoint = np.full((len(offsets), math.prod(grid)), math.prod(geometry.out), dtype=np.int64)
-    rows = np.broadcast_to(np.arange(len(offsets)).reshape((-1,) + (1,) * nd), output_index.shape)
-    hit = target >= 0
-    adjoint[rows[hit], target[hit]] = output_index[hit]
-    return columns, adjoint, grid
-
-
 @functools.lru_cache(maxsize=128)
 def _cached_plan(spatial: tuple[int, ...], kernel_spatial: tuple[int, ...],
                  geometry: ConvGeometry, xp: ModuleType, device: Any) -> _Plan:
-    columns, adjoint, grid = _host_plan(spatial, kernel_spatial, geometry)
-    reads_zero = bool(np.any(columns < 0))
-    columns = np.where(columns < 0, math.prod(spatial), columns)
-    return _Plan(xp.asarray(columns.reshape(-1), device=device),
-                 xp.asarray(adjoint.reshape(-1), device=device), reads_zero, tuple(grid))
+    r"""The plan of one shape, computed with ``xp`` on ``device`` in its index dtype.
+
+    Per axis, kernel offset :math:`\kappa` reads output :math:`p`'s padded position
+    :math:`t = s p + d \kappa`; the columns map it to its source in the input.  The
+    adjoint inverts it: grid position :math:`q` (shifted onto the padded grid) is read
+    by offset :math:`\kappa` at :math:`p = (q - d\kappa) / s` where that is an integer
+    in :math:`[0, L)`, and by none otherwise (the appended zero, index :math:`L`).
+    """
+    nd = len(spatial)
+    index = xp.__array_namespace_info__().default_dtypes(device=device)["indexing"]
+    offsets = kernel_offsets(kernel_spatial)
+    padded = tuple(n + b + a for n, (b, a) in zip(spatial, geometry.padding))
+    zeros = geometry.padding_mode == "zeros"
+    grid = spatial if zeros else padded
+
+    def along(axis: int, values: Any) -> Any:
+        """``values`` on the axis after the kernel-offset axis, broadcastable over the rest."""
+        return xp.reshape(values, (1,) + (1,) * axis + (-1,) + (1,) * (nd - axis - 1))
+
+    columns_axes, adjoint_axes = [], []
+    for axis in range(nd):
+        s, d = geometry.stride[axis], geometry.dilation[axis]
+        before = geometry.padding[axis][0]
+        kappa = xp.reshape(xp.asarray([o[axis] for o in offsets], dtype=index, device=device),
+                           (-1,) + (1,) * nd)
+        p = along(axis, xp.arange(geometry.out[axis], dtype=index, device=device))
+        columns_axes.append(_source(spatial[axis], before, geometry.padding_mode,
+                                    s * p + d * kappa, xp=xp))
+        q = along(axis, xp.arange(grid[axis], dtype=index, device=device))
+        reach = q + (before if zeros else 0) - d * kappa
+        p_of_q = reach // s
+        hit = (reach >= 0) & (reach % s == 0) & (p_of_q < geometry.out[axis])
+        adjoint_axes.append(xp.where(hit, p_of_q, -1))
+    columns = _combine(columns_axes, spatial, xp=xp)
+    adjoint = _combine(adjoint_axes, geometry.out, xp=xp)
+    reads_zero = bool(xp.any(columns < 0))
+    columns = xp.where(columns < 0, math.prod(spatial), columns)
+    adjoint = xp.where(adjoint < 0, math.prod(geometry.out), adjoint)
+    return _Plan(xp.reshape(columns, (-1,)), xp.reshape(adjoint, (-1,)), reads_zero, tuple(grid))
 
 
 def _plan(x: Any, kernel_spatial: tuple[int, ...], geometry: ConvGeometry, *,

@@ -35,14 +35,17 @@ __all__ = [
     "affine",
     "affine_jvp",
     "affine_vjp",
+    "affine_vjp_derivative",
     "check_softmax_routing",
     "global_average_pool",
     "global_average_pool_vjp",
+    "or_zeros",
     "routing_memory",
     "sigmoid_routing",
     "sigmoid_routing_hvp",
     "sigmoid_routing_jvp",
     "sigmoid_routing_vjp",
+    "sigmoid_vjp_derivative",
     "softmax_routing",
     "softmax_routing_hvp",
     "softmax_routing_jvp",
@@ -50,6 +53,7 @@ __all__ = [
     "stable_sigmoid",
     "stable_softmax",
     "stable_softmax_vjp",
+    "stable_softmax_vjp_derivative",
 ]
 
 
@@ -136,12 +140,12 @@ def sigmoid_routing_jvp(tangents: dict[str, Any], x: Any, weight: Any, bias: Any
     return stable_sigmoid(logits, xp=xp)[1] * logits_tangent
 
 
-def _or_zeros(tangent: Any, like: Any, *, xp: ModuleType) -> Any:
+def or_zeros(tangent: Any, like: Any, *, xp: ModuleType) -> Any:
     """``tangent``, or zeros like ``like`` where it is ``None`` (a zero tangent)."""
     return xp.zeros_like(like) if tangent is None else tangent
 
 
-def _affine_vjp_derivative(grad_outputs: Any, grad_outputs_tangent: Any, inputs: Any,
+def affine_vjp_derivative(grad_outputs: Any, grad_outputs_tangent: Any, inputs: Any,
                            inputs_tangent: Any, weight: Any, weight_tangent: Any, *,
                            xp: ModuleType) -> tuple[Any, Any]:
     """The derivative of :func:`affine_vjp` along all three of its arguments: it is bilinear,
@@ -150,6 +154,14 @@ def _affine_vjp_derivative(grad_outputs: Any, grad_outputs_tangent: Any, inputs:
     first = affine_vjp(grad_outputs_tangent, inputs, weight, xp=xp)
     second = affine_vjp(grad_outputs, inputs_tangent, weight_tangent, xp=xp)
     return first[0] + second[0], first[1] + second[1]
+
+
+def sigmoid_vjp_derivative(cotangent: Any, sigmoid: Any, sigmoid_tangent: Any) -> Any:
+    r"""The derivative of the sigmoid's VJP :math:`\bar\alpha\,\sigma'(z)` at the fixed
+    cotangent :math:`\bar\alpha` along the sigmoid's own tangent
+    :math:`\dot\alpha = \sigma'(z)\dot z`: with :math:`\sigma'' = \sigma'(1 - 2\sigma)`,
+    :math:`\bar\alpha\,\sigma''(z)\dot z = \bar\alpha(1 - 2\alpha)\dot\alpha`."""
+    return cotangent * (1 - 2 * sigmoid) * sigmoid_tangent
 
 
 def sigmoid_routing_hvp(cotangent: Any, tangents: dict[str, Any], x: Any, weight: Any,
@@ -172,10 +184,10 @@ def sigmoid_routing_hvp(cotangent: Any, tangents: dict[str, Any], x: Any, weight
     logits_tangent = affine_jvp(pooled_tangent, tangents.get("weight"), tangents.get("bias"),
                                 pooled, weight, xp=xp)
     grad_logits = cotangent * slope
-    grad_logits_tangent = cotangent * slope * (1 - 2 * sigmoid) * logits_tangent
-    grad_pooled, grad_weight = _affine_vjp_derivative(
+    grad_logits_tangent = sigmoid_vjp_derivative(cotangent, sigmoid, slope * logits_tangent)
+    grad_pooled, grad_weight = affine_vjp_derivative(
         grad_logits, grad_logits_tangent, pooled, pooled_tangent, weight,
-        _or_zeros(tangents.get("weight"), weight, xp=xp), xp=xp)
+        or_zeros(tangents.get("weight"), weight, xp=xp), xp=xp)
     result = {"x": global_average_pool_vjp(grad_pooled, tuple(x.shape), xp=xp),
               "weight": grad_weight}
     if bias is not None:
@@ -240,6 +252,18 @@ def stable_softmax_vjp(cotangent: Any, probabilities: Any, *, xp: ModuleType) ->
     shifted = cotangent - pivot
     inner = xp.sum(shifted * probabilities, axis=-1, keepdims=True)
     return probabilities * (shifted - inner)
+
+
+def stable_softmax_vjp_derivative(cotangent: Any, probabilities: Any,
+                                  probabilities_tangent: Any, *, xp: ModuleType) -> Any:
+    r"""The derivative of :func:`stable_softmax_vjp` at the fixed ``cotangent``
+    :math:`\bar\alpha` along the softmax's own tangent :math:`\dot\alpha`: the derivative of
+    the softmax's Jacobian, :math:`T\dot{\bar z} = \dot\alpha\odot(\bar\alpha -
+    \langle\bar\alpha, \alpha\rangle) - \alpha\langle\bar\alpha, \dot\alpha\rangle`
+    (times ``T``, as :func:`stable_softmax_vjp`)."""
+    centred = cotangent - xp.sum(cotangent * probabilities, axis=-1, keepdims=True)
+    return (probabilities_tangent * centred
+            - probabilities * xp.sum(cotangent * probabilities_tangent, axis=-1, keepdims=True))
 
 
 def affine(inputs: Any, weight: Any, bias: Any, *, xp: ModuleType) -> Any:
@@ -385,10 +409,10 @@ def softmax_routing_hvp(cotangent: Any, tangents: dict[str, Any], x_shape: tuple
     Jacobian: :math:`T\dot{\bar z} = \dot\alpha\odot(\bar\alpha - \langle\bar\alpha,
     \alpha\rangle) - \alpha\langle\bar\alpha, \dot\alpha\rangle`.  The ReLU's mask is
     constant almost everywhere (its second derivative is zero off the kink), and each affine
-    map's VJP is bilinear (:func:`_affine_vjp_derivative`).
+    map's VJP is bilinear (:func:`affine_vjp_derivative`).
     """
     def given(name: str, like: Any) -> Any:
-        return _or_zeros(tangents.get(name), like, xp=xp)
+        return or_zeros(tangents.get(name), like, xp=xp)
 
     pooled_tangent = (xp.zeros_like(forward.pooled) if "x" not in tangents
                       else global_average_pool(tangents["x"], xp=xp))
@@ -400,16 +424,15 @@ def softmax_routing_hvp(cotangent: Any, tangents: dict[str, Any], x_shape: tuple
                                 tangents.get("fc2_bias"), forward.hidden, fc2_weight, xp=xp)
     routing_tangent = stable_softmax_vjp(logits_tangent, forward.routing, xp=xp) / temperature
     scaled_logits = stable_softmax_vjp(cotangent, forward.routing, xp=xp)
-    centred = cotangent - xp.sum(cotangent * forward.routing, axis=-1, keepdims=True)
-    scaled_logits_tangent = (routing_tangent * centred - forward.routing * xp.sum(
-        cotangent * routing_tangent, axis=-1, keepdims=True))
-    scaled_hidden_tangent, scaled_fc2 = _affine_vjp_derivative(
+    scaled_logits_tangent = stable_softmax_vjp_derivative(cotangent, forward.routing,
+                                                          routing_tangent, xp=xp)
+    scaled_hidden_tangent, scaled_fc2 = affine_vjp_derivative(
         scaled_logits, scaled_logits_tangent, forward.hidden, hidden_tangent, fc2_weight,
         given("fc2_weight", fc2_weight), xp=xp)
     grad_preactivation = xp.where(active, affine_vjp(scaled_logits, forward.hidden, fc2_weight,
                                                      xp=xp)[0] / temperature, 0.0)
     grad_preactivation_tangent = xp.where(active, scaled_hidden_tangent / temperature, 0.0)
-    grad_pooled, grad_fc1 = _affine_vjp_derivative(
+    grad_pooled, grad_fc1 = affine_vjp_derivative(
         grad_preactivation, grad_preactivation_tangent, forward.pooled, pooled_tangent,
         fc1_weight, given("fc1_weight", fc1_weight), xp=xp)
     result = {"x": global_average_pool_vjp(grad_pooled, x_shape, xp=xp),

@@ -35,6 +35,7 @@ than a few digits.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,8 +43,8 @@ import numpy as np
 from condconv_ref.accuracy import ELEMENTARY_ROUNDINGS, precision
 from condconv_ref.backends import to_numpy
 
-__all__ = ["MULTILINEAR", "TANGENT_ADDITIONS", "depth", "forward_scale", "jvp_depth",
-           "jvp_scale", "vjp_scale"]
+__all__ = ["MULTILINEAR", "TANGENT_ADDITIONS", "depth", "forward_scale", "hvp_depth",
+           "hvp_scale", "jvp_depth", "jvp_scale", "vjp_scale"]
 
 TANGENT_ADDITIONS = 4
 """Additions a JVP adds to the forward's longest chain: the product rule's terms of an op (at
@@ -417,7 +418,7 @@ def _odconv_conv(od: _ODConv, x: np.ndarray, experts: np.ndarray, attentions: di
 
 
 def _odconv_forward_scale(case: Any, arrays: dict[str, np.ndarray], dtype: Any) -> np.ndarray:
-    """The attended convolution on absolute values, each attention at :math:`|\alpha| + s`."""
+    r"""The attended convolution on absolute values, each attention at :math:`|\alpha| + s`."""
     od = _odconv(arrays, case.options, _floor(dtype))
     inexact = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
     return np.asarray(_odconv_conv(od, np.abs(arrays["x"]), np.abs(arrays["experts"]), inexact,
@@ -460,6 +461,18 @@ def _batch_norm_vjp_scales(od: _ODConv, grad: np.ndarray, grad_scale: np.ndarray
     return scales
 
 
+def _head_jacobian(od: _ODConv, head: str, v: np.ndarray, v_scale: np.ndarray,
+                   temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""A head's Jacobian (symmetric: the same for its VJP and its JVP) applied to an inexact
+    ``v``, from the attention to the logits: :math:`\sigma'(l/T)v/T` or the softmax's; the
+    value and its scale."""
+    alpha = od.attentions[head]
+    if head == "kernel":
+        return _softmax_vjp(alpha, od.scales[head], v, v_scale, temperature)
+    value, scale = _sigmoid_vjp(alpha, od.scales[head], od.slopes[head], v, v_scale)
+    return value / temperature, scale / temperature + np.abs(value / temperature)
+
+
 def _odconv_vjp_scale(case: Any, arrays: dict[str, np.ndarray], c: np.ndarray,
                       dtype: Any) -> dict[str, np.ndarray]:
     """The attended convolution's VJP on absolute values for ``x``, the experts and the
@@ -475,16 +488,9 @@ def _odconv_vjp_scale(case: Any, arrays: dict[str, np.ndarray], c: np.ndarray,
     scales: dict[str, np.ndarray] = {"experts": np.asarray(through["experts"])}
     grad_hidden = np.zeros_like(od.trunk.hidden)
     grad_hidden_scale = np.zeros_like(od.trunk.hidden)
-    for head, alpha in od.attentions.items():
-        grad, grad_scale = np.asarray(values[head]), np.asarray(through[head])
-        if head == "kernel":
-            grad_logits, logits_scale = _softmax_vjp(alpha, od.scales[head], grad, grad_scale,
-                                                     temperature)
-        else:
-            grad_logits, logits_scale = _sigmoid_vjp(alpha, od.scales[head], od.slopes[head],
-                                                     grad, grad_scale)
-            grad_logits = grad_logits / temperature
-            logits_scale = logits_scale / temperature + np.abs(grad_logits)
+    for head in od.attentions:
+        grad_logits, logits_scale = _head_jacobian(od, head, np.asarray(values[head]),
+                                                   np.asarray(through[head]), temperature)
         head_scales = _affine_vjp(grad_logits, logits_scale, od.trunk.hidden, od.hidden_scale,
                                   p[f"{head}_weight"])
         scales[f"{head}_weight"] = head_scales["weight"]
@@ -511,15 +517,25 @@ def _odconv_vjp_scale(case: Any, arrays: dict[str, np.ndarray], c: np.ndarray,
     return scales
 
 
-def _odconv_jvp_scale(case: Any, arrays: dict[str, np.ndarray], given: dict[str, np.ndarray],
-                      dtype: Any) -> np.ndarray:
-    """The trunk's and the heads' tangents with the first-order rule, as for the routings,
-    then the attended convolution's JVP on absolute values, each attention at
-    :math:`|\\alpha| + s_\\alpha` and each attention's tangent at
-    :math:`|\\dot\\alpha| + s_{\\dot\\alpha}`."""
-    od = _odconv(arrays, case.options, _floor(dtype))
-    temperature, p = case.options["temperature"], od.p
-    train = case.options.get("batch_norm", "eval") == "train"
+class _Moved(NamedTuple):
+    """The tangents of an ``odconv_layer`` case's trunk and attentions, values and scales."""
+
+    pooled: _Pooled
+    pre: np.ndarray
+    pre_scale: np.ndarray
+    normalized: np.ndarray
+    normalized_scale: np.ndarray
+    hidden: np.ndarray
+    hidden_scale: np.ndarray
+    attentions: dict[str, tuple[np.ndarray, np.ndarray]]  # flat (B, N) values and scales
+
+
+def _odconv_tangents(od: _ODConv, arrays: dict[str, np.ndarray], given: dict[str, np.ndarray],
+                     options: dict[str, Any]) -> _Moved:
+    """The trunk's and the heads' tangents along ``given`` with the first-order rule, as for
+    the routings (the batch norm's Jacobian as its VJP applies it)."""
+    temperature, p = options["temperature"], od.p
+    train = options.get("batch_norm", "eval") == "train"
 
     def tangent(name: str) -> np.ndarray:
         return given.get(name, np.zeros(arrays[name].shape))
@@ -538,20 +554,29 @@ def _odconv_jvp_scale(case: Any, arrays: dict[str, np.ndarray], given: dict[str,
                     + np.abs(given.get("bn_bias", 0.0)) + np.abs(output))
     active = od.trunk.activation_input > 0  # ReLU is 1-Lipschitz and exact
     hidden, hidden_scale = output * active, output_scale * active
-    attentions = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
-    tangents = {"x": np.abs(tangent("x")), "experts": np.abs(tangent("experts"))}
-    for head, alpha in od.attentions.items():
+    attentions = {}
+    for head in od.attentions:
         head_weight = p[f"{head}_weight"]
         logits, logits_scale = _affine_tangent(
             od.trunk.hidden, od.hidden_scale, hidden, hidden_scale, head_weight,
             tangent(f"{head}_weight"), given.get(f"{head}_bias", np.zeros(head_weight.shape[0])))
-        if head == "kernel":
-            value, scale = _softmax_vjp(alpha, od.scales[head], logits, logits_scale, temperature)
-        else:
-            value, scale = _sigmoid_vjp(alpha, od.scales[head], od.slopes[head], logits,
-                                        logits_scale)
-            value, scale = value / temperature, scale / temperature + np.abs(value / temperature)
-        tangents[head] = np.abs(value) + scale
+        attentions[head] = _head_jacobian(od, head, logits, logits_scale, temperature)
+    return _Moved(moved, pre, pre_scale, normalized, normalized_scale, hidden, hidden_scale,
+                  attentions)
+
+
+def _odconv_jvp_scale(case: Any, arrays: dict[str, np.ndarray], given: dict[str, np.ndarray],
+                      dtype: Any) -> np.ndarray:
+    r"""The trunk's and the heads' tangents (:func:`_odconv_tangents`), then the attended
+    convolution's JVP on absolute values, each attention at :math:`|\alpha| + s_\alpha` and
+    each attention's tangent at :math:`|\dot\alpha| + s_{\dot\alpha}`."""
+    od = _odconv(arrays, case.options, _floor(dtype))
+    moved = _odconv_tangents(od, arrays, given, case.options)
+    attentions = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
+    tangents = {name: np.abs(given.get(name, np.zeros(arrays[name].shape)))
+                for name in ("x", "experts")}
+    tangents.update({head: np.abs(value) + scale
+                     for head, (value, scale) in moved.attentions.items()})
     from condconv_ref._attention import attended_conv_jvp, shaped_attentions
 
     xp = _numpy()
@@ -560,6 +585,175 @@ def _odconv_jvp_scale(case: Any, arrays: dict[str, np.ndarray], given: dict[str,
                                         np.abs(arrays["x"]), experts,
                                         shaped_attentions(attentions, experts, xp=xp),
                                         case.geometry, xp=xp))
+
+
+def _product(a: np.ndarray, a_scale: np.ndarray, b: np.ndarray, b_scale: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``a * b`` of two inexact values and its scale, :math:`s_a|b| + |a|s_b + |ab|`."""
+    value = a * b
+    return value, a_scale * np.abs(b) + np.abs(a) * b_scale + np.abs(value)
+
+
+def _batch_mean(a: np.ndarray, a_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean over the batch of an inexact ``a`` and its scale."""
+    return a.mean(axis=0, keepdims=True), (a_scale + np.abs(a)).mean(axis=0, keepdims=True)
+
+
+def _head_own_term(od: _ODConv, head: str, grad: np.ndarray, grad_scale: np.ndarray,
+                   tangent: np.ndarray, tangent_scale: np.ndarray, temperature: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    r"""A head's own second-order term at the attention's gradient :math:`\bar\alpha` along
+    its tangent :math:`\dot\alpha` (over :math:`T`), the value and its scale: a sigmoid's
+    :math:`\bar\alpha(1 - 2\alpha)\dot\alpha`, the softmax's
+    :math:`\dot\alpha\odot(\bar\alpha - \langle\bar\alpha,\alpha\rangle)
+    - \alpha\langle\bar\alpha,\dot\alpha\rangle`."""
+    alpha, alpha_scale = od.attentions[head], od.scales[head]
+    if head == "kernel":
+        def inner(a: np.ndarray, a_scale: np.ndarray, b: np.ndarray, b_scale: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+            value, scale = _product(a, a_scale, b, b_scale)
+            return (value.sum(axis=-1, keepdims=True),
+                    (scale + np.abs(value)).sum(axis=-1, keepdims=True))
+
+        mean, mean_scale = inner(grad, grad_scale, alpha, alpha_scale)
+        centred = grad - mean
+        first = _product(tangent, tangent_scale, centred,
+                         grad_scale + mean_scale + np.abs(centred))
+        second = _product(alpha, alpha_scale, *inner(grad, grad_scale, tangent, tangent_scale))
+        value, scale = first[0] - second[0], first[1] + second[1]
+    else:
+        opposite = 1.0 - 2.0 * alpha
+        value, scale = _product(*_product(grad, grad_scale, opposite,
+                                          2.0 * alpha_scale + np.abs(opposite)),
+                                tangent, tangent_scale)
+    value = value / temperature
+    return value, scale / temperature + np.abs(value)
+
+
+def _normalizing_jacobian_derivative_scale(od: _ODConv, moved: _Moved, vector: np.ndarray,
+                                           vector_scale: np.ndarray
+                                           ) -> tuple[np.ndarray, np.ndarray]:
+    r"""Train mode's :func:`condconv_ref._attention.normalizing_jacobian_derivative` at an
+    inexact ``vector``, :math:`-r(\overline{\hat a\dot a}\,Jv + \dot{\hat a}\,
+    \overline{v\hat a} + \hat a\,\overline{v\dot{\hat a}})`, and its scale."""
+    normalized, normalized_scale = od.trunk.normalized, od.normalized_scale
+    terms = [
+        _product(*_batch_mean(*_product(normalized, normalized_scale, moved.pre,
+                                        moved.pre_scale)),
+                 *_normalizing_jacobian_scale(od, vector, vector_scale, True)),
+        _product(moved.normalized, moved.normalized_scale,
+                 *_batch_mean(*_product(vector, vector_scale, normalized, normalized_scale))),
+        _product(normalized, normalized_scale,
+                 *_batch_mean(*_product(vector, vector_scale, moved.normalized,
+                                        moved.normalized_scale))),
+    ]
+    total = sum(value for value, _ in terms)
+    value, scale = _product(od.trunk.inverse_std, od.inverse_std_scale, total,
+                            sum(scale for _, scale in terms) + np.abs(total))
+    return -value, scale
+
+
+def _odconv_hvp_scale(case: Any, arrays: dict[str, np.ndarray], c: np.ndarray,
+                      given: dict[str, np.ndarray], dtype: Any) -> dict[str, np.ndarray]:
+    """The HVP's gradients' scales by the first-order rule through each step of
+    :func:`condconv_ref.odconv_layer_hvp`: the tangents (:func:`_odconv_tangents`); the
+    attended convolution's VJP's derivative on absolute values (multilinear: it sums the
+    magnitudes of its terms), each attention and its tangent inexact; each head's Jacobian at
+    the gradient's tangent and its own term; the bilinear affine maps' two terms each; the
+    batch norm's gradients and, in train mode, its Jacobian's derivative; the pooling."""
+    from condconv_ref._attention import attended_conv_vjp_derivative, shaped_attentions
+
+    xp = _numpy()
+    od = _odconv(arrays, case.options, _floor(dtype))
+    moved = _odconv_tangents(od, arrays, given, case.options)
+    temperature, p, geometry = case.options["temperature"], od.p, case.geometry
+    train = case.options.get("batch_norm", "eval") == "train"
+
+    def tangent(name: str) -> np.ndarray:
+        return given.get(name, np.zeros(arrays[name].shape))
+
+    def derivative(cotangent: np.ndarray, tangents: dict[str, np.ndarray], x: np.ndarray,
+                   experts: np.ndarray, attentions: dict[str, np.ndarray]) -> dict[str, Any]:
+        grads = attended_conv_vjp_derivative(
+            cotangent, {**tangents, **shaped_attentions(tangents, experts, xp=xp)}, x, experts,
+            shaped_attentions(attentions, experts, xp=xp), geometry, xp=xp)
+        return {name: np.reshape(g, od.attentions[name].shape) if name in od.attentions
+                else np.asarray(g) for name, g in grads.items()}
+
+    inexact = {head: od.attentions[head] + od.scales[head] for head in od.attentions}
+    values = _odconv_conv(od, arrays["x"], arrays["experts"], od.attentions, geometry, c)
+    through = _odconv_conv(od, np.abs(arrays["x"]), np.abs(arrays["experts"]), inexact, geometry,
+                           np.abs(c))
+    moved_values = derivative(c, {"x": tangent("x"), "experts": tangent("experts"),
+                                  **{head: value for head, (value, _) in moved.attentions.items()}},
+                              arrays["x"], arrays["experts"], od.attentions)
+    moved_through = derivative(
+        np.abs(c), {"x": np.abs(tangent("x")), "experts": np.abs(tangent("experts")),
+                    **{head: np.abs(value) + scale
+                       for head, (value, scale) in moved.attentions.items()}},
+        np.abs(arrays["x"]), np.abs(arrays["experts"]), inexact)
+    scales: dict[str, np.ndarray] = {"experts": moved_through["experts"]}
+    hidden = (od.trunk.hidden, od.hidden_scale)
+    grad_hidden = [np.zeros_like(od.trunk.hidden), np.zeros_like(od.trunk.hidden)]
+    grad_hidden_tangent = [np.zeros_like(od.trunk.hidden), np.zeros_like(od.trunk.hidden)]
+    for head, (alpha_tangent, alpha_tangent_scale) in moved.attentions.items():
+        weight, weight_tangent = p[f"{head}_weight"], tangent(f"{head}_weight")
+        grad_logits = _head_jacobian(od, head, np.asarray(values[head]),
+                                     np.asarray(through[head]), temperature)
+        first = _head_jacobian(od, head, moved_values[head], moved_through[head], temperature)
+        own = _head_own_term(od, head, np.asarray(values[head]), np.asarray(through[head]),
+                             alpha_tangent, alpha_tangent_scale, temperature)
+        logits_tangent = first[0] + own[0]
+        logits_tangent_scale = first[1] + own[1] + np.abs(logits_tangent)
+        moving = _affine_vjp(logits_tangent, logits_tangent_scale, *hidden, weight)
+        held = _affine_vjp(*grad_logits, moved.hidden, moved.hidden_scale, weight_tangent)
+        weight_value = logits_tangent.T @ hidden[0] + grad_logits[0].T @ moved.hidden
+        scales[f"{head}_weight"] = moving["weight"] + held["weight"] + np.abs(weight_value)
+        if p[f"{head}_bias"] is not None:
+            scales[f"{head}_bias"] = moving["bias"]
+        grad_hidden[0] = grad_hidden[0] + grad_logits[0] @ weight
+        grad_hidden[1] = grad_hidden[1] + _affine_vjp(*grad_logits, *hidden, weight)["inputs"]
+        grad_hidden_tangent[0] = (grad_hidden_tangent[0] + logits_tangent @ weight
+                                  + grad_logits[0] @ weight_tangent)
+        grad_hidden_tangent[1] = grad_hidden_tangent[1] + moving["inputs"] + held["inputs"]
+    active = od.trunk.activation_input > 0
+    grad_output = grad_hidden[0] * active, (grad_hidden[1] + np.abs(grad_hidden[0])) * active
+    grad_output_tangent = (grad_hidden_tangent[0] * active,
+                           (grad_hidden_tangent[1] + np.abs(grad_hidden_tangent[0])) * active)
+    normalized = (od.trunk.normalized, od.normalized_scale)
+    normalized_tangent = (moved.normalized, moved.normalized_scale)
+    if p["bn_weight"] is not None:
+        first, second = (_product(*grad_output_tangent, *normalized),
+                         _product(*grad_output, *normalized_tangent))
+        scales["bn_weight"] = (first[1] + second[1] + np.abs(first[0] + second[0])).sum(axis=0)
+    if p["bn_bias"] is not None:
+        scales["bn_bias"] = (grad_output_tangent[1] + np.abs(grad_output_tangent[0])).sum(axis=0)
+    weight = np.ones_like(od.trunk.inverse_std) if p["bn_weight"] is None else p["bn_weight"]
+    scaled = _product(*grad_output, weight, 0.0)
+    terms = [_product(*grad_output_tangent, weight, 0.0),
+             _product(*grad_output, tangent("bn_weight") if p["bn_weight"] is not None
+                      else np.zeros_like(weight), 0.0)]
+    scaled_tangent = terms[0][0] + terms[1][0]
+    grad_pre_tangent = list(_normalizing_jacobian_scale(
+        od, scaled_tangent, terms[0][1] + terms[1][1] + np.abs(scaled_tangent), train))
+    if train:
+        coupling = _normalizing_jacobian_derivative_scale(od, moved, *scaled)
+        grad_pre_tangent[0] = grad_pre_tangent[0] + coupling[0]
+        grad_pre_tangent[1] = grad_pre_tangent[1] + coupling[1] + np.abs(grad_pre_tangent[0])
+    grad_pre = _normalizing_jacobian_scale(od, *scaled, train)
+    fc_weight, fc_tangent = p["fc_weight"], tangent("fc_weight")
+    moving = _affine_vjp(*grad_pre_tangent, od.pool.value, od.pool.scale, fc_weight)
+    held = _affine_vjp(*grad_pre, moved.pooled.value, moved.pooled.scale, fc_tangent)
+    fc_value = grad_pre_tangent[0].T @ od.pool.value + grad_pre[0].T @ moved.pooled.value
+    scales["fc_weight"] = moving["weight"] + held["weight"] + np.abs(fc_value)
+    from condconv_ref._routing import global_average_pool_vjp
+
+    grad_pool = grad_pre_tangent[0] @ fc_weight + grad_pre[0] @ fc_tangent
+    grad_x = moved_values["x"] + global_average_pool_vjp(grad_pool, od.pool.x_shape, xp=xp)
+    scales["x"] = (moved_through["x"]
+                   + _pool_vjp_scale(od.pool, grad_pool, moving["inputs"] + held["inputs"])
+                   + np.abs(grad_x))
+    return scales
 
 
 # ---------------------------------------------------------------- the scales
@@ -753,3 +947,111 @@ def jvp_scale(case: Any, tangents: Any, dtype: Any = "float64") -> np.ndarray:
                                 _layer_operands(case.variant, absolute,
                                                 routing.value + routing.scale),
                                 _op_options(case.options)))
+
+
+# ---------------------------------------------------------------- second order
+
+
+def hvp_depth(case: Any) -> int:
+    """The longest chain of roundings of ``case``'s Hessian-vector product: the VJP's
+    (:func:`depth`), plus :data:`TANGENT_ADDITIONS`."""
+    return depth(case, vjp=True) + TANGENT_ADDITIONS
+
+
+def hvp_scale(case: Any, cotangent: Any, tangents: Any,
+              dtype: Any = "float64") -> dict[str, np.ndarray]:
+    r"""The scale of every element of every array of ``case``'s reference Hessian-vector
+    product at ``cotangent`` along ``tangents`` (keyed like the VJP's gradients, absent keys
+    zero; exact inputs, like the arrays), computed in ``dtype``.
+
+    The HVP of a layer is ``route_vjp`` of the op's VJP differentiated along
+    :math:`(\dot x, \dot W, \dot\alpha, \dot\beta)`, plus the router's own
+    second-order term (:func:`condconv_ref._layer.layer_hvp`).
+
+    - The op's share, every term of the op's VJP with one factor replaced by
+      its tangent: the op's VJP on absolute values at :math:`|c|`, with
+      :math:`|x| + |\dot x|`, :math:`|W| + |\dot W|`, :math:`|\beta| +
+      |\dot\beta|` and the routing :math:`|\alpha| + s_\alpha + |\dot\alpha| +
+      s_{\dot\alpha}` (the routing's tangent and its scale, as
+      :func:`jvp_scale` has them).  The op is multilinear with non-negative
+      coefficients, so this sums the magnitudes of those terms (and of the
+      VJP's own); it is the whole scale of the experts' and the bias's HVP.
+    - Its routing gradient's derivative :math:`\dot{\bar\alpha}` chained
+      through the router's VJP, with that scale (the router's rules of
+      :func:`vjp_scale`).
+    - The router's own second-order term (the derivative of its VJP at the
+      fixed :math:`\bar\alpha`): the VJP's scale at the point widened by
+      the tangents, :math:`|\theta| + |t|`, and at :math:`|c|`.  A model
+      rather than a derivation: each term of it is a term of the VJP with
+      one factor replaced by its tangent, but the sigmoid's and the
+      softmax's derivatives are not monotone in their arguments.
+
+    ODConv: the first-order rule through each step of its HVP, as for its VJP
+    and JVP (the batch norm's statistics and the heads' slopes at the point
+    itself).  Other variants get the widened VJP's scale alone.
+
+    Examples
+    --------
+    :math:`\bar x = c\,\alpha w` of one feature and one expert, whose HVP
+    along :math:`\dot\alpha = 1` is :math:`c w`; the scale is the VJP's at
+    :math:`|\alpha| + |\dot\alpha|`:
+
+    >>> import numpy as np
+    >>> from condconv_ref._scales import hvp_scale
+    >>> from condconv_ref.variants import Case
+    >>> arrays = {"x": np.array([[2.0]]), "experts": np.array([[[-0.25]]]),
+    ...           "routing": np.array([[0.5]])}
+    >>> hvp_scale(Case("cond_linear", arrays, {}, (2, 2)), np.array([[-2.0]]),
+    ...           {"routing": np.array([[1.0]])})["x"]
+    array([[0.75]])
+    """
+    arrays, given = _host(case.arrays), _host(dict(tangents))
+    c = np.asarray(to_numpy(cotangent), dtype=np.float64)
+    if case.variant == "odconv_layer":
+        return _odconv_hvp_scale(case, arrays, c, given, dtype)
+    widened = {name: np.abs(a) + np.abs(given[name]) if name in given else np.abs(a)
+               for name, a in arrays.items()}
+    model = vjp_scale(replace(case, arrays=widened), np.abs(c), dtype)
+    if case.variant not in _LAYERS:
+        return model
+    op, _, names = _LAYERS[case.variant]
+    options = _op_options(case.options)
+    routing = _routing(case.variant, arrays, case.options, _floor(dtype))
+    routing_tangent, routing_tangent_scale = _routing_tangent(case.variant, routing, arrays,
+                                                              given)
+    through_op = _call_vjp(op, np.abs(c), _layer_operands(
+        case.variant, widened, np.abs(routing.value) + routing.scale + np.abs(routing_tangent)
+        + routing_tangent_scale), options)
+    through_routing = _ROUTING_VJP[routing.kind](
+        routing, _routing_gradient_derivative(case.variant, c, arrays, given, routing.value,
+                                              options),
+        np.asarray(through_op["routing"]))
+    scales = {"x": np.asarray(through_op["x"]) + through_routing["x"] + model["x"]}
+    for name in ("experts", "bias"):
+        if name in arrays:
+            scales[name] = np.asarray(through_op[name])
+    for own, name in names.items():
+        if name in arrays:
+            scales[name] = through_routing[own] + model[name]
+    return scales
+
+
+def _routing_gradient_derivative(variant: str, c: np.ndarray, arrays: dict[str, np.ndarray],
+                                 tangents: dict[str, np.ndarray], routing: np.ndarray,
+                                 options: dict[str, Any]) -> np.ndarray:
+    """The derivative of the layer's op's routing gradient along the tangents of ``x``, the
+    experts and the bias: that gradient is bilinear in ``x`` and the experts, linear in the
+    bias and independent of the routing, so it is the gradient at ``(x', W, beta')`` plus the
+    one at ``(x, W', 0)`` (a prime: the tangent, zero where absent)."""
+    op = _LAYERS[variant][0]
+
+    def tangent(name: str) -> np.ndarray:
+        return tangents.get(name, np.zeros(arrays[name].shape))
+
+    bias = {"bias": tangent("bias")} if "bias" in arrays else {}
+    along_x = _layer_operands(variant, {**arrays, "x": tangent("x"), **bias}, routing)
+    no_bias = {name: np.zeros(a.shape) for name, a in bias.items()}
+    along_experts = _layer_operands(variant, {**arrays, "experts": tangent("experts"),
+                                              **no_bias}, routing)
+    return (np.asarray(_call_vjp(op, c, along_x, options)["routing"])
+            + np.asarray(_call_vjp(op, c, along_experts, options)["routing"]))

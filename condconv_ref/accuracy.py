@@ -522,9 +522,10 @@ def compare(what: str, actual: Any, reference: Any, scale: Any, *, depth: int,
                       int(np.count_nonzero(units > 1)), int(expected.size))
 
 
-def gradient_keys(actual: Any, reference: Mapping[str, Any]) -> Comparison | None:
-    """A failing comparison of ``"vjp"`` when ``actual`` is not a mapping with exactly
-    ``reference``'s gradient names; None when it is.
+def gradient_keys(actual: Any, reference: Mapping[str, Any],
+                  what: str = "vjp") -> Comparison | None:
+    """A failing comparison of ``what`` (``"vjp"``) when ``actual`` is not a mapping with
+    exactly ``reference``'s gradient names; None when it is.
 
     Examples
     --------
@@ -535,20 +536,24 @@ def gradient_keys(actual: Any, reference: Mapping[str, Any]) -> Comparison | Non
     'returned a list, expected a mapping of argument name to gradient'
     """
     if not isinstance(actual, Mapping):
-        return Comparison("vjp", reason=f"returned a {type(actual).__name__}, expected a "
-                                        f"mapping of argument name to gradient")
+        return Comparison(what, reason=f"returned a {type(actual).__name__}, expected a "
+                                       f"mapping of argument name to gradient")
     if sorted(actual, key=str) != sorted(reference):
-        return Comparison("vjp", reason=f"returned gradients for {sorted(map(str, actual))}, "
-                                        f"expected {sorted(reference)}")
+        return Comparison(what, reason=f"returned gradients for {sorted(map(str, actual))}, "
+                                       f"expected {sorted(reference)}")
     return None
 
 
 def compare_all(actual: Any, reference: Any, scale: Any, *, depth: int,
-                dtype: Any = "float64", reference_dtype: Any = "float64") -> list[Comparison]:
+                dtype: Any = "float64", reference_dtype: Any = "float64",
+                what: str | None = None) -> list[Comparison]:
     """:func:`compare` an output, or every gradient of a VJP (dicts keyed by argument name).
 
     A missing or extra gradient, or a result that is not a mapping where
     gradients are expected, is a failing :class:`Comparison` of ``"vjp"``.
+    ``what`` names another result: an output ``what`` instead of ``"output"``
+    (e.g. ``"jvp"``), gradients ``"<what> 'x'"`` instead of ``"gradient 'x'"``
+    and a wrong mapping ``what`` (e.g. ``"hvp"``).
 
     Examples
     --------
@@ -559,15 +564,17 @@ def compare_all(actual: Any, reference: Any, scale: Any, *, depth: int,
     ["gradient 'x'", "gradient 'w'"]
     >>> print(compare_all({"x": np.ones(2)}, ones, ones, depth=1)[0])
     vjp: returned gradients for ['x'], expected ['w', 'x']
+    >>> [c.what for c in compare_all(ones, ones, ones, depth=1, what="hvp")]
+    ["hvp 'x'", "hvp 'w'"]
     """
     if not isinstance(reference, Mapping):
-        return [compare("output", actual, reference, scale, depth=depth, dtype=dtype,
+        return [compare(what or "output", actual, reference, scale, depth=depth, dtype=dtype,
                         reference_dtype=reference_dtype)]
-    keys = gradient_keys(actual, reference)
+    keys = gradient_keys(actual, reference, what or "vjp")
     if not isinstance(actual, Mapping):
         return [keys]
     found = [keys] if keys else []
-    found += [compare(f"gradient {name!r}", actual[name], reference[name], scale[name],
-                      depth=depth, dtype=dtype, reference_dtype=reference_dtype)
+    found += [compare(f"{what or 'gradient'} {name!r}", actual[name], reference[name],
+                      scale[name], depth=depth, dtype=dtype, reference_dtype=reference_dtype)
               for name in reference if name in actual]
     return found

@@ -476,7 +476,7 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
         description="Import FILE, call FACTORY() and check what it returns against the "
                     "reference on random cases, shrinking a failure to a minimal case. FACTORY "
                     "takes no arguments and returns a condconv_ref.testing.Implementation "
-                    "(forward, optional vjp, supports and jvp), a forward(case) -> y callable, or a "
+                    "(forward, optional vjp, supports, jvp and hvp), a forward(case) -> y callable, or a "
                     "(forward, vjp) pair; see condconv_ref.testing.checker. Exit status 0 if it "
                     "passes, 1 if it fails.")
     parser.add_argument("target", metavar="FILE.py:FACTORY",
@@ -492,9 +492,11 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
                         help="seed of the cases (default: %(default)s)")
     parser.add_argument("--forward-only", action="store_true",
-                        help="do not check the factory's vjp or jvp")
+                        help="do not check the factory's vjp, jvp or hvp")
     parser.add_argument("--no-jvp", action="store_true",
                         help="do not check the factory's jvp (forward mode)")
+    parser.add_argument("--no-hvp", action="store_true",
+                        help="do not check the factory's hvp (second order: double backward)")
     parser.add_argument("--save-case", metavar="FILE", type=Path,
                         help="on failure, save the minimal failing case to FILE (.npz), to "
                              "rerun with --case FILE or condconv_ref.golden.load_case")
@@ -507,10 +509,10 @@ def add_check(subcommands: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     implementation = checker.load_implementation(args.target)
-    if args.forward_only or args.no_jvp:
-        implementation = checker.Implementation(
-            implementation.forward, None if args.forward_only else implementation.vjp,
-            implementation.supports)
+    implementation = dataclasses.replace(
+        implementation, vjp=None if args.forward_only else implementation.vjp,
+        jvp=None if args.forward_only or args.no_jvp else implementation.jvp,
+        hvp=None if args.forward_only or args.no_hvp else implementation.hvp)
     if args.case_file is not None:
         case = golden.load_case(args.case_file)
         if case.variant != args.variant:

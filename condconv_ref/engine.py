@@ -89,7 +89,9 @@ from condconv_ref.variants import (
     VARIANTS,
     Case,
     bind,
+    hvp_variants,
     reference_forward,
+    reference_hvp,
     reference_jvp,
     reference_vjp,
 )
@@ -99,6 +101,7 @@ __all__ = [
     "Measurement",
     "Row",
     "expected_forward",
+    "expected_hvp",
     "expected_jvp",
     "expected_vjp",
     "finite_difference_check",
@@ -297,16 +300,48 @@ def expected_jvp(case: Case, tangents: Mapping[str, Any], backend: str | Backend
     return Expected(value, _scales.jvp_scale(case, tangents, dtype), _scales.jvp_depth(case))
 
 
+def expected_hvp(case: Case, cotangent: Any, tangents: Mapping[str, Any],
+                 backend: str | Backend | None = None, dtype: Any = "float64") -> Expected:
+    """The reference Hessian-vector product of a layer ``case`` at ``cotangent`` along
+    ``tangents`` in float64 (:func:`~condconv_ref.variants.reference_hvp`), and the scales
+    and depth of a computation of it in ``dtype`` (:func:`condconv_ref._scales.hvp_scale`,
+    the rounding model :func:`hvp_check` states).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import engine
+    >>> from condconv_ref.testing import ConvConfig
+    >>> from condconv_ref.variants import build_case
+    >>> config = ConvConfig(batch=1, in_channels=2, out_channels=2, groups=1, spatial=(4,),
+    ...                     kernel=(3,), stride=(1,), dilation=(1,), padding=1,
+    ...                     padding_mode="zeros", n_experts=2, bias=False)
+    >>> case = build_case("condconv_layer", config, seed=1)
+    >>> expected = engine.expected_hvp(case, case.cotangent((1, 2, 4)), case.tangents(),
+    ...                                dtype="float32")
+    >>> sorted(expected.value) == sorted(expected.scale) == sorted(case.arrays)
+    True
+    >>> engine.judge(expected.value, expected, "float32", what="hvp")[0].passed
+    True
+    """
+    value = {name: np.asarray(to_numpy(g), dtype=np.float64)
+             for name, g in reference_hvp(case, cotangent, tangents, backend).items()}
+    return Expected(value, _scales.hvp_scale(case, cotangent, tangents, dtype),
+                    _scales.hvp_depth(case))
+
+
 def judge(actual: Any, expected: Expected, dtype: Any,
-          reference_dtype: Any = "float64") -> list[Comparison]:
+          reference_dtype: Any = "float64", what: str | None = None) -> list[Comparison]:
     """Compare ``actual`` (an output, or a mapping of gradients) with ``expected``.
 
     ``reference_dtype`` is the precision the expected values were computed in
     (float64 for the reference; the subject's own dtype when two computations in
-    one dtype are compared with each other).
+    one dtype are compared with each other); ``what`` names the result in the
+    comparisons (:func:`~condconv_ref.accuracy.compare_all`), e.g. ``"jvp"`` or
+    ``"hvp"``.
     """
     return compare_all(actual, expected.value, expected.scale, depth=expected.depth,
-                       dtype=dtype, reference_dtype=reference_dtype)
+                       dtype=dtype, reference_dtype=reference_dtype, what=what)
 
 
 # ---------------------------------------------------------------- finite differences
@@ -746,12 +781,13 @@ def hvp_check(case: Case, dtype: str, backend: str | Backend | None = None, seed
 
     - the HVP's rounding: :math:`\langle |d|, \beta\rangle` of
       :func:`~condconv_ref.accuracy.exact_bound` in ``dtype``, at depth the
-      VJP's plus :data:`~condconv_ref._scales.TANGENT_ADDITIONS`, with the scale of
-      the VJP at :math:`|\theta| + |t|` and :math:`|c|`: each term of the HVP is a
+      VJP's plus :data:`~condconv_ref._scales.TANGENT_ADDITIONS`, with the HVP's
+      scale (:func:`~condconv_ref._scales.hvp_scale`): for the routed layers the
+      VJP's at :math:`|\theta| + |t|` and :math:`|c|` (each term of the HVP is a
       term of the VJP with one factor replaced by its tangent, so for the
-      multilinear op this bounds the sum of their magnitudes (a polynomial with
-      non-negative coefficients grows by at least its derivative along
-      :math:`|t|`); the routers' terms are held to the same model;
+      multilinear op this bounds the sum of their magnitudes; the routers' terms
+      are held to the same model), for ODConv the first-order rule through each
+      step of its HVP;
     - the differences' rounding: each float64 VJP within :math:`\beta_{64}` of
       its scale (:func:`~condconv_ref._scales.vjp_scale` at the moved point),
       and each moved point rounded by :math:`u_{64}|\theta + kht|`, which moves
@@ -840,16 +876,13 @@ def _run_hvp(setup: _Setup, f_hvp: Any, tangents: Mapping[str, np.ndarray],
 def _hvp_side(setup: _Setup, dtype: str, f_hvp: Any, probe: Mapping[str, np.ndarray]) -> Any:
     """``<probe, hvp(c, t)>`` in ``dtype`` and the bound on its rounding (:func:`hvp_check`
     states it), for any tangents ``t``."""
-    at, c, point = setup.at, setup.cotangent, setup.point
-    depth = _scales.depth(at, vjp=True) + _scales.TANGENT_ADDITIONS
+    at, c = setup.at, setup.cotangent
+    depth = _scales.hvp_depth(at)
     u = PRECISIONS["float64"].unit_roundoff
 
     def side(tangents: Mapping[str, np.ndarray]) -> tuple[float, float]:
         grads = _run_hvp(setup, f_hvp, tangents, dtype)
-        widened = replace(at, arrays={name: np.abs(a) + np.abs(tangents[name])
-                                      if name in tangents else np.abs(a)
-                                      for name, a in point.items()})
-        scale = _scales.vjp_scale(widened, np.abs(c), dtype)
+        scale = _scales.hvp_scale(at, c, tangents, dtype)
         error = sum(float(np.sum(np.abs(d) * exact_bound(scale[name], depth, dtype)))
                     for name, d in probe.items())
         error += gamma(sum(d.size for d in probe.values()), u) * _inner(
@@ -864,9 +897,8 @@ def _check_has_hvp(fn: str, case: Case) -> Any:
     """The registry entry of ``case``'s variant, which must have a Hessian-vector product."""
     entry = VARIANTS[case.variant]
     if entry.hvp is None:
-        with_hvp = sorted(name for name, variant in VARIANTS.items() if variant.hvp is not None)
         raise ValueError(f"{fn}: case has variant {case.variant!r}, which has no "
-                         f"Hessian-vector product; expected one of {with_hvp}")
+                         f"Hessian-vector product; expected one of {hvp_variants()}")
     return entry
 
 

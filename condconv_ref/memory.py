@@ -145,16 +145,27 @@ def _size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+# A JVP (``<op>_jvp``) is the product rule: a sum of the forward's computation with one
+# argument replaced by its tangent, and an HVP (``<layer>_hvp``) a sum of VJPs likewise.
+# Each term needs the working memory of one forward (VJP), and the terms computed are held
+# until they are summed, so these calls are estimated at twice their forward's (VJP's)
+# working memory; ``tests/test_memory_budget.py`` measures every op's peak against it.
+DERIVATIVES = ("_jvp", "_hvp")
+
+
 def check_memory(fn: str, itemsize: int, parts: dict[str, int]) -> None:
     """Raise :class:`MemoryBudgetError` if ``parts`` exceed the budget.
 
     ``parts`` maps a description of each large array the call will allocate
-    to its number of elements, each ``itemsize`` bytes.  Inside a float16 call
-    the float32 copies of its inputs are added
-    (:func:`condconv_ref._validate.widened_elements`).
+    to its number of elements, each ``itemsize`` bytes: for a JVP or an HVP
+    (``fn`` ending in one of :data:`DERIVATIVES`), those of one forward or VJP,
+    which this doubles.  Inside a float16 call the float32 copies of its inputs
+    are added (:func:`condconv_ref._validate.widened_elements`).
     """
     if _budget is None:
         return
+    if fn.endswith(DERIVATIVES):
+        parts = {**parts, "the product rule's other term": sum(parts.values())}
     if widened_elements():
         parts = {**parts, "float32 copies of the float16 inputs": widened_elements()}
     total = itemsize * sum(parts.values())

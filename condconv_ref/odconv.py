@@ -36,13 +36,17 @@ from condconv_ref._attention import (
     attended_conv,
     attended_conv_jvp,
     attended_conv_vjp,
+    attended_conv_vjp_derivative,
     heads,
     heads_jvp,
     heads_vjp,
+    heads_vjp_derivative,
     shaped_attentions,
     trunk,
     trunk_jvp,
+    trunk_tangents,
     trunk_vjp,
+    trunk_vjp_derivative,
 )
 from condconv_ref._layer import layer_params
 from condconv_ref._mixing import check_condconv, condconv_memory
@@ -60,7 +64,7 @@ from condconv_ref._validate import (
     tangent_names,
 )
 
-__all__ = ["odconv_layer", "odconv_layer_jvp", "odconv_layer_vjp"]
+__all__ = ["odconv_layer", "odconv_layer_hvp", "odconv_layer_jvp", "odconv_layer_vjp"]
 
 # ---------------------------------------------------------------- validation
 
@@ -161,6 +165,11 @@ def _check_odconv(fn: str, x: Any, params: Any, temperature: Any, batch_norm: An
 def _attentions(x: Any, call: _Call, *, xp: ModuleType) -> tuple[Trunk, dict[str, Any]]:
     forward = trunk(x, call.p, train=call.train, eps=call.eps, xp=xp)
     return forward, heads(forward.hidden, call.p, temperature=call.temperature, xp=xp)
+
+
+def _flat(grads: dict[str, Any], attentions: dict[str, Any], *, xp: ModuleType) -> dict[str, Any]:
+    """The attended convolution's gradients for the attentions, flat (B, N) like them."""
+    return {head: xp.reshape(grads[head], tuple(attentions[head].shape)) for head in attentions}
 
 
 # ---------------------------------------------------------------- the public layer
@@ -299,10 +308,8 @@ def odconv_layer_vjp(cotangent: Any, x: Any, params: Mapping[str, Any], *,
     forward, attentions = _attentions(x, call, xp=xp)
     shaped = shaped_attentions(attentions, p["experts"], xp=xp)
     conv_grads = attended_conv_vjp(cotangent, x, p["experts"], shaped, call.geometry, xp=xp)
-    flat = {head: xp.reshape(conv_grads[head], tuple(attentions[head].shape))
-            for head in attentions}
-    grad_hidden, head_grads = heads_vjp(flat, forward.hidden, p, attentions,
-                                        temperature=call.temperature, xp=xp)
+    grad_hidden, head_grads = heads_vjp(_flat(conv_grads, attentions, xp=xp), forward.hidden, p,
+                                        attentions, temperature=call.temperature, xp=xp)
     trunk_grads = trunk_vjp(grad_hidden, tuple(x.shape), p, forward, train=call.train, xp=xp)
     return {**trunk_grads, **head_grads, "x": conv_grads["x"] + trunk_grads["x"],
             "experts": conv_grads["experts"]}
@@ -387,3 +394,113 @@ def odconv_layer_jvp(tangents: Mapping[str, Any], x: Any, params: Mapping[str, A
     return attended_conv_jvp(conv_tangents, x, experts, shaped_attentions(attentions, experts,
                                                                           xp=xp),
                              call.geometry, xp=xp)
+
+
+@public_op
+def odconv_layer_hvp(cotangent: Any, tangents: Mapping[str, Any], x: Any,
+                     params: Mapping[str, Any], *, temperature: float = 1.0,
+                     batch_norm: str = "eval", bn_eps: float = 1e-5, stride: Any = 1,
+                     padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                     padding_mode: str = "zeros") -> dict[str, Any]:
+    r"""Hessian-vector product of :func:`odconv_layer`: the derivative of
+    :func:`odconv_layer_vjp` at a fixed ``cotangent`` along ``tangents``.
+
+    Parameters
+    ----------
+    cotangent : array, shape (B, O, \*out)
+        :math:`c`, held fixed.
+    tangents : mapping
+        As for :func:`odconv_layer_jvp`: any of ``"x"`` and the keys present in
+        ``params`` except the running statistics, which are buffers; a missing
+        key is a zero tangent.
+    x, params, temperature, batch_norm, bn_eps, stride, padding, dilation, groups, padding_mode
+        Exactly the arguments given to :func:`odconv_layer`.
+
+    Returns
+    -------
+    dict
+        Keyed like :func:`odconv_layer_vjp`: :math:`Ht` for the Hessian :math:`H`
+        of :math:`\langle c, f(x, \theta)\rangle` over the input and every
+        parameter but the running statistics.
+
+    Notes
+    -----
+    The VJP is a chain: the attended convolution's VJP gives :math:`\bar x`,
+    :math:`\bar W` and the attentions' gradients :math:`\bar\alpha_\ast`; the heads
+    turn those into :math:`\bar h` and their weights' and biases'; the trunk turns
+    :math:`\bar h` into :math:`\bar x`'s second share and the fc and batch-norm
+    gradients.  Its derivative along :math:`t` runs the JVP's forward tangents first
+    (:math:`\dot{\bar x}, \dot a, \dot{\hat a}, \dot h` of the trunk and
+    :math:`\dot\alpha_\ast` of the heads, as :func:`odconv_layer_jvp`), then:
+
+    * the attended convolution is one product, linear in each of :math:`x, W,
+      \alpha_c, \alpha_f, \alpha_s, \alpha_k`: the derivative of its VJP is a sum
+      of its VJPs, each with one argument replaced by its tangent, each contributing
+      to the other arguments' gradients;
+    * a sigmoid head's :math:`T\bar l = \bar\alpha\,\sigma'(l/T)` moves as
+      :math:`\dot{\bar\alpha}\,\sigma' + \bar\alpha(1 - 2\alpha)\dot\alpha`; the
+      kernel head's :math:`T\bar l = \alpha\odot(\bar\alpha - \langle\bar\alpha,
+      \alpha\rangle)` as its VJP at :math:`\dot{\bar\alpha}` plus the derivative of
+      the softmax's Jacobian, :math:`\dot\alpha\odot(\bar\alpha -
+      \langle\bar\alpha, \alpha\rangle) - \alpha\langle\bar\alpha,
+      \dot\alpha\rangle`; each head's affine VJP is bilinear, so
+      :math:`\dot{\bar h} = \sum_\ast(T\dot{\bar l}_\ast W_\ast + T\bar l_\ast
+      \dot W_\ast)/T`;
+    * the ReLU's mask is constant off its kink (no second-order term); the batch norm's
+      :math:`\bar a = J(\gamma\bar z)` moves as :math:`J(\dot\gamma\bar z +
+      \gamma\dot{\bar z}) + \dot J(\gamma\bar z)`.  In eval mode
+      :math:`J = r` is constant (the running statistics are buffers); in train mode
+      :math:`J v = r(v - \bar v - \hat a\,\overline{v\hat a})` moves with the batch,
+
+      .. math::
+
+          \dot J v = -r\big(\overline{\hat a\dot a}\,J v
+                    + \dot{\hat a}\,\overline{v\hat a}
+                    + \hat a\,\overline{v\dot{\hat a}}\big),
+
+      which couples every example's second derivative to the whole batch;
+      :math:`\dot{\bar\gamma} = \sum_b(\dot{\bar z}\hat a + \bar z\dot{\hat a})`;
+    * the fc layer's VJP is bilinear and the pooling's linear.
+
+    ``x`` collects the convolution's and the trunk's shares.  :math:`T` and
+    :math:`\epsilon` are not differentiated.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from condconv_ref import odconv_layer_hvp
+    >>> params = {"experts": np.ones((2, 1, 1, 3)), "fc_weight": np.ones((2, 1)),
+    ...           "bn_bias": np.ones(2), "filter_weight": np.ones((1, 2))}
+    >>> x = np.arange(8.0).reshape(2, 1, 4)
+    >>> hvp = odconv_layer_hvp(np.ones((2, 1, 2)), {"bn_bias": np.ones(2)}, x, params,
+    ...                        batch_norm="train")
+    >>> sorted(hvp)
+    ['bn_bias', 'experts', 'fc_weight', 'filter_weight', 'x']
+    >>> odconv_layer_hvp(np.ones((2, 1, 2)), {}, x, params, batch_norm="train")["x"].tolist()
+    [[[0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]]]
+    """
+    fn = "odconv_layer_hvp"
+    call, xp, given = _check_odconv(fn, x, params, temperature, batch_norm, bn_eps,
+                                    ConvOptions(stride, padding, dilation, groups, padding_mode),
+                                    cotangent, tangents)
+    p, experts = call.p, call.p["experts"]
+    forward, attentions = _attentions(x, call, xp=xp)
+    moved = trunk_tangents(given, p, forward, train=call.train, xp=xp)
+    attention_tangents = heads_jvp(moved.hidden, given, forward.hidden, p, attentions,
+                                   temperature=call.temperature, xp=xp)
+    conv_tangents = {name: given[name] for name in ("x", "experts") if name in given}
+    conv_tangents.update(shaped_attentions(attention_tangents, experts, xp=xp))
+    shaped = shaped_attentions(attentions, experts, xp=xp)
+    conv_grads = _flat(attended_conv_vjp(cotangent, x, experts, shaped, call.geometry, xp=xp),
+                       attentions, xp=xp)
+    conv_terms = attended_conv_vjp_derivative(cotangent, conv_tangents, x, experts, shaped,
+                                              call.geometry, xp=xp)
+    grad_hidden, _ = heads_vjp(conv_grads, forward.hidden, p, attentions,
+                               temperature=call.temperature, xp=xp)
+    grad_hidden_tangent, head_terms = heads_vjp_derivative(
+        conv_grads, _flat(conv_terms, attentions, xp=xp), forward.hidden, moved.hidden, given,
+        p, attentions, attention_tangents, temperature=call.temperature, xp=xp)
+    trunk_terms = trunk_vjp_derivative(grad_hidden, grad_hidden_tangent, given, moved,
+                                       tuple(x.shape), p, forward, train=call.train, xp=xp)
+    return {**trunk_terms, **head_terms, "x": conv_terms["x"] + trunk_terms["x"],
+            "experts": conv_terms["experts"]}

@@ -107,7 +107,7 @@ from condconv_ref.linear import (
     moe_cond_linear_vjp,
 )
 from condconv_ref._attention import BUFFERS, HEADS
-from condconv_ref.odconv import odconv_layer, odconv_layer_jvp, odconv_layer_vjp
+from condconv_ref.odconv import odconv_layer, odconv_layer_hvp, odconv_layer_jvp, odconv_layer_vjp
 from condconv_ref.routing import (
     route_sigmoid,
     route_sigmoid_jvp,
@@ -126,6 +126,7 @@ __all__ = [
     "Variant",
     "bind",
     "build_case",
+    "hvp_variants",
     "reference_forward",
     "reference_hvp",
     "reference_jvp",
@@ -440,15 +441,26 @@ def reference_hvp(case: Case, cotangent: Any, tangents: Mapping[str, Any],
     """
     reference = VARIANTS[case.variant]
     if reference.hvp is None:
-        with_hvp = sorted(name for name, entry in VARIANTS.items() if entry.hvp is not None)
         raise ValueError(f"reference_hvp: variant {case.variant!r} has no Hessian-vector "
-                         f"product; expected one of {with_hvp}")
+                         f"product; expected one of {hvp_variants()}")
     chosen = _backend(backend)
     c = chosen.asarray(to_numpy(cotangent), dtype=dtype)
     given = {name: chosen.asarray(to_numpy(t), dtype=dtype) for name, t in tangents.items()}
     arrays = case.arrays_on(chosen, dtype)
     x = arrays.pop("x")
     return reference.hvp(c, given, x, arrays, **case.options)
+
+
+def hvp_variants() -> list[str]:
+    """The variants with a reference Hessian-vector product (:attr:`Variant.hvp`), sorted.
+
+    Examples
+    --------
+    >>> from condconv_ref.variants import hvp_variants
+    >>> "condconv_layer" in hvp_variants(), "conv" in hvp_variants()
+    (True, False)
+    """
+    return sorted(name for name, entry in VARIANTS.items() if entry.hvp is not None)
 
 
 def build_case(variant: str, config: ConvConfig, seed: int = 0, *,
@@ -931,7 +943,8 @@ VARIANTS: Mapping[str, Variant] = {
                 optional=("bias",) + _MLP_BIASES, hvp=dynamic_conv_layer_hvp),
         Variant("odconv_layer", odconv_layer, odconv_layer_vjp, _build_odconv, layer=True,
                 temperature=True, buffers=BUFFERS, jvp=odconv_layer_jvp,
-                optional=("bn_bias",) + tuple(f"{head}_bias" for head in HEADS)),
+                optional=("bn_bias",) + tuple(f"{head}_bias" for head in HEADS),
+                hvp=odconv_layer_hvp),
     ]
 }
 """Every variant by name.  A new op adds one :class:`Variant` here."""

@@ -55,7 +55,7 @@ CALLS = {
                                 "kernel_bias": (3,)}, {"batch_norm": "train"}),
 }
 HVP_LAYERS = ("condconv_layer", "depthwise_condconv_layer", "cond_linear_layer",
-              "dynamic_conv_layer")
+              "dynamic_conv_layer", "odconv_layer")
 PUBLIC_OPS = sorted([*CALLS, *(name + "_vjp" for name in CALLS), *(name + "_jvp" for name in CALLS),
                      *(name + "_hvp" for name in HVP_LAYERS)])
 """Every op has a VJP and a JVP, and each layer in HVP_LAYERS a Hessian-vector product: a new
@@ -120,4 +120,25 @@ def test_no_module_imports_a_private_name_from_a_public_module():
                               f"{alias.name}" for alias in node.names
                               if alias.name.startswith("_") and not alias.name.startswith("__")
                               and not _is_module(folder, alias.name)]
+    assert offenders == []
+
+
+# The modules that compute: those defining a public op, and the engine they share.  They reach
+# arrays only through the namespace of their inputs, so the same code runs on every backend
+# (the error model, the case builders and the tooling around them may use NumPy on the host).
+ENGINE_MODULES = ("_attention", "_conv_engine", "_conv_parts", "_flat", "_gather", "_im2col",
+                  "_layer", "_mixing", "_routing", "_tangent")
+
+
+def test_the_modules_that_compute_never_import_numpy():
+    modules = {getattr(condconv_ref, name).__module__.split(".")[-1] for name in PUBLIC_OPS}
+    assert "condconv" in modules and "odconv" in modules
+    offenders = []
+    for module in sorted(modules | set(ENGINE_MODULES)):
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+        offenders += [f"{module}: line {node.lineno}" for node in ast.walk(tree)
+                      if (isinstance(node, ast.Import)
+                          and any(alias.name.split(".")[0] == "numpy" for alias in node.names))
+                      or (isinstance(node, ast.ImportFrom) and node.module
+                          and node.module.split(".")[0] == "numpy")]
     assert offenders == []

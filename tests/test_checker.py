@@ -8,6 +8,7 @@ method of a correct one, the way such bugs are written.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -166,9 +167,9 @@ def _external_routing_condconv():
     ("depthwise_condconv_layer", _depthwise_layer),
     ("cond_linear_layer", _linear_layer),
 ], ids=["grouped-trick", "per-example-loop", "dynamic", "depthwise", "linear"])
-def test_correct_torch_layers_pass_forward_vjp_and_jvp(variant, make):
+def test_correct_torch_layers_pass_forward_vjp_jvp_and_hvp(variant, make):
     report = check_implementation(make(), variant=variant, max_examples=PASSING_EXAMPLES)
-    assert report.passed and report.checked_vjp and report.checked_jvp
+    assert report.passed and report.checked_vjp and report.checked_jvp and report.checked_hvp
     assert report.examples == PASSING_EXAMPLES
     assert 0 < report.units <= 1
     assert "PASSED" in str(report)
@@ -349,7 +350,7 @@ def test_a_jvp_rule_is_checked_and_a_wrong_one_caught_while_forward_and_vjp_pass
     right = check_implementation(_custom_sigmoid_layer(lambda t, y: t * y * (1 - y)),
                                  variant="condconv_layer", max_examples=BUG_EXAMPLES)
     assert right.passed and right.checked_vjp and right.checked_jvp
-    assert "forward, VJP and JVP" in str(right)
+    assert "forward, VJP, JVP and HVP" in str(right)
     # the rule forgets the factor 1 - y; forward and backward are right
     report = _failing(_custom_sigmoid_layer(lambda t, y: t * y), "condconv_layer")
     assert _differing(report) == {"jvp"}
@@ -375,6 +376,79 @@ def test_without_the_adapters_jvp_a_rule_less_function_is_checked_in_reverse_mod
                                                        jvp=False),
                                   variant="condconv_layer", max_examples=10)
     assert report.passed and report.checked_vjp and not report.checked_jvp
+
+
+class _Mix(torch.autograd.Function):
+    """``routing @ weight`` whose backward takes the weight detached for the routing's
+    gradient: every first derivative right, the second ones silently wrong."""
+
+    @staticmethod
+    def forward(routing, weight):
+        return routing @ weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        routing, weight = ctx.saved_tensors
+        return grad @ weight.detach().T, routing.T @ grad
+
+    @staticmethod
+    def jvp(ctx, routing_tangent, weight_tangent):
+        routing, weight = ctx.saved_tensors
+        return routing_tangent @ weight + routing @ weight_tangent
+
+
+class DetachedWeightMixing(CondConv2d):
+    def mixed_parameters(self, routing_weights):
+        weight = _Mix.apply(routing_weights, self.weight).view(
+            -1, self.in_channels // self.groups, *self.kernel_size)
+        bias = None if self.bias is None else (routing_weights @ self.bias).view(-1)
+        return weight, bias
+
+
+def test_a_wrong_double_backward_is_caught_and_shrunk_while_the_first_order_passes():
+    implementation = _layer(DetachedWeightMixing)
+    first_order = check_implementation(dataclasses.replace(implementation, hvp=None),
+                                       variant="condconv_layer", max_examples=BUG_EXAMPLES)
+    assert first_order.passed and first_order.checked_jvp and not first_order.checked_hvp
+    report = _failing(implementation, "condconv_layer")
+    assert report.checked_hvp and "(forward, VJP, JVP and HVP, " in str(report)
+    differing = _differing(report)
+    assert differing and all(what.startswith("hvp '") for what in differing), differing
+    assert min(m.units for m in report.mismatches) > 1e6  # no rounding: a missing term
+    assert report.case.shapes["x"][0] == 1  # shrunk like any failure
+
+
+def test_once_differentiable_is_caught_at_second_order_and_checked_to_first_without_hvp():
+    """torch's ``once_differentiable`` raises in double backward only when the incoming
+    gradient requires grad; at a fixed cotangent (a gradient penalty's) the backward's result
+    is silently a constant, and the second derivatives through it are lost."""
+
+    class OnceDifferentiable(_Sigmoid):
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            (y,) = ctx.saved_tensors
+            return grad * y * (1 - y), None
+
+    class Routing(CondConv2d):
+        def routing_weights(self, x):
+            return OnceDifferentiable.apply(self.routing(F.adaptive_avg_pool2d(x, 1).flatten(1)),
+                                            lambda t, y: t * y * (1 - y))
+
+    build = condconv_torch.build(Routing)
+    with_hvp = _failing(torch_implementation(build, condconv_torch.PARAMETERS,
+                                             supports=condconv_torch.SUPPORTS), "condconv_layer")
+    assert all(m.what.startswith("hvp '") for m in with_hvp.mismatches), with_hvp
+    report = check_implementation(torch_implementation(build, condconv_torch.PARAMETERS,
+                                                       supports=condconv_torch.SUPPORTS,
+                                                       hvp=False),
+                                  variant="condconv_layer", max_examples=10)
+    assert report.passed and report.checked_jvp and not report.checked_hvp
 
 
 class TemperatureMultiplied(DynamicConv2d):

@@ -17,7 +17,8 @@ from condconv_ref import golden, verify
 from condconv_ref.cli import EXIT_INTERNAL, main
 
 LAYERS = '''
-from condconv_ref.variants import reference_forward, reference_vjp
+from condconv_ref.testing import Implementation
+from condconv_ref.variants import reference_forward, reference_hvp, reference_vjp
 
 
 def correct():
@@ -26,6 +27,14 @@ def correct():
 
 def doubled():
     return lambda case: 2 * reference_forward(case)
+
+
+def doubled_second_order():
+    def hvp(case, cotangent, tangents):
+        grads = reference_hvp(case, cotangent, tangents)
+        return {**grads, "experts": 2 * grads["experts"]}
+
+    return Implementation(reference_forward, reference_vjp, hvp=hvp)
 '''
 
 
@@ -144,3 +153,20 @@ def test_the_package_declares_its_annotations_and_classifiers():
     project = tomllib.loads((root.parent / "pyproject.toml").read_text())
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["condconv_ref"]
     assert "Typing :: Typed" in project["project"]["classifiers"]
+
+
+def test_check_reports_the_hvp_in_json_and_junit_and_skips_it_when_told(layers, tmp_path,
+                                                                         capsys):
+    junit = tmp_path / "second_order.xml"
+    argv = ["check", f"{layers}:doubled_second_order", "--variant", "cond_linear_layer",
+            "--examples", "10"]
+    assert main([*argv, "--json", "--junit-xml", str(junit)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["checked_vjp"] and report["checked_hvp"] and not report["checked_jvp"]
+    assert [m["what"] for m in report["mismatches"]] == ["hvp 'experts'"]
+    _, (case,) = _testcases(junit)
+    assert "(forward, VJP and HVP, float64" in case.find("failure").get("message") + (
+        case.find("failure").text or "")
+    assert main([*argv, "--no-hvp", "--json"]) == 0
+    skipped = json.loads(capsys.readouterr().out)
+    assert skipped["passed"] and skipped["checked_vjp"] and not skipped["checked_hvp"]

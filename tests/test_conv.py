@@ -208,7 +208,11 @@ def test_padding_costs_no_python_work_per_border_position(backend, padding_mode)
         options = dict(padding=padding, padding_mode=padding_mode)
         return lambda: (conv(x, kernel, **options), conv_vjp(cotangent, x, kernel, **options))
 
-    assert python_calls(run(4000)) == python_calls(run(4))
+    small, large = run(4), run(4000)
+    small(), large()  # first calls fill one-time caches (plans, dtype lookups)
+    # A loop over the border would add at least one call per position, 3996 more; the counts
+    # may differ by a few calls from hash-table probing (array-api-strict's dtype equality).
+    assert abs(python_calls(large) - python_calls(small)) < 100
 
 
 @pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])

@@ -24,11 +24,16 @@ def _one_line_error(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("script, reports", [("condconv_torch.py", 2),
-                                             ("depthwise_condconv_torch.py", 1),
-                                             ("dynamic_conv_torch.py", 1),
-                                             ("odconv_torch.py", 1)])
-def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypatch, capsys):
+FIRST_ORDER, SECOND_ORDER = "forward, VJP and JVP", "forward, VJP, JVP and HVP"
+"""What the torch adapter's implementations are checked for: to second order where the variant
+has a reference Hessian-vector product."""
+
+
+@pytest.mark.parametrize("script, reports, checked", [
+    ("condconv_torch.py", 2, SECOND_ORDER), ("depthwise_condconv_torch.py", 1, FIRST_ORDER),
+    ("dynamic_conv_torch.py", 1, SECOND_ORDER), ("odconv_torch.py", 1, SECOND_ORDER)])
+def test_example_script_checks_its_layers_and_exits_0(script, reports, checked, monkeypatch,
+                                                      capsys):
     """Each script runs as ``python examples/<script> --examples 8`` would (in-process)."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setattr(sys, "argv", [script, "--examples", "8"])
@@ -36,22 +41,22 @@ def test_example_script_checks_its_layers_and_exits_0(script, reports, monkeypat
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     out = capsys.readouterr().out
     assert exited.value.code == 0, out
-    assert len(re.findall(r"\(forward, VJP and JVP, float64, seed 0\): PASSED after 8 examples",
-                          out)) == reports
+    assert out.count(f"({checked}, float64, seed 0): PASSED after 8 examples") == reports
 
 
-@pytest.mark.parametrize("target, variant", [
-    ("condconv_torch.py:factory", "condconv_layer"),
-    ("condconv_torch.py:loop_factory", "condconv_layer"),
-    ("depthwise_condconv_torch.py:factory", "depthwise_condconv"),
-    ("dynamic_conv_torch.py:factory", "dynamic_conv_layer"),
-    ("odconv_torch.py:factory", "odconv_layer"),
+@pytest.mark.parametrize("target, variant, checked", [
+    ("condconv_torch.py:factory", "condconv_layer", SECOND_ORDER),
+    ("condconv_torch.py:loop_factory", "condconv_layer", SECOND_ORDER),
+    ("depthwise_condconv_torch.py:factory", "depthwise_condconv", FIRST_ORDER),
+    ("dynamic_conv_torch.py:factory", "dynamic_conv_layer", SECOND_ORDER),
+    ("odconv_torch.py:factory", "odconv_layer", SECOND_ORDER),
 ])
-def test_check_command_passes_the_examples(target, variant, capsys):
+def test_check_command_passes_the_examples(target, variant, checked, capsys):
     assert main(["check", str(EXAMPLES / target), "--variant", variant, "--examples", "8",
                  "--dtype", "float32", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert f"{variant} (forward, VJP and JVP, float32, seed 3): PASSED after 8 examples" in out
+    assert f"{variant} ({checked}, float32, seed 3): PASSED after 8 examples" in out
+    assert ("hvp not checked" in out) == (checked == FIRST_ORDER)
 
 
 BROKEN = textwrap.dedent('''
@@ -88,7 +93,7 @@ def test_check_command_reports_a_minimal_case_and_exits_1(tmp_path, capsys):
         sys.path.remove(str(EXAMPLES))
     out = capsys.readouterr().out
     assert status == 1 and forward_only == 1
-    assert "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED" in out
+    assert f"condconv_layer ({SECOND_ORDER}, float64, seed 0): FAILED" in out
     assert "condconv_layer (forward, float64, seed 0): FAILED" in out
     assert "minimal failing case:" in out
     assert "padding_mode='zeros'" in out
@@ -132,24 +137,36 @@ def test_check_command_checks_the_jvp_unless_told_not_to(tmp_path, capsys, monke
     checked, skipped = main(argv), main([*argv, "--no-jvp"])
     out = capsys.readouterr().out
     assert checked == 1 and skipped == 0
-    assert "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED" in out
+    assert f"condconv_layer ({SECOND_ORDER}, float64, seed 0): FAILED" in out
     assert re.search(r"jvp: raised \w+", out)
-    assert "condconv_layer (forward and VJP, float64, seed 0): PASSED after 5 examples" in out
+    assert "condconv_layer (forward, VJP and HVP, float64, seed 0): PASSED after 5 examples" in out
 
 
-@pytest.mark.parametrize("factory, status, report", [
-    ("wrong_rule_layer", 1, "condconv_layer (forward, VJP and JVP, float64, seed 0): FAILED"),
-    ("layer", 0, "condconv_layer (forward, VJP and JVP, float64, seed 0): PASSED"),
+@pytest.mark.parametrize("script, factory, status, wrong", [
+    ("check_jvp_rule.py", "wrong_rule_layer", 1, ["jvp"]),
+    ("check_jvp_rule.py", "layer", 0, []),
+    ("check_double_backward.py", "detached_layer", 1, ["hvp 'x'", "hvp 'route_weight'"]),
+    ("check_double_backward.py", "layer", 0, []),
 ])
-def test_the_jvp_rule_how_to_catches_the_wrong_rule_and_passes_the_right_one(factory, status,
-                                                                             report, capsys):
-    script = EXAMPLES.parent / "docs" / "howto" / "check_jvp_rule.py"
-    assert main(["check", f"{script}:{factory}", "--variant", "condconv_layer",
+def test_the_derivative_how_tos_catch_the_wrong_rule_and_pass_the_right_one(script, factory,
+                                                                            status, wrong, capsys):
+    path = EXAMPLES.parent / "docs" / "howto" / script
+    assert main(["check", f"{path}:{factory}", "--variant", "condconv_layer",
                  "--examples", "10"]) == status
     out = capsys.readouterr().out
-    assert report in out
+    verdict = "FAILED" if status else "PASSED"
+    assert f"condconv_layer ({SECOND_ORDER}, float64, seed 0): {verdict}" in out
     differing = re.findall(r"^  (\w[\w ']*?) (?:differs|has|raised)", out, flags=re.MULTILINE)
-    assert differing == (["jvp"] if status else [])
+    assert differing == wrong
+
+
+def test_check_command_checks_the_hvp_unless_told_not_to(capsys):
+    path = EXAMPLES.parent / "docs" / "howto" / "check_double_backward.py"
+    argv = ["check", f"{path}:detached_layer", "--variant", "condconv_layer", "--examples", "5"]
+    assert main([*argv, "--no-hvp"]) == 0 and main([*argv, "--no-jvp"]) == 1
+    out = capsys.readouterr().out
+    assert f"condconv_layer ({FIRST_ORDER}, float64, seed 0): PASSED after 5 examples" in out
+    assert "condconv_layer (forward, VJP and HVP, float64, seed 0): FAILED" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -25,7 +25,11 @@ of a call differ from each other, so that a changed rank cannot be read as
 another valid layout (a per-example kernel, say) by coincidence.
 
 The toolkit's entry points (checker, golden files, verify), the command line
-and the table of docs/robustness.md are checked at the end.
+and the table of docs/robustness.md are checked at the end, and last the
+checker itself: an inventory of corrupted JVPs and HVPs
+(:data:`DERIVATIVE_CORRUPTIONS`: a tangent dropped, a term's sign flipped, the
+router's own second-order term dropped), each of which
+``check_implementation`` must catch on every layer with a reference HVP.
 """
 
 from __future__ import annotations
@@ -47,8 +51,15 @@ from hypothesis import strategies as st
 import condconv_ref
 from condconv_ref._attention import ODCONV_KEYS
 from condconv_ref.backends import get_backend, to_numpy
-from condconv_ref.testing import ConvConfig
-from condconv_ref.variants import VARIANTS, build_case, reference_forward
+from condconv_ref.testing import ConvConfig, check_implementation
+from condconv_ref.variants import (
+    VARIANTS,
+    build_case,
+    hvp_variants,
+    reference_forward,
+    reference_hvp,
+    reference_jvp,
+)
 
 FUNCTIONS = {name: obj for name in condconv_ref.__all__
              if callable(obj := getattr(condconv_ref, name))
@@ -581,3 +592,73 @@ def test_the_documented_errors_are_the_errors_raised():
             assert text.startswith(message[:-1]), (call, text)
         else:
             assert text == message, (call, text)
+
+
+# ---------------------------------------------------------------- corrupted derivatives
+
+# A corruption of the reference's JVP or HVP, one mistake each, of the kinds hand-written (and
+# framework-differentiated) derivatives make; check_implementation must catch every one on
+# every layer with a reference HVP.  Each is a function of the reference's derivative in the
+# case's dtype, returning the wrong one.
+
+
+def _flipped(tangents, name):
+    return {key: -t if key == name else t for key, t in tangents.items()}
+
+
+def _dropped(tangents, name):
+    return {key: t for key, t in tangents.items() if key != name}
+
+
+def _without_the_routers_own_term(case, cotangent, tangents):
+    """The HVP without the router's own second-order term (ODConv: its heads' sigmoids' and
+    softmax's), the derivative of the router's VJP at a fixed routing gradient."""
+    from test_hvp import _routers_without_second_order
+
+    from condconv_ref import _attention
+
+    with pytest.MonkeyPatch().context() as patch:
+        if case.variant == "odconv_layer":
+            for term in ("sigmoid_vjp_derivative", "stable_softmax_vjp_derivative"):
+                original = getattr(_attention, term)
+                patch.setattr(_attention, term,
+                              lambda *a, original=original, **k: 0 * original(*a, **k))
+            return reference_hvp(case, cotangent, tangents, dtype=case.dtype)
+        with _routers_without_second_order(case.variant, patch):
+            return reference_hvp(case, cotangent, tangents, dtype=case.dtype)
+
+
+DERIVATIVE_CORRUPTIONS = {
+    "jvp: the input's tangent dropped": ("jvp", lambda case, tangents: reference_jvp(
+        case, _dropped(tangents, "x"), dtype=case.dtype)),
+    "jvp: the experts' term's sign flipped": ("jvp", lambda case, tangents: reference_jvp(
+        case, _flipped(tangents, "experts"), dtype=case.dtype)),
+    "jvp: twice the routing weights' term": ("jvp", lambda case, tangents: reference_jvp(
+        case, {**tangents, **{name: 2 * t for name, t in tangents.items()
+                              if name not in ("x", "experts", "bias")}}, dtype=case.dtype)),
+    "hvp: the input's tangent dropped": ("hvp", lambda case, c, tangents: reference_hvp(
+        case, c, _dropped(tangents, "x"), dtype=case.dtype)),
+    "hvp: the experts' term's sign flipped": ("hvp", lambda case, c, tangents: reference_hvp(
+        case, c, _flipped(tangents, "experts"), dtype=case.dtype)),
+    "hvp: the router's own second-order term dropped": ("hvp", _without_the_routers_own_term),
+}
+
+
+@pytest.mark.parametrize("variant", hvp_variants())
+def test_the_uncorrupted_reference_derivatives_pass(variant):
+    report = check_implementation(reference_forward, variant=variant, max_examples=10,
+                                  jvp=lambda case, t: reference_jvp(case, t, dtype=case.dtype),
+                                  hvp=lambda case, c, t: reference_hvp(case, c, t,
+                                                                       dtype=case.dtype))
+    assert report.passed and report.checked_jvp and report.checked_hvp
+
+
+@pytest.mark.parametrize("variant", hvp_variants())
+@pytest.mark.parametrize("corruption", list(DERIVATIVE_CORRUPTIONS))
+def test_the_checker_catches_every_corrupted_derivative(variant, corruption):
+    what, corrupted = DERIVATIVE_CORRUPTIONS[corruption]
+    report = check_implementation(reference_forward, variant=variant, max_examples=30,
+                                  raise_on_failure=False, **{what: corrupted})
+    assert not report.passed, f"{corruption} passed on {variant}: {report}"
+    assert all(m.what.split(" ")[0] == what for m in report.mismatches), report
+    assert max(m.units for m in report.mismatches) > 1e3, report

@@ -1,12 +1,14 @@
 """Second order: each layer's Hessian-vector product matches finite differences of its VJP,
 applies a symmetric Hessian, is validated at the public boundary like the VJP, and a wrong one
-(without the router's own second-order term) is caught."""
+(without the router's own second-order term; for ODConv without the batch norm's coupling of
+the batch or a head's own term) is caught."""
 
 from __future__ import annotations
 
 import re
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import condconv_ref
-from condconv_ref import engine
+from condconv_ref import _attention, engine
+from condconv_ref._attention import HEADS
 from condconv_ref.backends import to_numpy
 from condconv_ref.testing import ConvConfig
 from condconv_ref.testing.strategies import Supports, cases
@@ -29,9 +32,17 @@ CONFIG = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5
                     n_experts=3, bias=True)
 
 
-def test_the_sigmoid_and_softmax_routed_layers_have_an_hvp():
+ROUTED = [name for name in HVP_VARIANTS if name != "odconv_layer"]
+ODCONV_CONFIG = replace(CONFIG, batch=3)
+"""Three examples: with two, train mode normalizes each feature to :math:`\\pm 1` whatever the
+input, and the batch norm's derivatives all but vanish."""
+ODCONV_SEEDS = {"train": 7, "eval": 8}
+"""Seeds of ODCONV_CONFIG's ``odconv_layer`` case with all four heads, in each mode."""
+
+
+def test_the_sigmoid_and_softmax_routed_layers_and_odconv_have_an_hvp():
     assert HVP_VARIANTS == ["cond_linear_layer", "condconv_layer", "depthwise_condconv_layer",
-                            "dynamic_conv_layer"]
+                            "dynamic_conv_layer", "odconv_layer"]
     assert all(name + "_hvp" in condconv_ref.__all__ for name in HVP_VARIANTS)
 
 
@@ -51,6 +62,21 @@ def test_the_hessian_the_hvp_applies_is_symmetric(backend, variant, data, dtype)
     case = data.draw(cases(variant, SMALL), label="case")
     measured = engine.hvp_symmetry_check(case, dtype, backend, seed=case.seed)
     assert measured.passed, measured
+
+
+def _odconv_case(mode):
+    case = build_case("odconv_layer", ODCONV_CONFIG, seed=ODCONV_SEEDS[mode])
+    assert case.options["batch_norm"] == mode
+    assert all(f"{head}_weight" in case.arrays for head in HEADS)
+    return case
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_odconv_hvp_matches_its_vjp_in_both_batch_norm_modes(backend, mode, dtype):
+    case = _odconv_case(mode)
+    assert engine.hvp_check(case, dtype, backend).passed
+    assert engine.hvp_symmetry_check(case, dtype, backend).passed
 
 
 # ---------------------------------------------------------------- wrong HVPs are caught
@@ -76,7 +102,7 @@ def _routers_without_second_order(variant, monkeypatch):
         yield
 
 
-@pytest.mark.parametrize("variant", HVP_VARIANTS)
+@pytest.mark.parametrize("variant", ROUTED)
 def test_an_hvp_without_the_routers_second_order_term_is_caught(variant, monkeypatch):
     def wrong(*args, **kwargs):
         with _routers_without_second_order(variant, monkeypatch):
@@ -87,6 +113,30 @@ def test_an_hvp_without_the_routers_second_order_term_is_caught(variant, monkeyp
     measured = engine.hvp_check(case, "float64", hvp=wrong)
     assert measured.units > 1, measured
     assert "x" in measured.detail
+
+
+@pytest.mark.parametrize(("term", "mode", "caught_in"), [
+    ("normalizing_jacobian_derivative", "train", ("x", "fc_weight")),
+    ("stable_softmax_vjp_derivative", "train", ("kernel_weight",)),
+    ("stable_softmax_vjp_derivative", "eval", ("kernel_weight",)),
+    ("sigmoid_vjp_derivative", "eval", ("channel_weight", "filter_weight", "spatial_weight")),
+])
+def test_an_odconv_hvp_without_a_second_order_term_is_caught(term, mode, caught_in,
+                                                             monkeypatch):
+    """Without the batch norm's train-mode coupling (the derivative of its Jacobian), the
+    kernel head's softmax term or the sigmoid heads' term, the HVP is off."""
+    original = getattr(_attention, term)
+
+    def wrong(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(_attention, term, lambda *a, **k: 0 * original(*a, **k))
+            return VARIANTS["odconv_layer"].hvp(*args, **kwargs)
+
+    case = _odconv_case(mode)
+    assert engine.hvp_check(case, "float64").passed
+    measured = engine.hvp_check(case, "float64", hvp=wrong)
+    assert measured.units > 1, measured
+    assert any(f"argument {name!r}" in measured.detail for name in caught_in), measured.detail
 
 
 def test_an_asymmetric_hvp_is_caught():

@@ -54,19 +54,34 @@ def peak_bytes(function):
         tracemalloc.stop()
 
 
-def call(variant: str, backend, *, vjp: bool = False, config: ConvConfig = CONFIG):
-    """A function running ``variant`` (or its VJP) on float32 arrays on ``backend``."""
+MODES = ("forward", "vjp", "jvp", "hvp")
+
+
+def call(variant: str, backend, *, vjp: bool = False, config: ConvConfig = CONFIG,
+         mode: str | None = None):
+    """A function running ``variant`` on float32 arrays on ``backend``: its forward, or its
+    VJP (``vjp``), or the derivative ``mode`` of :data:`MODES` (None where the variant has no
+    Hessian-vector product)."""
+    mode = mode or ("vjp" if vjp else "forward")
     if VARIANTS[variant].depthwise:
         config = replace(config, groups=config.in_channels, out_channels=2 * config.in_channels)
     case = build_case(variant, config, seed=0)
     entry = VARIANTS[variant]
     arrays = case.arrays_on(backend, "float32")
-    if not vjp:
+    if mode == "forward":
         return lambda: bind(entry.forward, case)(**arrays)
+    tangents = {name: backend.asarray(t) for name, t in case.tangents("float32").items()}
+    if mode == "jvp":
+        return lambda: bind(entry.jvp, case, vjp=True)(tangents, **arrays)
     with memory_budget(None):
         output = bind(entry.forward, case)(**arrays)
     cotangent = backend.asarray(np.ones(output.shape), "float32")
-    return lambda: bind(entry.vjp, case, vjp=True)(cotangent, **arrays)
+    if mode == "vjp":
+        return lambda: bind(entry.vjp, case, vjp=True)(cotangent, **arrays)
+    if entry.hvp is None:
+        return None
+    x = arrays.pop("x")
+    return lambda: entry.hvp(cotangent, tangents, x, arrays, **case.options)
 
 
 @pytest.mark.parametrize("variant", ["conv", "condconv", "dynamic_conv_layer",
@@ -138,12 +153,15 @@ def test_depthwise_counts_a_row_larger_than_its_chunk_budget(backend, vjp):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_op_and_vjp_checks_its_working_memory(backend, variant):
+def test_every_op_and_derivative_checks_its_working_memory(backend, variant):
     config = replace(CONFIG, batch=2, in_channels=2, out_channels=2, spatial=(5,), kernel=(3,),
                      stride=(1,), dilation=(1,), padding=1)
-    for vjp in (False, True):
-        run = call(variant, backend, vjp=vjp, config=config)
-        with memory_budget(1), pytest.raises(MemoryBudgetError, match=rf"^{variant}"):
+    for mode in MODES:
+        run = call(variant, backend, config=config, mode=mode)
+        if run is None:
+            continue
+        name = variant if mode == "forward" else f"{variant}_{mode}"
+        with memory_budget(1), pytest.raises(MemoryBudgetError, match=rf"^{name}:"):
             run()
 
 
@@ -288,17 +306,18 @@ def test_an_accepted_call_peaks_within_twice_its_budget(case, vjp):
                                 f"accepted budget of {budget} ({peak / budget:.1f}x)")
 
 
-@pytest.mark.parametrize("vjp", [False, True], ids=["forward", "vjp"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_op_and_vjp_peaks_within_twice_the_budget_it_accepts(variant, vjp):
-    run = call(variant, get_backend_numpy(), vjp=vjp,
+@pytest.mark.parametrize(("variant", "mode"), [
+    (variant, mode) for variant, entry in VARIANTS.items() for mode in MODES
+    if mode != "hvp" or entry.hvp is not None])
+def test_every_op_and_derivative_peaks_within_twice_the_budget_it_accepts(variant, mode):
+    run = call(variant, get_backend_numpy(), mode=mode,
                config=replace(CONFIG, spatial=(12, 12), kernel=(3, 3), padding=1))
     budget = smallest_accepted_budget(run)
     with memory_budget(budget):
         run()
         peak, _ = peak_bytes(run)
-    assert peak <= 2 * budget + OBJECTS, (f"{variant}{' vjp' if vjp else ''}: peak {peak} bytes under "
-                                f"an accepted budget of {budget} ({peak / budget:.1f}x)")
+    assert peak <= 2 * budget + OBJECTS, (f"{variant} {mode}: peak {peak} bytes under "
+                                          f"an accepted budget of {budget} ({peak / budget:.1f}x)")
 
 
 def get_backend_numpy():

@@ -3,9 +3,12 @@ r"""Check any implementation of a CondConv-style layer against the reference.
 :func:`check_implementation` draws cases of a variant with hypothesis
 (:func:`condconv_ref.testing.strategies.cases`, within what the implementation
 declares it :class:`~condconv_ref.testing.strategies.Supports`), calls the
-implementation's ``forward`` (and ``vjp``, and ``jvp``) on each, and compares the
-results with the float64 reference (:func:`condconv_ref.variants.reference_forward`,
-:func:`~condconv_ref.variants.reference_vjp`, :func:`~condconv_ref.variants.reference_jvp`).  When a case fails, hypothesis
+implementation's ``forward`` (and ``vjp``, ``jvp`` and ``hvp``) on each, and
+compares the results with the float64 reference
+(:func:`condconv_ref.variants.reference_forward`,
+:func:`~condconv_ref.variants.reference_vjp`,
+:func:`~condconv_ref.variants.reference_jvp`,
+:func:`~condconv_ref.variants.reference_hvp`).  When a case fails, hypothesis
 shrinks it to a minimal failing case, which the :class:`Report` describes.
 
 The protocol
@@ -35,9 +38,13 @@ The protocol
     ``cotangent`` along ``tangents`` (given as for ``jvp``), i.e. the
     Hessian-vector product of :math:`\langle c, f\rangle` over the input and the
     parameters; one array per differentiable array of ``case.arrays``, keyed and
-    shaped like the VJP's gradients.  Only the layers with a reference
-    Hessian-vector product (:func:`~condconv_ref.variants.reference_hvp`) are
-    checked at second order.
+    shaped like the VJP's gradients.  ``cotangent`` is the VJP's and
+    ``tangents`` the JVP's, so the three are consistent.  Only the variants
+    with a reference Hessian-vector product
+    (:func:`~condconv_ref.variants.hvp_variants`) are checked at second order:
+    an ``hvp`` passed to :func:`check_implementation` or :func:`check_case` for
+    another variant is an error, and one an :class:`Implementation` carries
+    (an adapter's, say) is left unchecked, which the report's note says.
 
 Comparison
 ----------
@@ -50,7 +57,10 @@ of the magnitudes of the terms that make the element, plus the reference's own
 rounding and an underflow term.  The figure reported is the error in units of
 that bound (at most 1 passes), the same figure every command reports; the
 JVP is judged the same way, against the reference JVP and the scale of its
-rounding (:func:`condconv_ref.engine.expected_jvp`), and is reported as ``jvp``.
+rounding (:func:`condconv_ref.engine.expected_jvp`), and is reported as ``jvp``;
+so is the HVP, against the reference HVP and the scale of its rounding
+(:func:`condconv_ref.engine.expected_hvp`), each array reported as
+``hvp 'x'``, ``hvp 'experts'``, ....
 NaN or infinity against a finite reference, a wrong shape, a complex or other
 non-real dtype, a missing or extra gradient, and any exception the
 implementation raises are failures too.
@@ -73,10 +83,11 @@ import numpy as np
 
 from condconv_ref._cases import Supports
 from condconv_ref._validate import check_positive_int
-from condconv_ref.accuracy import DTYPES, Comparison, compare, jsonable
+from condconv_ref.accuracy import DTYPES, Comparison, jsonable
 from condconv_ref.backends import Backend, get_backend
 from condconv_ref.engine import (
     expected_forward,
+    expected_hvp,
     expected_jvp,
     expected_vjp,
     judge,
@@ -84,7 +95,7 @@ from condconv_ref.engine import (
     rounded,
 )
 from condconv_ref.memory import MemoryBudgetError
-from condconv_ref.variants import LAYER_VARIANTS, VARIANTS, Case
+from condconv_ref.variants import LAYER_VARIANTS, VARIANTS, Case, hvp_variants
 
 __all__ = [
     "DTYPES",
@@ -100,10 +111,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Implementation:
-    """An implementation to check: its ``forward``, optional ``vjp``, what it ``supports``
-    and an optional ``jvp`` (forward mode).
+    """An implementation to check: its ``forward``, optional ``vjp``, what it ``supports``,
+    an optional ``jvp`` (forward mode) and an optional ``hvp`` (second order).
 
-    See the module docstring for the protocol of ``forward``, ``vjp`` and ``jvp``.
+    See the module docstring for the protocol of ``forward``, ``vjp``, ``jvp`` and ``hvp``.
 
     Examples
     --------
@@ -114,8 +125,18 @@ class Implementation:
     >>> implementation = Implementation(reference_forward, reference_vjp,
     ...                                 Supports(spatial_dims=(1,), max_size=5))
     >>> report = check_implementation(implementation, variant="condconv_layer", max_examples=5)
-    >>> report.passed, report.checked_vjp, report.checked_jvp
-    (True, True, False)
+    >>> report.passed, report.checked_vjp, report.checked_jvp, report.checked_hvp
+    (True, True, False, False)
+
+    The reference's second order checked too:
+
+    >>> from condconv_ref.variants import reference_hvp
+    >>> implementation = Implementation(
+    ...     reference_forward, supports=Supports(spatial_dims=(1,), max_size=5),
+    ...     hvp=lambda case, cotangent, tangents: reference_hvp(case, cotangent, tangents))
+    >>> check_implementation(implementation, variant="condconv_layer",
+    ...                      max_examples=5).checked_hvp
+    True
     """
 
     forward: Callable[[Case], Any]
@@ -144,8 +165,8 @@ class Report:
         (at most 1; how close the implementation came to failing).
     where : str
         Where that largest error was: the array and element.
-    checked_vjp, checked_jvp : bool
-        Whether the VJP and the JVP were checked too.
+    checked_vjp, checked_jvp, checked_hvp : bool
+        Whether the VJP, the JVP and the HVP were checked too.
     seed : int
     seconds : float
     note : str
@@ -185,13 +206,15 @@ class Report:
     checked_jvp: bool = False
     declined: int = 0
     turned_away: int = 0
+    checked_hvp: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The report as strict JSON values: the verdict, the figure, and the minimal
         failing case (its shapes, options and one-line description) with every mismatch."""
         record = jsonable({name: getattr(self, name) for name in (
             "variant", "dtype", "passed", "examples", "units", "where", "checked_vjp",
-            "checked_jvp", "seed", "seconds", "note", "declined", "turned_away")})
+            "checked_jvp", "checked_hvp", "seed", "seconds", "note", "declined",
+            "turned_away")})
         record["mismatches"] = [mismatch.to_json() for mismatch in self.mismatches]
         record["case"] = None if self.case is None else {
             "description": self.case.describe(),
@@ -201,7 +224,8 @@ class Report:
 
     def __str__(self) -> str:
         checked = ["forward", *(["VJP"] if self.checked_vjp else []),
-                   *(["JVP"] if self.checked_jvp else [])]
+                   *(["JVP"] if self.checked_jvp else []),
+                   *(["HVP"] if self.checked_hvp else [])]
         what = ", ".join(checked[:-1]) + " and " + checked[-1] if len(checked) > 1 else "forward"
         head = (f"check_implementation: {self.variant} ({what}, {self.dtype}, seed {self.seed}): "
                 f"{'PASSED' if self.passed else 'FAILED'} after {self.examples} examples "
@@ -267,7 +291,8 @@ class ImplementationMismatch(AssertionError):
 
 
 class Unsupported(Exception):
-    """Raise it from ``forward`` or ``vjp`` to decline a case the implementation does not support.
+    """Raise it from ``forward``, ``vjp``, ``jvp`` or ``hvp`` to decline a case the
+    implementation does not support.
 
     The checker counts a declined case (:attr:`Report.declined`) and moves
     on: it neither passes nor fails.  A check in which every case is declined
@@ -328,11 +353,9 @@ class _Search:
 
 def _judged(actual: Any, expected: Any, search: _Search, what: str | None = None
             ) -> list[Comparison]:
-    """The failing comparisons of ``actual`` (named ``what`` rather than ``output``, when
-    given); the passing ones are kept in ``search``."""
-    comparisons = (judge(actual, expected, search.dtype) if what is None else
-                   [compare(what, actual, expected.value, expected.scale, depth=expected.depth,
-                            dtype=search.dtype)])
+    """The failing comparisons of ``actual`` (named after ``what`` rather than ``output`` or
+    ``gradient``, when given); the passing ones are kept in ``search``."""
+    comparisons = judge(actual, expected, search.dtype, what=what)
     search.passing += [c for c in comparisons if c.passed]
     return [c for c in comparisons if not c.passed]
 
@@ -342,52 +365,73 @@ def _check_case(case: Case, implementation: Implementation, search: _Search) -> 
     reference = rounded(case, search.dtype)  # float64 arrays at the values handed over
     expected = expected_forward(reference, search.backend, search.dtype)
     search.case_declined = False
-    try:
-        actual = implementation.forward(case)
-    except MemoryBudgetError:
-        raise
-    except Unsupported as error:
-        return _declined(search, "forward", error)
-    except Exception as error:
-        return [_raised("forward", error)]
+    actual, instead = _called(search, "forward", implementation.forward, case)
+    if instead is not None:
+        return instead
     mismatches = _judged(actual, expected, search)
     if implementation.vjp is not None:
         mismatches += _check_vjp(case, reference, expected.value.shape, implementation.vjp,
                                  search)
     if implementation.jvp is not None:
         mismatches += _check_jvp(case, reference, implementation.jvp, search)
+    if implementation.hvp is not None:
+        mismatches += _check_hvp(case, reference, expected.value.shape, implementation.hvp,
+                                 search)
     return mismatches
+
+
+def _called(search: _Search, what: str, function: Any, *args: Any
+            ) -> tuple[Any, list[Comparison] | None]:
+    """``function(*args)`` and None; or, when it declines (:class:`Unsupported`) or raises,
+    None and the comparisons that take the result's place: none for a declined case, a
+    failure of ``what`` for an exception."""
+    try:
+        return function(*args), None
+    except MemoryBudgetError:
+        raise
+    except Unsupported as error:
+        return None, _declined(search, what, error)
+    except Exception as error:
+        return None, [_raised(what, error)]
+
+
+def _cotangent(case: Case, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The case's fixed cotangent for an output of ``shape``, rounded to ``dtype``."""
+    return round_to(case.cotangent(shape), dtype)
+
+
+def _tangents(case: Case, dtype: str) -> dict[str, np.ndarray]:
+    """The case's fixed tangents, rounded to ``dtype``."""
+    return {name: round_to(t, dtype) for name, t in case.tangents().items()}
 
 
 def _check_vjp(case: Case, reference: Case, shape: tuple[int, ...], vjp: Any,
                search: _Search) -> list[Comparison]:
     """The mismatches of ``vjp`` at the case's cotangent."""
-    cotangent = round_to(case.cotangent(shape), search.dtype)
+    cotangent = _cotangent(case, shape, search.dtype)
     expected_grads = expected_vjp(reference, cotangent, search.backend, search.dtype)
-    try:
-        grads = vjp(case, _handed(cotangent, search.dtype))
-    except MemoryBudgetError:
-        raise
-    except Unsupported as error:
-        return _declined(search, "vjp", error)
-    except Exception as error:
-        return [_raised("vjp", error)]
-    return _judged(grads, expected_grads, search)
+    grads, instead = _called(search, "vjp", vjp, case, _handed(cotangent, search.dtype))
+    return instead if instead is not None else _judged(grads, expected_grads, search)
 
 
 def _check_jvp(case: Case, reference: Case, jvp: Any, search: _Search) -> list[Comparison]:
     """The mismatches of ``jvp`` along the case's tangents, judged like an output."""
-    tangents = {name: round_to(t, search.dtype) for name, t in case.tangents().items()}
+    tangents = _tangents(case, search.dtype)
     expected = expected_jvp(reference, tangents, search.backend, search.dtype)
-    try:
-        actual = jvp(case, {name: _handed(t, search.dtype) for name, t in tangents.items()})
-    except MemoryBudgetError:
-        raise
-    except Unsupported as error:
-        return _declined(search, "jvp", error)
-    except Exception as error:
-        return [_raised("jvp", error)]
-    return _judged(actual, expected, search, what="jvp")
+    actual, instead = _called(search, "jvp", jvp, case,
+                              {name: _handed(t, search.dtype) for name, t in tangents.items()})
+    return instead if instead is not None else _judged(actual, expected, search, what="jvp")
+
+
+def _check_hvp(case: Case, reference: Case, shape: tuple[int, ...], hvp: Any,
+               search: _Search) -> list[Comparison]:
+    """The mismatches of ``hvp`` at the VJP's cotangent along the JVP's tangents, judged like
+    the gradients."""
+    cotangent, tangents = _cotangent(case, shape, search.dtype), _tangents(case, search.dtype)
+    expected = expected_hvp(reference, cotangent, tangents, search.backend, search.dtype)
+    actual, instead = _called(search, "hvp", hvp, case, _handed(cotangent, search.dtype),
+                              {name: _handed(t, search.dtype) for name, t in tangents.items()})
+    return instead if instead is not None else _judged(actual, expected, search, what="hvp")
 
 
 def _declined(search: _Search, what: str, error: Unsupported) -> list[Comparison]:
@@ -425,24 +469,37 @@ def _backend(fn: str, backend: Any) -> Backend:
     return backend
 
 
-def _implementation(forward: Any, vjp: Any, supports: Supports | None,
-                    fn: str = "check_implementation", jvp: Any = None) -> Implementation:
+def _implementation(forward: Any, vjp: Any, supports: Supports | None, *, variant: str,
+                    fn: str = "check_implementation", jvp: Any = None,
+                    hvp: Any = None) -> tuple[Implementation, str]:
+    """The implementation to check (the arguments over an :class:`Implementation`'s fields),
+    and the report's note on an ``hvp`` it carries that ``variant`` cannot check."""
+    hvp_argument = hvp
     if isinstance(forward, Implementation):
         given = forward
         forward, vjp = given.forward, vjp if vjp is not None else given.vjp
         jvp = jvp if jvp is not None else given.jvp
+        hvp = hvp if hvp is not None else given.hvp
         supports = supports if supports is not None else given.supports
     if not callable(forward):
         raise TypeError(f"{fn}: forward must be callable or an Implementation, "
                         f"got {type(forward).__name__}")
-    for name, given_callable in (("vjp", vjp), ("jvp", jvp)):
+    for name, given_callable in (("vjp", vjp), ("jvp", jvp), ("hvp", hvp)):
         if given_callable is not None and not callable(given_callable):
             raise TypeError(f"{fn}: {name} must be callable, got "
                             f"{type(given_callable).__name__}")
     if supports is not None and not isinstance(supports, Supports):
         raise TypeError(f"{fn}: supports must be a condconv_ref.testing.Supports, "
                         f"got {supports!r}")
-    return Implementation(forward, vjp, supports, jvp)
+    note = ""
+    if hvp is not None and VARIANTS[variant].hvp is None:
+        if hvp_argument is not None:
+            raise ValueError(f"{fn}: hvp is given for variant {variant!r}, which has no "
+                             f"reference Hessian-vector product; expected no hvp, or one of "
+                             f"the variants with one: {hvp_variants()}")
+        hvp, note = None, (f"hvp not checked: {variant} has no reference Hessian-vector "
+                           f"product (the variants with one: {', '.join(hvp_variants())})")
+    return Implementation(forward, vjp, supports, jvp, hvp), note
 
 
 def check_implementation(
@@ -452,6 +509,7 @@ def check_implementation(
     vjp: Callable[[Case, Any], Mapping[str, Any]] | None = None,
     supports: Supports | None = None,
     jvp: Callable[[Case, Mapping[str, Any]], Any] | None = None,
+    hvp: Callable[[Case, Any, Mapping[str, Any]], Mapping[str, Any]] | None = None,
     dtype: str = "float64",
     max_examples: int = 100,
     seed: int = 0,
@@ -464,8 +522,11 @@ def check_implementation(
     ----------
     forward : callable or Implementation
         ``forward(case) -> y`` (see the module docstring), or an
-        :class:`Implementation` bundling ``forward``, ``vjp``, ``supports`` and
-        ``jvp`` (the keyword arguments, when given, take precedence).
+        :class:`Implementation` bundling ``forward``, ``vjp``, ``supports``,
+        ``jvp`` and ``hvp`` (the keyword arguments, when given, take
+        precedence).  An ``hvp`` the :class:`Implementation` carries for a
+        variant without a reference Hessian-vector product is not checked,
+        and the report's ``note`` says so.
     variant : str
         One of :data:`condconv_ref.variants.LAYER_VARIANTS`: ``condconv`` and
         ``depthwise_condconv`` (external routing weights), ``condconv_layer``,
@@ -480,6 +541,12 @@ def check_implementation(
         ``jvp(case, tangents) -> y_dot`` (forward mode); checked when given,
         along the case's fixed tangents, in the same search, so a failure of
         the JVP is shrunk like the forward's.
+    hvp : callable, optional
+        ``hvp(case, cotangent, tangents) -> {name: gradient_dot}`` (second
+        order: the derivative of the VJP at ``cotangent`` along ``tangents``);
+        checked when given, at the VJP's cotangent and along the JVP's
+        tangents, in the same search.  Only for a variant with a reference
+        Hessian-vector product (:func:`~condconv_ref.variants.hvp_variants`).
     dtype : {'float64', 'float32', 'float16', 'bfloat16'}
         The dtype the implementation computes in; the arrays handed to it have
         this dtype, except bfloat16, which NumPy lacks: then they are float32
@@ -508,8 +575,9 @@ def check_implementation(
         If a case fails and ``raise_on_failure``; its ``report`` has the
         minimal case.
     ValueError, TypeError
-        For a bad variant, dtype, count or callable, or ``supports`` that admit
-        no case.
+        For a bad variant, dtype, count or callable, ``supports`` that admit
+        no case, or an ``hvp`` for a variant without a reference Hessian-vector
+        product.
     condconv_ref.backends.BackendUnavailable
         If ``backend`` cannot be used here.
     ValueError
@@ -550,7 +618,8 @@ def check_implementation(
     if not isinstance(raise_on_failure, bool):
         raise TypeError(f"check_implementation: raise_on_failure must be True or False, got "
                         f"{raise_on_failure!r}")
-    implementation = _implementation(forward, vjp, supports, jvp=jvp)
+    implementation, hvp_note = _implementation(forward, vjp, supports, variant=variant, jvp=jvp,
+                                               hvp=hvp)
     search = _Search(dtype, _backend("check_implementation", backend))
     # Only the search needs hypothesis; the rest of the module works without it.
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
@@ -584,13 +653,15 @@ def check_implementation(
             raise search.failure
 
     started = time.perf_counter()
-    note = ""
+    note = hvp_note
     try:
         run()
     except _CaseFailed as failure:  # the final replay of the minimal case
         search.failure = failure
     except Flaky:
-        note = "the failure did not reproduce when replayed: is the implementation deterministic?"
+        note = "; ".join(filter(None, [
+            "the failure did not reproduce when replayed: is the implementation deterministic?",
+            hvp_note]))
     except Unsatisfiable:
         raise ValueError("check_implementation: supports admit no valid case") from None
     except _Starved:
@@ -645,7 +716,7 @@ def _finish(search: _Search, variant: str, implementation: Implementation, seed:
                     largest.units if largest else 0.0, largest.where if largest else "",
                     implementation.vjp is not None, seed, seconds, note,
                     checked_jvp=implementation.jvp is not None, declined=search.declined,
-                    turned_away=search.turned_away)
+                    turned_away=search.turned_away, checked_hvp=implementation.hvp is not None)
     if declined_all and raise_on_failure:
         raise ImplementationMismatch(report)
     if failure is not None and raise_on_failure:
@@ -665,6 +736,7 @@ def check_case(
     *,
     vjp: Callable[[Case, Any], Mapping[str, Any]] | None = None,
     jvp: Callable[[Case, Mapping[str, Any]], Any] | None = None,
+    hvp: Callable[[Case, Any, Mapping[str, Any]], Mapping[str, Any]] | None = None,
     dtype: str | None = None,
     backend: str | Backend = "numpy",
     raise_on_failure: bool = True,
@@ -685,8 +757,9 @@ def check_case(
         As for :func:`check_implementation` (``supports`` plays no part).
     case : condconv_ref.variants.Case
         The case, e.g. drawn by :func:`condconv_ref.testing.cases`.
-    vjp, jvp : callable, optional
-        Checked when given (or carried by an :class:`Implementation`).
+    vjp, jvp, hvp : callable, optional
+        Checked when given (or carried by an :class:`Implementation`), as in
+        :func:`check_implementation`.
     dtype : {'float64', 'float32', 'float16', 'bfloat16'}, optional
         The dtype the implementation computes in: the case's arrays are
         rounded to it; default ``case.dtype``.
@@ -718,7 +791,8 @@ def check_case(
         raise TypeError(f"check_case: case must be a condconv_ref.variants.Case, got "
                         f"{type(case).__name__}")
     dtype = _check_dtype("check_case", case.dtype if dtype is None else dtype)
-    implementation = _implementation(forward, vjp, None, fn="check_case", jvp=jvp)
+    implementation, note = _implementation(forward, vjp, None, variant=case.variant,
+                                           fn="check_case", jvp=jvp, hvp=hvp)
     search = _Search(dtype, _backend("check_case", backend))
     started = time.perf_counter()
     search.examples = 1
@@ -727,7 +801,7 @@ def check_case(
     if mismatches:
         search.failure = _CaseFailed(handed, mismatches)
     return _finish(search, case.variant, implementation, case.seed, time.perf_counter() - started,
-                   "", raise_on_failure)
+                   note, raise_on_failure)
 
 
 # ---------------------------------------------------------------- the adapters' mapping
@@ -828,7 +902,8 @@ def load_implementation(target: str) -> Implementation:
 
     The factory takes no arguments and returns an :class:`Implementation`
     (e.g. from :func:`condconv_ref.testing.torch_adapter.torch_implementation`),
-    a ``forward`` callable, or a ``(forward, vjp)`` pair.
+    whose ``vjp``, ``jvp`` and ``hvp`` come with it, a ``forward`` callable, or
+    a ``(forward, vjp)`` pair.
 
     A file inside a package (a folder with an ``__init__.py``, and its parents
     up to the first folder without one) is imported under its package-qualified

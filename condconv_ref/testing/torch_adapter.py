@@ -1,12 +1,15 @@
-"""Turn a PyTorch ``nn.Module`` into the ``forward`` / ``vjp`` / ``jvp`` callables the checker
-calls.
+"""Turn a PyTorch ``nn.Module`` into the ``forward`` / ``vjp`` / ``jvp`` / ``hvp`` callables the
+checker calls.
 
 :func:`torch_implementation` builds the module for each case, loads the case's
 arrays into it by name with :func:`torch.func.functional_call` (so nothing is
 copied into the module and autograd sees through the layout conversion), and
-gets the VJP from autograd and the JVP from forward-mode AD
+gets the VJP from autograd, the JVP from forward-mode AD
 (:mod:`torch.autograd.forward_ad`, which runs the ``jvp`` rule of a custom
-``torch.autograd.Function``).  torch is imported only when a callable runs.
+``torch.autograd.Function``) and the HVP from double backward (the gradient
+taken with ``create_graph=True`` and differentiated again, which runs the
+derivative of every ``backward``, as gradient penalties and meta-learning
+do).  torch is imported only when a callable runs.
 
 Examples
 --------
@@ -120,8 +123,9 @@ def torch_implementation(
     device: Any = "cpu",
     threads: int | None = 1,
     jvp: bool = True,
+    hvp: bool = True,
 ) -> Implementation:
-    """An :class:`~condconv_ref.testing.Implementation` of a PyTorch module.
+    r"""An :class:`~condconv_ref.testing.Implementation` of a PyTorch module.
 
     Parameters
     ----------
@@ -157,6 +161,13 @@ def torch_implementation(
         Supply ``jvp`` too (default), so the module's forward mode is checked:
         set False for a module that uses a custom ``torch.autograd.Function``
         without a ``jvp`` rule (forward-mode AD refuses to run through it).
+    hvp : bool, optional
+        Supply ``hvp`` too (default), so the module's double backward is
+        checked where the variant has a reference Hessian-vector product
+        (:func:`~condconv_ref.variants.hvp_variants`; for the others the
+        checker leaves it out and says so): set False for a module that is
+        not twice differentiable on purpose (a custom ``autograd.Function``
+        marked ``once_differentiable``, say).
 
     Returns
     -------
@@ -167,10 +178,17 @@ def torch_implementation(
         reference's layout (zeros for an array the output does not depend on);
         ``jvp(case, tangents)`` the output's tangent from forward-mode AD, each
         case array carrying its tangent into the module (through the
-        converters) as a dual tensor.
+        converters) as a dual tensor; ``hvp(case, cotangent, tangents)`` the
+        derivative of those gradients along the tangents by double backward:
+        :math:`g = \nabla_\theta \langle c, f(\theta)\rangle` with
+        ``create_graph=True``, then the gradient of :math:`\langle t, g\rangle`,
+        :math:`H^\top t = H t` (zeros where a gradient does not depend on
+        the arrays).
     """
-    if not isinstance(jvp, bool):
-        raise TypeError(f"torch_implementation: jvp must be True or False, got {jvp!r}")
+    for name, flag in (("jvp", jvp), ("hvp", hvp)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"torch_implementation: {name} must be True or False, got "
+                            f"{flag!r}")
     mapping = parameter_mapping("torch_implementation", parameters, "a module parameter name")
     inputs = tuple(inputs)
 
@@ -213,18 +231,40 @@ def torch_implementation(
         with torch.no_grad(), _threads(threads):
             return _readable(run(case, requires_grad=False)[0])
 
+    def gradients(case: Case, cotangent: Any, create_graph: bool
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The case's arrays as tensors, and autograd's gradient of ``<cotangent, output>``
+        for each differentiable one (None where the output does not depend on it)."""
+        import torch
+
+        output, tensors = run(case, requires_grad=True)
+        names = case.differentiable  # not the buffers (batch-norm running statistics)
+        grads = torch.autograd.grad(output, [tensors[name] for name in names],
+                                    grad_outputs=torch.as_tensor(
+                                        cotangent, device=output.device, dtype=output.dtype),
+                                    create_graph=create_graph, allow_unused=True)
+        return tensors, dict(zip(names, grads))
+
     def vjp(case: Case, cotangent: Any) -> dict[str, Any]:
+        with _threads(threads):
+            tensors, grads = gradients(case, cotangent, create_graph=False)
+        return _filled(grads, tensors)
+
+    def second_order(case: Case, cotangent: Any, tangents: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
         with _threads(threads):
-            output, tensors = run(case, requires_grad=True)
-            names = case.differentiable  # not the buffers (batch-norm running statistics)
-            grads = torch.autograd.grad(output, [tensors[name] for name in names],
-                                        grad_outputs=torch.as_tensor(
-                                            cotangent, device=output.device, dtype=output.dtype),
-                                        allow_unused=True)
-        return {name: _readable(torch.zeros_like(tensors[name]) if grad is None else grad)
-                for name, grad in zip(names, grads)}
+            tensors, grads = gradients(case, cotangent, create_graph=True)
+            moving = [name for name, grad in grads.items()  # the others are constants
+                      if grad is not None and grad.requires_grad]
+            second = dict.fromkeys(grads)
+            if moving:
+                second.update(zip(grads, torch.autograd.grad(
+                    [grads[name] for name in moving], [tensors[name] for name in grads],
+                    grad_outputs=[torch.from_numpy(np.ascontiguousarray(tangents[name])).to(
+                        device=device, dtype=grads[name].dtype) for name in moving],
+                    allow_unused=True)))
+        return _filled(second, tensors)
 
     def forward_mode(case: Case, tangents: Mapping[str, Any]) -> Any:
         import torch
@@ -235,4 +275,13 @@ def torch_implementation(
             tangent = forward_ad.unpack_dual(output).tangent
             return _readable(torch.zeros_like(output) if tangent is None else tangent)
 
-    return Implementation(forward, vjp, supports, forward_mode if jvp else None)
+    return Implementation(forward, vjp, supports, forward_mode if jvp else None,
+                          second_order if hvp else None)
+
+
+def _filled(grads: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``grads`` readable by NumPy, with zeros for the None of an array nothing depends on."""
+    import torch
+
+    return {name: _readable(torch.zeros_like(tensors[name]) if grad is None else grad)
+            for name, grad in grads.items()}
