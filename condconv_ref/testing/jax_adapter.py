@@ -24,8 +24,9 @@ Derivatives
     Check such a layer with ``jvp=False`` (``condconv-ref check --no-jvp``).
 ``hvp(case, cotangent, tangents)``
     With :math:`g(\theta) = \mathrm{vjp}(\theta; c)` at the fixed cotangent
-    :math:`c`: ``"forward-over-reverse"`` (the default) is ``jax.jvp`` of
-    :math:`g` along the tangents, :math:`J_g t`, the protocol's definition.
+    :math:`c`: ``"forward-over-reverse"`` (the default, ``hvp=True``) is
+    ``jax.jvp`` of :math:`g` along the tangents, :math:`J_g t`, the protocol's
+    definition.
     JAX runs it through the functions of a ``custom_vjp`` (its ``fwd`` and
     ``bwd``) as through any other JAX code, so a backward pass whose own
     derivative is wrong is caught.  ``"reverse-over-reverse"`` is ``jax.vjp``
@@ -61,8 +62,8 @@ channels first, with a Flax-style ``Dense`` kernel (C, E) for the routing:
 ...                       max_groups=1, max_stride=1, max_dilation=1, bias=(False,)))
 >>> report = check_implementation(layer, variant="condconv_layer", dtype="float32",
 ...                               max_examples=4)
->>> report.passed, report.checked_vjp, report.checked_jvp
-(True, True, True)
+>>> report.passed, report.checked_vjp, report.checked_jvp, report.checked_hvp
+(True, True, True, True)
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def jax_implementation(
     data_format: str = "channels_first",
     supports: Supports | None = None,
     jvp: bool = True,
-    hvp: str | bool = "forward-over-reverse",
+    hvp: bool | str = True,
     jit: bool = True,
 ) -> Implementation:
     """An :class:`~condconv_ref.testing.Implementation` of a JAX layer, with its ``vjp``,
@@ -214,9 +215,12 @@ def jax_implementation(
         Supply ``jvp`` (default), so the layer's forward mode is checked; set
         False for a layer with a :func:`jax.custom_vjp`, through which JAX has
         no forward mode.
-    hvp : {'forward-over-reverse', 'reverse-over-reverse'} or False, optional
-        How ``hvp`` differentiates the VJP (see the module docstring), or
-        False for no ``hvp``.
+    hvp : bool or {'forward-over-reverse', 'reverse-over-reverse'}, optional
+        Supply ``hvp`` too (default), so the layer's second order is checked
+        where the variant has a reference Hessian-vector product
+        (:func:`~condconv_ref.variants.hvp_variants`), and how it
+        differentiates the VJP (see the module docstring): True is
+        ``'forward-over-reverse'``; False leaves ``hvp`` out.
     jit : bool, optional
         Compile the forward and each derivative with :func:`jax.jit` for the
         case at hand (default): several times faster than running the layer
@@ -269,14 +273,14 @@ def jax_implementation(
     ...     supports=Supports(bias=(False,)))
     >>> report = check_implementation(layer, variant="cond_linear_layer", dtype="float32",
     ...                               max_examples=4)
-    >>> report.passed, report.checked_jvp, layer.hvp is not None
+    >>> report.passed, report.checked_jvp, report.checked_hvp
     (True, True, True)
     """
     for name, flag in (("jvp", jvp), ("jit", jit)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_FN}: {name} must be True or False, got {flag!r}")
-    if hvp is not False and hvp not in HVP_MODES:
-        raise ValueError(f"{_FN}: hvp must be one of {HVP_MODES} or False, got {hvp!r}")
+    if not isinstance(hvp, bool) and hvp not in HVP_MODES:
+        raise ValueError(f"{_FN}: hvp must be True, False or one of {HVP_MODES}, got {hvp!r}")
     if data_format not in DATA_FORMATS:
         raise ValueError(f"{_FN}: data_format must be one of {DATA_FORMATS}, got "
                          f"{data_format!r}")
@@ -353,7 +357,7 @@ def jax_implementation(
 
         pulled, differentiable = gradients(case, cotangent)
         given = _tangents(f"{_FN} (hvp)", tangents, list(differentiable), differentiable)
-        if hvp == "forward-over-reverse":
+        if hvp in (True, "forward-over-reverse"):
             along = lambda point, tangent: jax.jvp(pulled, (point,), (tangent,))[1]  # noqa: E731
         else:
             along = lambda point, tangent: jax.vjp(pulled, point)[1](tangent)[0]  # noqa: E731

@@ -18,13 +18,12 @@ from the repository root::
     condconv-ref check docs/howto/check_jax_layer.py:custom_vjp_layer --variant condconv_layer
     condconv-ref check docs/howto/check_jax_layer.py:wrong_backward_layer \\
         --variant condconv_layer --no-jvp
-    python docs/howto/check_jax_layer.py        # the second-order checks
+    condconv-ref check docs/howto/check_jax_layer.py:first_order_layer --variant condconv_layer
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -32,10 +31,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from condconv_jax import PARAMETERS, SUPPORTS, condconv_layer  # noqa: E402
 
-from condconv_ref import engine  # noqa: E402
-from condconv_ref.testing import ConvConfig  # noqa: E402
 from condconv_ref.testing.jax_adapter import jax_implementation  # noqa: E402
-from condconv_ref.variants import build_case  # noqa: E402
 
 
 def custom_jvp_sigmoid(slope):
@@ -119,31 +115,3 @@ def wrong_backward_layer():
 def first_order_backward_layer():
     """The ``custom_vjp`` layer whose backward is right to first order only."""
     return custom_vjp_layer(first_order_backward_sigmoid)
-
-
-CASE = build_case("condconv_layer", ConvConfig(
-    batch=2, in_channels=2, out_channels=4, groups=2, spatial=(6,), kernel=(3,), stride=(1,),
-    dilation=(1,), padding=1, padding_mode="reflect", n_experts=3, bias=True), seed=7)
-"""A case for the second-order check."""
-
-
-def hvp_check(implementation, case=CASE, dtype="float64"):
-    """:func:`condconv_ref.engine.hvp_check` of the adapter's ``hvp`` on ``case``."""
-
-    def hvp(cotangent, tangents, x, params, **options):
-        return implementation.hvp(replace(case, arrays={"x": x, **params}, dtype=dtype),
-                                  cotangent, tangents)
-
-    return engine.hvp_check(case, dtype, hvp=hvp)
-
-
-def main():
-    for name in ("layer", "first_order_layer", "custom_vjp_layer",
-                 "first_order_backward_layer"):
-        measured = hvp_check(globals()[name]())
-        print(f"{name}: HVP {'PASS' if measured.passed else 'FAIL'}, "
-              f"{measured.units:.2g} x the bound")
-
-
-if __name__ == "__main__":
-    main()
