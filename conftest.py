@@ -4,7 +4,8 @@ torch is optional (``pip install -e ".[test]"`` does not install it), so a docte
 that needs it is marked ``torch``, like the torch backend's tests in
 ``tests/conftest.py``, and skipped with a reason when torch is not installed,
 instead of failing with ``ModuleNotFoundError``; so is one that imports TensorFlow
-or Keras (the ``tensorflow`` extra) when TensorFlow is not installed.  A doctest
+or Keras (the ``tensorflow`` extra) when TensorFlow is not installed, and one that
+imports JAX (marked ``jax``) when JAX is not installed.  A doctest
 needs torch when one of its examples imports torch, or when it is listed in
 ``TORCH_DOCTESTS`` (examples that reach torch through the library, which raises
 ``BackendUnavailable`` without it).
@@ -33,6 +34,14 @@ def needs_tensorflow(item: DoctestItem) -> bool:
     return any(_IMPORTS_TENSORFLOW.search(example.source) for example in item.dtest.examples)
 
 
+_IMPORTS_JAX = re.compile(r"^\s*(import|from)\s+jax\b", re.MULTILINE)
+
+
+def needs_jax(item: DoctestItem) -> bool:
+    """Whether the doctest ``item`` runs JAX (imports it)."""
+    return any(_IMPORTS_JAX.search(example.source) for example in item.dtest.examples)
+
+
 def needs_torch(item: DoctestItem) -> bool:
     """Whether the doctest ``item`` runs torch."""
     return item.dtest.name in TORCH_DOCTESTS or any(
@@ -46,6 +55,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tensorflow_missing = importlib.util.find_spec("tensorflow") is None
     skip_tensorflow = pytest.mark.skip(reason="needs TensorFlow, which is not installed "
                                               "(pip install condconv_ref[tensorflow])")
+    jax_missing = importlib.util.find_spec("jax") is None
+    skip_jax = pytest.mark.skip(reason="needs JAX, which is not installed "
+                                       "(pip install jax to run this doctest)")
     for item in items:
         if isinstance(item, DoctestItem) and needs_torch(item):
             item.add_marker(pytest.mark.torch)
@@ -55,3 +67,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.tensorflow)
             if tensorflow_missing:
                 item.add_marker(skip_tensorflow)
+        if isinstance(item, DoctestItem) and needs_jax(item):
+            item.add_marker(pytest.mark.jax)
+            if jax_missing:
+                item.add_marker(skip_jax)

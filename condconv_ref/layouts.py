@@ -13,6 +13,11 @@ TensorFlow flattened HWIO      (E, \*k·C/g·O)              :func:`to_tf_flat_e
 (``CondConv2D``)                                           :func:`from_tf_flat_experts`
 TensorFlow flattened depthwise (E, \*k·C·m)                :func:`to_tf_flat_depthwise_experts`,
 (``DepthwiseCondConv2D``)                                  :func:`from_tf_flat_depthwise_experts`
+Flax ``Conv`` kernels,         (E, \*k, C/g, O)            :func:`to_flax_experts`,
+stacked per expert (JAX's                                  :func:`from_flax_experts`
+``HWIO``)
+Flax ``Dense`` kernels         (in, out), or               :func:`to_flax_dense`,
+(transposed ``nn.Linear``)     (E, F_in, F_out)            :func:`from_flax_dense`
 channels-last inputs/outputs   (B, \*spatial, C)           :func:`to_channels_last`,
                                                            :func:`to_channels_first`
 ============================== ==========================  =====================================
@@ -21,7 +26,9 @@ Each ``from_*`` is the inverse of its ``to_*``.  Flattened storage loses the
 kernel's shape, so the ``from_*`` converters take ``kernel_shape``, the shape of
 one expert in the reference's layout.  In the depthwise layout, output channel
 ``c·m + j`` is input channel ``c``'s ``j``-th filter, as in TensorFlow's
-``depthwise_conv2d`` and the reference's :func:`condconv_ref.depthwise_condconv`.
+``depthwise_conv2d`` and the reference's :func:`condconv_ref.depthwise_condconv`;
+so it is in a grouped convolution of JAX (``feature_group_count=C``), whose
+depthwise kernels (E, C·m, 1, \*k) :func:`to_flax_experts` converts like any other.
 Every converter is a reshape and a transpose written against the array API: it
 keeps the input's namespace, device and dtype.  An array of a library outside
 the array API (a TensorFlow tensor, say) is read through DLPack or NumPy's
@@ -56,11 +63,15 @@ from condconv_ref._validate import (
 )
 
 __all__ = [
+    "from_flax_dense",
+    "from_flax_experts",
     "from_tf_flat_depthwise_experts",
     "from_tf_flat_experts",
     "from_torch_flat_experts",
     "to_channels_first",
     "to_channels_last",
+    "to_flax_dense",
+    "to_flax_experts",
     "to_tf_flat_depthwise_experts",
     "to_tf_flat_experts",
     "to_torch_flat_experts",
@@ -138,6 +149,114 @@ def from_torch_flat_experts(flat: Any, kernel_shape: Sequence[int]) -> Any:
     return xp.reshape(flat, (flat.shape[0],) + shape)
 
 
+# ---------------------------------------------------------------- spatial-first kernels
+
+
+def _spatial_first(xp: Any, experts: Any) -> Any:
+    r"""(E, O, C/g, \*k) to (E, \*k, C/g, O)."""
+    nd = experts.ndim - 3
+    return xp.permute_dims(experts, (0,) + tuple(range(3, 3 + nd)) + (2, 1))
+
+
+def _channels_first(xp: Any, kernels: Any) -> Any:
+    r"""(E, \*k, C/g, O) to (E, O, C/g, \*k): the inverse of :func:`_spatial_first`."""
+    nd = kernels.ndim - 3
+    return xp.permute_dims(kernels, (0, nd + 2, nd + 1) + tuple(range(1, nd + 1)))
+
+
+def to_flax_experts(experts: Any) -> Any:
+    r"""Experts (E, O, C/g, \*k) as Flax ``Conv`` kernels stacked per expert, (E, \*k, C/g, O).
+
+    Expert ``e`` becomes ``kernels[e]``, a kernel in the spatial-first layout of
+    ``flax.linen.Conv`` and of ``jax.lax.conv_general_dilated`` with
+    ``dimension_numbers=("NHWC", "HWIO", "NHWC")`` (``"NWC", "WIO", "NWC"``
+    in 1-D): the layout a JAX CondConv layer keeps its experts in when it mixes
+    them with ``jnp.tensordot(routing, kernels, axes=1)``.  Depthwise experts
+    (E, C·m, 1, \*k) become (E, \*k, 1, C·m), the kernels of
+    ``feature_group_count=C``.  Unlike :func:`to_tf_flat_experts`, the kernel's
+    shape is kept.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> experts = np.arange(2 * 4 * 3 * 5 * 6.0).reshape(2, 4, 3, 5, 6)  # E=2, O=4, C=3, 5x6
+    >>> kernels = to_flax_experts(experts)
+    >>> kernels.shape
+    (2, 5, 6, 3, 4)
+    >>> bool(kernels[1, 2, 0, 1, 3] == experts[1, 3, 1, 2, 0])
+    True
+    """
+    fn = "to_flax_experts"
+    xp, experts = _experts(fn, experts, "(E, O, C/groups, *k)")
+    return _spatial_first(xp, experts)
+
+
+def from_flax_experts(kernels: Any) -> Any:
+    r"""Inverse of :func:`to_flax_experts`: (E, \*k, C/g, O) to (E, O, C/g, \*k).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> experts = np.arange(24.0).reshape(1, 2, 3, 4)  # E=1, O=2, C=3, k=4
+    >>> bool(np.all(from_flax_experts(to_flax_experts(experts)) == experts))
+    True
+    """
+    fn = "from_flax_experts"
+    kernels = any_array(fn, "kernels", kernels)
+    xp = namespace(fn, kernels=kernels)
+    check_ndim(fn, "kernels", kernels, (4, 5, 6), "(E, *k, C/groups, O)")
+    return _channels_first(xp, kernels)
+
+
+# ---------------------------------------------------------------- Flax Dense
+
+
+def _dense(fn: str, name: str, weight: Any, layout: str) -> Any:
+    """``weight`` with its last two axes swapped, after checking it has 2 or 3 dims."""
+    weight = any_array(fn, name, weight)
+    xp = namespace(fn, **{name: weight})
+    check_ndim(fn, name, weight, (2, 3), layout)
+    return xp.permute_dims(weight, tuple(range(weight.ndim - 2)) + (weight.ndim - 1,
+                                                                    weight.ndim - 2))
+
+
+def to_flax_dense(weight: Any) -> Any:
+    r"""A weight of the reference, (out, in), as a Flax ``Dense`` kernel, (in, out).
+
+    The reference stores a linear map as PyTorch's ``nn.Linear`` does,
+    ``y = x W^\top``: the routing's ``route_weight`` (E, C), DynamicConv's
+    ``fc1_weight`` and ``fc2_weight``.  ``flax.linen.Dense`` computes
+    ``y = x K`` with ``K`` (in, out), the transpose.  Stacked weights
+    (E, out, in), such as the experts of ``cond_linear_layer`` (E, F_out, F_in),
+    become (E, in, out).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> route_weight = np.arange(6.0).reshape(3, 2)  # E=3, C=2
+    >>> to_flax_dense(route_weight)
+    array([[0., 2., 4.],
+           [1., 3., 5.]])
+    >>> to_flax_dense(np.zeros((4, 5, 6))).shape
+    (4, 6, 5)
+    """
+    return _dense("to_flax_dense", "weight", weight, "(out, in) or (E, out, in)")
+
+
+def from_flax_dense(kernel: Any) -> Any:
+    r"""Inverse of :func:`to_flax_dense`: a ``Dense`` kernel (in, out), or (E, in, out), as
+    the reference's (out, in), or (E, out, in).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> route_weight = np.arange(6.0).reshape(3, 2)
+    >>> bool(np.all(from_flax_dense(to_flax_dense(route_weight)) == route_weight))
+    True
+    """
+    return _dense("from_flax_dense", "kernel", kernel, "(in, out) or (E, in, out)")
+
+
 # ---------------------------------------------------------------- TensorFlow flattened HWIO
 
 
@@ -157,8 +276,7 @@ def to_tf_flat_experts(experts: Any) -> Any:
     """
     fn = "to_tf_flat_experts"
     xp, experts = _experts(fn, experts, "(E, O, C/groups, *k)")
-    nd = experts.ndim - 3
-    hwio = xp.permute_dims(experts, (0,) + tuple(range(3, 3 + nd)) + (2, 1))
+    hwio = _spatial_first(xp, experts)
     return xp.reshape(hwio, (experts.shape[0], math.prod(experts.shape[1:])))
 
 
@@ -185,9 +303,8 @@ def from_tf_flat_experts(flat: Any, kernel_shape: Sequence[int]) -> Any:
     shape = _kernel_shape(fn, kernel_shape)
     xp, flat = _flat(fn, flat, math.prod(shape), f"(E, *k·C/g·O) for kernel_shape {shape}")
     out_channels, in_per_group, spatial = shape[0], shape[1], shape[2:]
-    nd = len(spatial)
     hwio = xp.reshape(flat, (flat.shape[0],) + spatial + (in_per_group, out_channels))
-    return xp.permute_dims(hwio, (0, nd + 2, nd + 1) + tuple(range(1, nd + 1)))
+    return _channels_first(xp, hwio)
 
 
 # ---------------------------------------------------------------- TensorFlow flattened depthwise

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from condconv_ref import condconv, depthwise_condconv, layouts
+from condconv_ref import condconv, condconv_layer, depthwise_condconv, layouts
 from condconv_ref.backends import to_numpy
 from condconv_ref.testing import assert_close
 
@@ -76,6 +76,32 @@ def test_tf_flat_depthwise_experts_round_trip(backend, shape):
     np.testing.assert_array_equal(to_numpy(back), to_numpy(experts))
 
 
+@given(shape=expert_shapes())
+def test_flax_experts_round_trip(backend, shape):
+    experts = _random(backend, shape[0])
+    kernels = layouts.to_flax_experts(experts)
+    assert tuple(kernels.shape) == (shape[0][0],) + shape[0][3:] + (shape[0][2], shape[0][1])
+    back = layouts.from_flax_experts(kernels)
+    _kept(kernels, experts)
+    _kept(back, experts)
+    np.testing.assert_array_equal(to_numpy(back), to_numpy(experts))
+    np.testing.assert_array_equal(  # the TensorFlow storage is the same kernel, flattened
+        to_numpy(kernels).reshape(shape[0][0], -1),
+        to_numpy(layouts.to_tf_flat_experts(experts)))
+
+
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=3))
+def test_flax_dense_round_trip(backend, shape):
+    weight = _random(backend, tuple(shape))
+    kernel = layouts.to_flax_dense(weight)
+    assert tuple(kernel.shape) == tuple(shape[:-2]) + (shape[-1], shape[-2])
+    back = layouts.from_flax_dense(kernel)
+    _kept(kernel, weight)
+    _kept(back, weight)
+    np.testing.assert_array_equal(to_numpy(back), to_numpy(weight))
+    np.testing.assert_array_equal(to_numpy(kernel), np.swapaxes(to_numpy(weight), -1, -2))
+
+
 @given(nd=st.integers(1, 3), sizes=st.lists(st.integers(1, 4), min_size=5, max_size=5))
 def test_channels_last_round_trip(backend, nd, sizes):
     x = _random(backend, tuple(sizes[:nd + 2]))
@@ -133,6 +159,27 @@ def test_tf_flat_experts_match_condconv2d_semantics(backend):
     assert_close(y, backend.asarray(expected), reduction_length=n_experts * channels * kh * kw)
 
 
+def test_flax_experts_and_dense_match_a_flax_condconv_layer(backend):
+    """A Flax-style layer: routing ``sigmoid(Dense(mean(x)))`` with the kernel (C, E), each
+    example's HWIO kernel ``jnp.tensordot(routing, kernels, 1)``, an NHWC convolution; the
+    reference on the converted arrays agrees."""
+    rng = np.random.default_rng(5)
+    batch, channels, out_channels, n_experts, kh, kw = 2, 3, 4, 3, 2, 3
+    x_nhwc = rng.standard_normal((batch, 5, 6, channels))
+    kernels = rng.standard_normal((n_experts, kh, kw, channels, out_channels))
+    dense_kernel = rng.standard_normal((channels, n_experts))
+    routing = 1 / (1 + np.exp(-x_nhwc.mean(axis=(1, 2)) @ dense_kernel))
+    expected = np.stack([
+        _tf_convolution_valid(x_nhwc[b:b + 1], np.tensordot(routing[b], kernels, axes=1))[0]
+        for b in range(batch)])
+
+    params = {"experts": layouts.from_flax_experts(backend.asarray(kernels)),
+              "route_weight": layouts.from_flax_dense(backend.asarray(dense_kernel))}
+    x = layouts.to_channels_first(backend.asarray(x_nhwc))
+    y = layouts.to_channels_last(condconv_layer(x, params))
+    assert_close(y, backend.asarray(expected), reduction_length=n_experts * channels * kh * kw)
+
+
 def test_tf_flat_depthwise_experts_match_depthwise_condconv2d_semantics(backend):
     """Seed 004's ``DepthwiseCondConv2D``: ``tf.reshape(routing @ kernel, (kh, kw, C, m))``
     per example, then ``depthwise_conv2d``; the reference on the converted arrays agrees."""
@@ -183,6 +230,10 @@ def test_torch_flat_experts_match_grouped_batch_trick_semantics(backend):
      "from_tf_flat_experts: flat has shape (2, 7), expected (2, 6)"),
     (lambda xp: layouts.to_tf_flat_depthwise_experts(xp.zeros((1, 3, 1, 2)), depth_multiplier=2),
      "to_tf_flat_depthwise_experts: experts has shape (1, 3, 1, 2)"),
+    (lambda xp: layouts.from_flax_experts(xp.zeros((2, 3, 4))),
+     "from_flax_experts: kernels has 3 dims, expected 4 or 5 or 6"),
+    (lambda xp: layouts.to_flax_dense(xp.zeros((2, 3, 4, 5))),
+     "to_flax_dense: weight has 4 dims, expected 2 or 3 (out, in) or (E, out, in)"),
     (lambda xp: layouts.to_channels_last(xp.zeros((2, 3))),
      "to_channels_last: x has 2 dims, expected 3 or 4 or 5"),
 ])
@@ -223,6 +274,10 @@ CONVERTERS = [
     (layouts.to_tf_flat_depthwise_experts, (2, 6, 1, 2, 2), {"depth_multiplier": 2}),
     (layouts.from_tf_flat_depthwise_experts, (2, 24), {"kernel_shape": (6, 1, 2, 2),
                                                        "depth_multiplier": 2}),
+    (layouts.to_flax_experts, (2, 3, 4, 2, 2), {}),
+    (layouts.from_flax_experts, (2, 2, 2, 4, 3), {}),
+    (layouts.to_flax_dense, (3, 4), {}),
+    (layouts.from_flax_dense, (2, 4, 3), {}),
     (layouts.to_channels_last, (2, 3, 4, 5), {}),
     (layouts.to_channels_first, (2, 4, 5, 3), {}),
 ]

@@ -6,7 +6,9 @@ functions that draw cases with them (:func:`check_implementation`) need hypothes
 strategies are imported on first use, so everything else here works without it.
 
 ``condconv_ref.testing.torch_adapter`` (not imported here: it needs torch) turns a PyTorch
-module into the callables the checker takes.
+module into the callables the checker takes.  :func:`jax_implementation`
+(``condconv_ref.testing.jax_adapter``) does the same for a JAX function or a Flax-style
+module; it is imported on first use, and imports JAX only when its callables run.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,7 @@ from condconv_ref.testing.checker import (
 )
 
 if TYPE_CHECKING:
+    from condconv_ref.testing.jax_adapter import jax_implementation
     from condconv_ref.testing.strategies import cases, condconv_inputs, conv_configs
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "condconv_inputs",
     "conv_configs",
     "default_tolerances",
+    "jax_implementation",
     "numerical_jvp",
     "numerical_vjp",
 ]
@@ -61,11 +65,16 @@ _STRATEGIES = ("cases", "condconv_inputs", "conv_configs")
 
 def __getattr__(name: str) -> Any:
     """The hypothesis strategies, imported from :mod:`condconv_ref.testing.strategies` on
-    first use (an ``ImportError`` naming hypothesis when it is not installed)."""
+    first use (an ``ImportError`` naming hypothesis when it is not installed), and
+    :func:`~condconv_ref.testing.jax_adapter.jax_implementation`."""
     if name in _STRATEGIES:
         from condconv_ref.testing import strategies
 
         return getattr(strategies, name)
+    if name == "jax_implementation":
+        from condconv_ref.testing.jax_adapter import jax_implementation
+
+        return jax_implementation
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -841,6 +841,17 @@ def parameter_mapping(fn: str, parameters: Mapping[str, Any],
     return mapping
 
 
+def check_every_array_mapped(fn: str, case: Case, mapping: Mapping[str, Any],
+                             inputs: tuple[str, ...], targets: str) -> None:
+    """Raise a ``ValueError`` naming ``fn`` for the arrays of ``case`` that an adapter
+    neither maps (``mapping``) to its ``targets`` (e.g. ``"module parameters"``) nor hands
+    over as ``inputs``: they would not reach the implementation."""
+    unmapped = sorted(set(case.arrays) - set(mapping) - set(inputs))
+    if unmapped:
+        raise ValueError(f"{fn}: case arrays {unmapped} are neither mapped to {targets} nor "
+                         f"inputs (mapped: {sorted(mapping)}, inputs: {list(inputs)})")
+
+
 # ---------------------------------------------------------------- implementations in files
 
 

@@ -62,7 +62,11 @@ import numpy as np
 
 from condconv_ref import layouts
 from condconv_ref._cases import Supports
-from condconv_ref.testing.checker import Implementation, parameter_mapping
+from condconv_ref.testing.checker import (
+    Implementation,
+    check_every_array_mapped,
+    parameter_mapping,
+)
 from condconv_ref.variants import Case
 
 __all__ = ["DATA_FORMATS", "keras_implementation"]
@@ -167,11 +171,7 @@ def keras_implementation(
     def run(case: Case, cotangent: np.ndarray | None) -> tuple[Any, dict[str, Any]]:
         import tensorflow as tf
 
-        unmapped = sorted(set(case.arrays) - set(mapping) - set(inputs))
-        if unmapped:
-            raise ValueError(f"keras_implementation: case arrays {unmapped} are neither mapped "
-                             f"to layer weights nor inputs (mapped: {sorted(mapping)}, "
-                             f"inputs: {list(inputs)})")
+        check_every_array_mapped("keras_implementation", case, mapping, inputs, "layer weights")
         dtype = tf.as_dtype(case.dtype)  # bfloat16 arrives as float32 holding its values
         given = [tf.constant(layer_layout(name, case.arrays[name]), dtype=dtype)
                  for name in inputs]

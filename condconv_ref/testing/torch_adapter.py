@@ -54,7 +54,11 @@ from typing import Any
 import numpy as np
 
 from condconv_ref._cases import Supports
-from condconv_ref.testing.checker import Implementation, parameter_mapping
+from condconv_ref.testing.checker import (
+    Implementation,
+    check_every_array_mapped,
+    parameter_mapping,
+)
 from condconv_ref.variants import Case
 
 __all__ = ["torch_implementation"]
@@ -193,11 +197,7 @@ def torch_implementation(
         import torch
         from torch.func import functional_call
 
-        unmapped = sorted(set(case.arrays) - set(mapping) - set(inputs))
-        if unmapped:
-            raise ValueError(f"torch_implementation: case arrays {unmapped} are neither mapped "
-                             f"to module parameters nor inputs (mapped: {sorted(mapping)}, "
-                             f"inputs: {list(inputs)})")
+        check_every_array_mapped("torch_implementation", case, mapping, inputs, "module parameters")
         dtype = getattr(torch, case.dtype)  # bfloat16 arrives as float32 holding its values
         differentiable = set(case.differentiable)
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
