@@ -8,8 +8,11 @@ internal modules, so no module imports a ``_private`` name from a public one.
 from __future__ import annotations
 
 import ast
+import os
 import inspect
 import pathlib
+import subprocess
+import sys
 
 import array_api_compat
 import numpy as np
@@ -142,3 +145,21 @@ def test_the_modules_that_compute_never_import_numpy():
                       or (isinstance(node, ast.ImportFrom) and node.module
                           and node.module.split(".")[0] == "numpy")]
     assert offenders == []
+
+
+@pytest.mark.parametrize(("name", "module", "framework"), [
+    ("torch_implementation", "torch_adapter", "torch"),
+    ("keras_implementation", "tf_adapter", "tensorflow"),
+    ("jax_implementation", "jax_adapter", "jax")])
+def test_the_testing_package_exports_each_adapter_without_importing_its_framework(
+        name, module, framework):
+    code = ("import sys, condconv_ref.testing as testing; "
+            f"from condconv_ref.testing import {name} as exported; "
+            f"from condconv_ref.testing.{module} import {name} as defined; "
+            "assert exported is defined, 'another function'; "
+            f"assert {framework!r} not in sys.modules, '{framework} imported'")
+    tree = str(PACKAGE.resolve().parent)  # the package under test
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [tree, os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 0, run.stderr

@@ -10,9 +10,7 @@ Skipped without JAX.
 
 from __future__ import annotations
 
-import os
 import runpy
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +23,6 @@ jax = pytest.importorskip("jax")
 
 from hypothesis import find, settings  # noqa: E402
 
-import condconv_ref  # noqa: E402
 from condconv_ref.cli import main  # noqa: E402
 from condconv_ref.testing import (  # noqa: E402
     Unsupported,
@@ -287,16 +284,3 @@ def test_the_check_command_runs_the_how_to_layers(factory, flags, status, line, 
     assert main(["check", f"{HOWTO}:{factory}", "--variant", "condconv_layer", "--examples",
                  "3", *flags]) == status
     assert line in capsys.readouterr().out
-
-
-def test_the_testing_package_exports_jax_implementation_without_importing_jax():
-    code = ("import sys, condconv_ref.testing as testing; "
-            "from condconv_ref.testing import jax_implementation; "
-            "from condconv_ref.testing.jax_adapter import jax_implementation as defined; "
-            "assert jax_implementation is defined, 'another function'; "
-            "assert 'jax' not in sys.modules, 'JAX imported'")
-    tree = str(Path(condconv_ref.__file__).resolve().parents[1])  # the package under test
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                             [tree, os.environ.get("PYTHONPATH", "")])})
-    assert run.returncode == 0, run.stderr

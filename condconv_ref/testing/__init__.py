@@ -5,12 +5,14 @@ Only the strategies (:func:`cases`, :func:`condconv_inputs`, :func:`conv_configs
 functions that draw cases with them (:func:`check_implementation`) need hypothesis; the
 strategies are imported on first use, so everything else here works without it.
 
-``condconv_ref.testing.torch_adapter`` (not imported here: it needs torch) turns a PyTorch
-module into the callables the checker takes.  :func:`jax_implementation`
-(``condconv_ref.testing.jax_adapter``) does the same for a JAX function or a Flax-style
-module; it is imported on first use, and imports JAX only when its callables run.
+The adapters turn a framework's layer into the callables the checker takes:
+:func:`torch_implementation` a PyTorch module, :func:`keras_implementation` a Keras layer and
+:func:`jax_implementation` a JAX function or a Flax-style module.  Each is imported from its
+module (``condconv_ref.testing.torch_adapter``, ``tf_adapter``, ``jax_adapter``) on first use,
+and imports its framework only when its callables run.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from condconv_ref._cases import CondConvArrays, ConvConfig, Supports, arrays_for
@@ -34,6 +36,8 @@ from condconv_ref.testing.checker import (
 
 if TYPE_CHECKING:
     from condconv_ref.testing.jax_adapter import jax_implementation
+    from condconv_ref.testing.tf_adapter import keras_implementation
+    from condconv_ref.testing.torch_adapter import torch_implementation
     from condconv_ref.testing.strategies import cases, condconv_inputs, conv_configs
 
 __all__ = [
@@ -56,25 +60,27 @@ __all__ = [
     "conv_configs",
     "default_tolerances",
     "jax_implementation",
+    "keras_implementation",
     "numerical_jvp",
     "numerical_vjp",
+    "torch_implementation",
 ]
 
 _STRATEGIES = ("cases", "condconv_inputs", "conv_configs")
+_ADAPTERS = {"jax_implementation": "jax_adapter", "keras_implementation": "tf_adapter",
+             "torch_implementation": "torch_adapter"}
 
 
 def __getattr__(name: str) -> Any:
     """The hypothesis strategies, imported from :mod:`condconv_ref.testing.strategies` on
-    first use (an ``ImportError`` naming hypothesis when it is not installed), and
-    :func:`~condconv_ref.testing.jax_adapter.jax_implementation`."""
+    first use (an ``ImportError`` naming hypothesis when it is not installed), and the
+    adapters, imported from their modules on first use."""
     if name in _STRATEGIES:
         from condconv_ref.testing import strategies
 
         return getattr(strategies, name)
-    if name == "jax_implementation":
-        from condconv_ref.testing.jax_adapter import jax_implementation
-
-        return jax_implementation
+    if name in _ADAPTERS:
+        return getattr(importlib.import_module(f"{__name__}.{_ADAPTERS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
