@@ -107,7 +107,7 @@ from condconv_ref import (
 from condconv_ref import _scales, accuracy
 from condconv_ref._validate import check_positive_int
 from condconv_ref.accuracy import Comparison
-from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.backends import Backend, get_backend, require_x64, to_numpy
 from condconv_ref.engine import (
     Expected,
     Measurement,
@@ -761,6 +761,8 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
         raise TypeError(f"verify: backend must be a backend name or a Backend, got {backend!r}")
     if not hasattr(chosen.xp, dtype):
         raise ValueError(f"verify: backend {chosen.name} has no dtype {dtype}")
+    if array_api_compat.is_jax_namespace(chosen.xp):
+        require_x64("verify (its finite differences run in float64)", "float64")
     drawn = draw_cases(chosen, dtype, count, seed)
     checks = list(CHECKS)
     total, done = len(checks) * count, 0

@@ -40,6 +40,31 @@ def backend(request):
     return chosen
 
 
+JAX_EXAMPLES = 2
+"""Examples a hypothesis test draws on JAX, at most.  JAX compiles every primitive anew for
+each new shape (about 15 ms each, 10 to 30 per op call), and every drawn case has new shapes,
+so one example costs JAX about 100 times what it costs NumPy.  The other backends run the
+full count, so the properties are proven there; on JAX a few cases prove that every op runs
+and agrees (immutable arrays, dtypes, the device)."""
+
+
+@pytest.fixture(autouse=True)
+def _few_examples_on_jax(request):
+    """Cap a hypothesis test's examples at :data:`JAX_EXAMPLES` while it runs on JAX."""
+    callspec = getattr(request.node, "callspec", None)
+    test = request.function
+    own = getattr(test, "_hypothesis_internal_use_settings", None)
+    if callspec is None or callspec.params.get("backend") != "jax" or own is None:
+        yield
+        return
+    test._hypothesis_internal_use_settings = settings(own, max_examples=min(own.max_examples,
+                                                                             JAX_EXAMPLES))
+    try:
+        yield
+    finally:
+        test._hypothesis_internal_use_settings = own
+
+
 @pytest.fixture(scope="session")
 def jax_x64():
     """JAX's 64-bit mode, on for the rest of the session (restored at its end)."""
