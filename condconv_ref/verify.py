@@ -714,7 +714,7 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
     ----------
     backend : str or Backend
         A name for :func:`condconv_ref.backends.get_backend` (``numpy``,
-        ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``cupy``)
+        ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``jax``, ``cupy``)
         or a :class:`~condconv_ref.backends.Backend`.
     cases : int
         Number of random cases, >= 1.
@@ -741,7 +741,9 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
     condconv_ref.backends.BackendUnavailable
         If the backend cannot be used here.
     ValueError, TypeError
-        For a bad ``backend`` name, ``cases``, ``seed`` or ``dtype``.
+        For a bad ``backend`` name, ``cases``, ``seed`` or ``dtype``; and on JAX
+        with its 64-bit mode off, which the finite differences need
+        (:func:`condconv_ref.backends.require_x64`).
 
     Examples
     --------
