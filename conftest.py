@@ -7,7 +7,8 @@ instead of failing with ``ModuleNotFoundError``; so is one that imports TensorFl
 or Keras (the ``tensorflow`` extra) when TensorFlow is not installed.  A doctest
 needs torch when one of its examples imports torch, or when it is listed in
 ``TORCH_DOCTESTS`` (examples that reach torch through the library, which raises
-``BackendUnavailable`` without it).
+``BackendUnavailable`` without it).  A doctest that imports JAX (the ``jax``
+extra) is skipped likewise when JAX is not installed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ _IMPORTS_TORCH = re.compile(r"^\s*(import|from)\s+torch\b", re.MULTILINE)
 
 
 _IMPORTS_TENSORFLOW = re.compile(r"^\s*(import|from)\s+(tensorflow|keras)\b", re.MULTILINE)
+_IMPORTS_JAX = re.compile(r"^\s*(import|from)\s+jax\b", re.MULTILINE)
+
+
+def needs_jax(item: DoctestItem) -> bool:
+    """Whether the doctest ``item`` runs JAX (imports it)."""
+    return any(_IMPORTS_JAX.search(example.source) for example in item.dtest.examples)
 
 
 def needs_tensorflow(item: DoctestItem) -> bool:
@@ -46,7 +53,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tensorflow_missing = importlib.util.find_spec("tensorflow") is None
     skip_tensorflow = pytest.mark.skip(reason="needs TensorFlow, which is not installed "
                                               "(pip install condconv_ref[tensorflow])")
+    jax_missing = importlib.util.find_spec("jax") is None
+    skip_jax = pytest.mark.skip(reason="needs JAX, which is not installed "
+                                       "(pip install condconv_ref[jax])")
     for item in items:
+        if isinstance(item, DoctestItem) and needs_jax(item) and jax_missing:
+            item.add_marker(skip_jax)
         if isinstance(item, DoctestItem) and needs_torch(item):
             item.add_marker(pytest.mark.torch)
             if torch_missing:

@@ -117,9 +117,13 @@ def require_x64(fn: str, dtype: Any) -> None:
     --------
     >>> import jax
     >>> from condconv_ref.backends import require_x64
-    >>> require_x64("my_check", "float32")
-    >>> with jax.enable_x64(False):  # doctest: +NORMALIZE_WHITESPACE
+    >>> require_x64("my_check", "float32")  # JAX keeps float32 in either mode
+    >>> enabled = jax.config.jax_enable_x64
+    >>> jax.config.update("jax_enable_x64", False)
+    >>> try:  # doctest: +NORMALIZE_WHITESPACE
     ...     require_x64("my_check", "float64")
+    ... finally:
+    ...     jax.config.update("jax_enable_x64", enabled)
     Traceback (most recent call last):
     ...
     ValueError: my_check: dtype float64 needs JAX's 64-bit mode, which is off (JAX would
