@@ -5,7 +5,7 @@ that needs it is marked ``torch``, like the torch backend's tests in
 ``tests/conftest.py``, and skipped with a reason when torch is not installed,
 instead of failing with ``ModuleNotFoundError``; so is one that imports TensorFlow
 or Keras (the ``tensorflow`` extra) when TensorFlow is not installed, and one that
-imports JAX (marked ``jax``) when JAX is not installed.  A doctest
+imports JAX (marked ``jax``, the ``jax`` extra) when JAX is not installed.  A doctest
 needs torch when one of its examples imports torch, or when it is listed in
 ``TORCH_DOCTESTS`` (examples that reach torch through the library, which raises
 ``BackendUnavailable`` without it).
@@ -27,19 +27,17 @@ _IMPORTS_TORCH = re.compile(r"^\s*(import|from)\s+torch\b", re.MULTILINE)
 
 
 _IMPORTS_TENSORFLOW = re.compile(r"^\s*(import|from)\s+(tensorflow|keras)\b", re.MULTILINE)
-
-
-def needs_tensorflow(item: DoctestItem) -> bool:
-    """Whether the doctest ``item`` runs TensorFlow (imports it, or Keras)."""
-    return any(_IMPORTS_TENSORFLOW.search(example.source) for example in item.dtest.examples)
-
-
 _IMPORTS_JAX = re.compile(r"^\s*(import|from)\s+jax\b", re.MULTILINE)
 
 
 def needs_jax(item: DoctestItem) -> bool:
     """Whether the doctest ``item`` runs JAX (imports it)."""
     return any(_IMPORTS_JAX.search(example.source) for example in item.dtest.examples)
+
+
+def needs_tensorflow(item: DoctestItem) -> bool:
+    """Whether the doctest ``item`` runs TensorFlow (imports it, or Keras)."""
+    return any(_IMPORTS_TENSORFLOW.search(example.source) for example in item.dtest.examples)
 
 
 def needs_torch(item: DoctestItem) -> bool:
@@ -57,7 +55,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                               "(pip install condconv_ref[tensorflow])")
     jax_missing = importlib.util.find_spec("jax") is None
     skip_jax = pytest.mark.skip(reason="needs JAX, which is not installed "
-                                       "(pip install jax to run this doctest)")
+                                       "(pip install condconv_ref[jax])")
     for item in items:
         if isinstance(item, DoctestItem) and needs_torch(item):
             item.add_marker(pytest.mark.torch)

@@ -17,6 +17,11 @@ command that draws cases (``verify``, ``golden write``, ``check``,
 and the argument); one raised from inside NumPy, say, is an internal error:
 its traceback is printed and the exit status is 70.  ``--debug`` prints the
 traceback of bad input too.
+
+The command owns its process, so with ``--backend jax`` it turns JAX's 64-bit
+mode on (float64 runs in float64, and the finite differences need it) unless the
+environment variable ``JAX_ENABLE_X64`` is set: then JAX's setting stands, and
+with the mode off a float64 run is refused as bad input, never run in float32.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import dataclasses
 import json
 import linecache
 import math
+import os
 import sys
 import traceback
 import xml.etree.ElementTree as ElementTree
@@ -718,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_request.code
         return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
     try:
+        _jax_x64(getattr(args, "backend", None))
         return args.handler(args)
     except ModuleNotFoundError as error:
         if (error.name or "").partition(".")[0] != "hypothesis":
@@ -732,6 +739,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())
     print(f"condconv-ref {args.command}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _jax_x64(backend: Any) -> None:
+    """On the jax backend, turn JAX's 64-bit mode on unless ``JAX_ENABLE_X64`` is set."""
+    if backend is None or str(backend).partition(":")[0] != "jax" \
+            or "JAX_ENABLE_X64" in os.environ:
+        return
+    get_backend("jax")  # the one-line BackendUnavailable when JAX is missing
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
 
 
 def _internal_error(args: argparse.Namespace, error: BaseException) -> int:

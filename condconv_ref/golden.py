@@ -1271,7 +1271,8 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
         If the directory fails its checks (see :func:`load`); nothing is
         recomputed then.
     condconv_ref.backends.BackendUnavailable, ValueError
-        If ``backend`` cannot be used.
+        If ``backend`` cannot be used, or cannot hold the set's dtype (float64
+        on JAX with its 64-bit mode off, :func:`condconv_ref.backends.require_x64`).
     condconv_ref.MemoryBudgetError
         If a case needs more working memory than the budget, whether the
         reference or ``against`` raises it: the case did not run, so it
@@ -1320,6 +1321,8 @@ def verify(directory: str | os.PathLike[str], *, against: Implementation | None 
         raise ValueError("golden.verify: against needs variants, the variant(s) the "
                          "implementation implements; every other case would be handed to it")
     golden = load(directory)
+    if chosen is not None:
+        chosen.dtype(golden.dtype)  # on JAX, float64 needs its 64-bit mode: refused up front
     selected = [case for case in golden.cases if variants is None or case.variant in variants]
     results = []
     for done, case in enumerate(selected, start=1):

@@ -493,7 +493,7 @@ def environment(backend: str | Backend = "cupy") -> dict[str, str]:
     base = chosen.name.partition(":")[0]
     if base == "cupy":
         found.update(_cupy_environment())
-    elif base in ("torch", "array_api_strict"):
+    elif base in ("torch", "array_api_strict", "jax"):
         found[base] = __import__(base).__version__
     return found
 

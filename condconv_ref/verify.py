@@ -107,7 +107,7 @@ from condconv_ref import (
 from condconv_ref import _scales, accuracy
 from condconv_ref._validate import check_positive_int
 from condconv_ref.accuracy import Comparison
-from condconv_ref.backends import Backend, get_backend, to_numpy
+from condconv_ref.backends import Backend, get_backend, require_x64, to_numpy
 from condconv_ref.engine import (
     Expected,
     Measurement,
@@ -714,7 +714,7 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
     ----------
     backend : str or Backend
         A name for :func:`condconv_ref.backends.get_backend` (``numpy``,
-        ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``cupy``)
+        ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``jax``, ``cupy``)
         or a :class:`~condconv_ref.backends.Backend`.
     cases : int
         Number of random cases, >= 1.
@@ -741,7 +741,9 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
     condconv_ref.backends.BackendUnavailable
         If the backend cannot be used here.
     ValueError, TypeError
-        For a bad ``backend`` name, ``cases``, ``seed`` or ``dtype``.
+        For a bad ``backend`` name, ``cases``, ``seed`` or ``dtype``; and on JAX
+        with its 64-bit mode off, which the finite differences need
+        (:func:`condconv_ref.backends.require_x64`).
 
     Examples
     --------
@@ -761,6 +763,8 @@ def run(backend: str | Backend = "numpy", cases: int = DEFAULT_CASES, seed: int 
         raise TypeError(f"verify: backend must be a backend name or a Backend, got {backend!r}")
     if not hasattr(chosen.xp, dtype):
         raise ValueError(f"verify: backend {chosen.name} has no dtype {dtype}")
+    if array_api_compat.is_jax_namespace(chosen.xp):
+        require_x64("verify (its finite differences run in float64)", "float64")
     drawn = draw_cases(chosen, dtype, count, seed)
     checks = list(CHECKS)
     total, done = len(checks) * count, 0

@@ -153,7 +153,7 @@ def test_unavailable_backend_is_one_line_and_exit_2(monkeypatch, capsys):
     (["verify", "--cases", "many"], "--cases"),
     (["verify", "--seed", "-1"], "--seed"),
     (["verify", "--dtype", "int8"], "--dtype"),
-    (["verify", "--backend", "jax"], "--backend"),
+    (["verify", "--backend", "tensorflow"], "--backend"),
     (["verify", "--no-such-option"], "--no-such-option"),
     ([], "COMMAND"),
 ])
@@ -167,7 +167,7 @@ def test_bad_option_is_one_line_and_exit_2(argv, names, capsys):
 
 @pytest.mark.parametrize("arguments, name", [
     (dict(cases=0), "cases"), (dict(seed=-1), "seed"), (dict(dtype="int8"), "dtype"),
-    (dict(backend="jax"), "backend"),
+    (dict(backend="tensorflow"), "backend"),
 ])
 def test_run_rejects_bad_arguments_naming_them(arguments, name):
     with pytest.raises(ValueError, match=name):

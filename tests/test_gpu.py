@@ -273,8 +273,9 @@ def test_tf32_child_sets_cupy_tf32_before_anything_runs():
 
 
 def test_failing_tf32_child_raises_with_its_last_error_line():
-    with pytest.raises(RuntimeError, match=r"exited with status 1: .*unknown backend 'jax'"):
-        gpu.run_tf32_child("jax", cases=1, variants=["conv"], sizes=SMALL)
+    with pytest.raises(RuntimeError,
+                       match=r"exited with status 1: .*unknown backend 'tensorflow'"):
+        gpu.run_tf32_child("tensorflow", cases=1, variants=["conv"], sizes=SMALL)
 
 
 def test_tf32_rows_join_the_report_when_the_child_confirms_tf32(monkeypatch):

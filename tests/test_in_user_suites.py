@@ -22,15 +22,43 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "howto" / "test_my_layer.py"
 
 
-def _pytest(folder: Path, *arguments: str) -> subprocess.CompletedProcess:
-    """A pytest run in ``folder`` with only this plugin loaded (as the entry point loads it)."""
+def _pytest(folder: Path, *arguments: str,
+            backends: tuple[str, ...] = ("numpy", "array_api_strict")
+            ) -> subprocess.CompletedProcess:
+    """A pytest run in ``folder`` with only this plugin loaded (as the entry point loads it),
+    its ``condconv_backend`` narrowed to ``backends`` (none: the plugin's default)."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     environment.pop("PYTEST_ADDOPTS", None)
+    environment.pop("JAX_ENABLE_X64", None)
+    chosen = [option for name in backends for option in ("--condconv-backend", name)]
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "condconv_ref.testing.pytest_plugin", "-q",
-         "-p", "no:cacheprovider", "--condconv-backend", "numpy",
-         "--condconv-backend", "array_api_strict", *arguments],
+         "-p", "no:cacheprovider", *chosen, *arguments],
         cwd=folder, env=environment, capture_output=True, text=True, timeout=300)
+
+
+FLOAT64_KEPT = """
+import numpy as np
+
+def test_float64_is_kept(condconv_backend):
+    assert str(condconv_backend.asarray(np.ones(2)).dtype).endswith("float64")
+"""
+
+
+def test_the_plugin_runs_jax_only_when_named(tmp_path):
+    (tmp_path / "test_kept.py").write_text(FLOAT64_KEPT)
+    result = _pytest(tmp_path, "--collect-only", backends=())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test_float64_is_kept[numpy]" in result.stdout
+    assert "jax" not in result.stdout
+
+
+def test_the_plugin_runs_jax_in_float64_when_named(tmp_path):
+    pytest.importorskip("jax", reason="needs JAX (pip install condconv_ref[jax])")
+    (tmp_path / "test_kept.py").write_text(FLOAT64_KEPT)
+    result = _pytest(tmp_path, "-rs", backends=("jax",))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
 
 
 def test_the_plugin_is_the_pytest11_entry_point():

@@ -184,8 +184,8 @@ def test_float64_without_x64_is_refused_saying_how_to_enable_it():
         jax.config.update("jax_enable_x64", True)
     assert not report.passed and report.mismatches[0].what == "forward"
     text = str(report)
-    assert "jax_implementation: the case is float64, but JAX's x64 mode is off" in text
-    assert "jax.config.update('jax_enable_x64', True)" in text and "JAX_ENABLE_X64=1" in text
+    assert "jax_implementation: dtype float64 needs JAX's 64-bit mode, which is off" in text
+    assert 'jax.config.update("jax_enable_x64", True)' in text and "JAX_ENABLE_X64=1" in text
     assert float32.passed
 
 

@@ -127,7 +127,11 @@ def assert_matches_reference(actual, reference: np.ndarray, scale: np.ndarray, d
 # sigma(-91) is subnormal in float32 while the gradient is not; e^710 overflows float64.
 @example(logits=[91.0])
 @example(logits=[710.0])
-def test_sigmoid_routing_is_finite_and_exact_for_extreme_logits(backend, dtype, logits):
+def test_sigmoid_routing_is_finite_and_exact_for_extreme_logits(backend, dtype, logits, request):
+    if backend.name == "jax" and dtype != "float16":  # float16's gradients are not subnormal
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="XLA's CPU backend flushes subnormal results to zero, so the "
+                                "subnormal gradients of sigma at these logits come out as 0"))
     xp_dtype = dtype_on(backend, dtype)
     weight = rounded(logits, dtype)[:, None]                     # (E, C=1)
     x = np.array([[1.0], [-1.0]])                                # logits z and -z

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -56,8 +57,9 @@ LIBRARY = BLOCK_HYPOTHESIS + textwrap.dedent('''
 
 
 def _run(script: str, *args: str) -> dict:
+    environment = {**os.environ, "JAX_ENABLE_X64": "1"}  # float64 on the jax backend
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=environment)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from condconv_ref import layouts
+from condconv_ref.backends import require_x64
 from condconv_ref._cases import Supports
 from condconv_ref.testing.checker import (
     Implementation,
@@ -92,17 +93,6 @@ HVP_MODES = ("forward-over-reverse", "reverse-over-reverse")
 ``jax.jvp`` of it (the default), or ``jax.vjp`` of it."""
 
 _FN = "jax_implementation"
-
-
-def _require_x64(dtype: str) -> None:
-    """Refuse a float64 case while JAX's x64 mode is off (JAX would compute in float32)."""
-    import jax
-
-    if dtype == "float64" and not jax.config.read("jax_enable_x64"):
-        raise ValueError(f"{_FN}: the case is float64, but JAX's x64 mode is off, so JAX would "
-                         f"compute in float32; enable it with "
-                         f"jax.config.update('jax_enable_x64', True) (or JAX_ENABLE_X64=1 in "
-                         f"the environment), or check another dtype")
 
 
 def _variables(mapping: Mapping[str, tuple[str, Converter | None]]) -> dict[str, tuple[str, ...]]:
@@ -301,7 +291,7 @@ def jax_implementation(
         import jax.numpy as jnp
 
         check_every_array_mapped(_FN, case, mapping, inputs, "variables")
-        _require_x64(case.dtype)
+        require_x64(_FN, case.dtype)
         dtype = getattr(jnp, case.dtype)  # bfloat16 arrives as float32 holding its values
         arrays = {name: jnp.asarray(a, dtype=dtype) for name, a in case.arrays.items()}
         call = _caller(build(case))

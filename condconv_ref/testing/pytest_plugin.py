@@ -8,7 +8,9 @@ Installing condconv_ref registers it (the ``pytest11`` entry point
     ``.asarray``), parametrised over every backend, so one test body runs on
     NumPy, array-api-strict, torch and CuPy; a backend that is not installed
     skips with the reason.  ``--condconv-backend NAME`` (repeatable) narrows
-    the list.
+    the list.  JAX runs only when named (``--condconv-backend jax``): it
+    compiles every operation anew for each new shape, and float64 needs its
+    64-bit mode, which the plugin then turns on for the rest of the session.
 ``condconv_xp``
     The array namespace of ``condconv_backend``.
 ``check_layer``
@@ -42,7 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--condconv-backend", action="append", dest="condconv_backends",
                     choices=BACKEND_NAMES, metavar="NAME",
                     help="run condconv_backend tests on this backend only; repeat for several "
-                         f"(default: {', '.join(BACKEND_NAMES)})")
+                         f"(default: {', '.join(_default_backends())}; jax only when named, "
+                         "and it turns JAX's 64-bit mode on)")
     group.addoption("--condconv-examples", type=int, default=_DEFAULT_EXAMPLES, metavar="N",
                     help="cases check_layer draws per check (default: %(default)s)")
     group.addoption("--condconv-seed", type=int, default=0, metavar="S",
@@ -53,9 +56,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrise every test that uses ``condconv_backend`` over the chosen backends."""
     if "condconv_backend" not in metafunc.fixturenames:
         return
-    from condconv_ref.backends import BACKEND_NAMES
-
-    names = metafunc.config.getoption("condconv_backends") or BACKEND_NAMES
+    names = metafunc.config.getoption("condconv_backends") or _default_backends()
     metafunc.parametrize("condconv_backend", list(dict.fromkeys(names)), indirect=True,
                          scope="session")
 
@@ -66,9 +67,21 @@ def condconv_backend(request: pytest.FixtureRequest) -> Any:
     from condconv_ref.backends import BackendUnavailable, get_backend
 
     try:
-        return get_backend(request.param)
+        backend = get_backend(request.param)
     except BackendUnavailable as error:
         pytest.skip(str(error))
+    if request.param == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    return backend
+
+
+def _default_backends() -> tuple[str, ...]:
+    """The backends ``condconv_backend`` runs on unless ``--condconv-backend`` names others."""
+    from condconv_ref.backends import BACKEND_NAMES
+
+    return tuple(name for name in BACKEND_NAMES if name != "jax")
 
 
 @pytest.fixture
