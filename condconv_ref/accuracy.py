@@ -331,8 +331,8 @@ class Comparison:
         exception that wraps another's message); empty when ``reason`` says it all.
     unbounded : int
         Elements the model cannot bound: their longest chain of roundings
-        :math:`n` is past what the precision allows (:math:`n u \ge 1`, so
-        :math:`\gamma_n(u)` is infinite: 256 roundings in bfloat16, 2048 in
+        :math:`n` is past what the precision allows (:math:`n u \\ge 1`, so
+        :math:`\\gamma_n(u)` is infinite: 256 roundings in bfloat16, 2048 in
         float16) and their terms are not all zero.  They cannot fail, so they
         were not checked; reports say how many.
 
