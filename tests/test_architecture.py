@@ -149,7 +149,6 @@ def test_the_modules_that_compute_never_import_numpy():
 
 @pytest.mark.parametrize(("name", "module", "framework"), [
     ("torch_implementation", "torch_adapter", "torch"),
-    ("keras_implementation", "tf_adapter", "tensorflow"),
     ("jax_implementation", "jax_adapter", "jax")])
 def test_the_testing_package_exports_each_adapter_without_importing_its_framework(
         name, module, framework):

@@ -6,10 +6,10 @@ functions that draw cases with them (:func:`check_implementation`) need hypothes
 strategies are imported on first use, so everything else here works without it.
 
 The adapters turn a framework's layer into the callables the checker takes:
-:func:`torch_implementation` a PyTorch module, :func:`keras_implementation` a Keras layer and
-:func:`jax_implementation` a JAX function or a Flax-style module.  Each is imported from its
-module (``condconv_ref.testing.torch_adapter``, ``tf_adapter``, ``jax_adapter``) on first use,
-and imports its framework only when its callables run.
+:func:`torch_implementation` a PyTorch module and :func:`jax_implementation` a JAX function or
+a Flax-style module, each imported from its module (``condconv_ref.testing.torch_adapter``,
+``jax_adapter``) on first use, importing its framework only when its callables run;
+``condconv_ref.testing.tf_adapter.keras_implementation`` a Keras layer.
 """
 
 import importlib
@@ -36,7 +36,6 @@ from condconv_ref.testing.checker import (
 
 if TYPE_CHECKING:
     from condconv_ref.testing.jax_adapter import jax_implementation
-    from condconv_ref.testing.tf_adapter import keras_implementation
     from condconv_ref.testing.torch_adapter import torch_implementation
     from condconv_ref.testing.strategies import cases, condconv_inputs, conv_configs
 
@@ -60,15 +59,13 @@ __all__ = [
     "conv_configs",
     "default_tolerances",
     "jax_implementation",
-    "keras_implementation",
     "numerical_jvp",
     "numerical_vjp",
     "torch_implementation",
 ]
 
 _STRATEGIES = ("cases", "condconv_inputs", "conv_configs")
-_ADAPTERS = {"jax_implementation": "jax_adapter", "keras_implementation": "tf_adapter",
-             "torch_implementation": "torch_adapter"}
+_ADAPTERS = {"jax_implementation": "jax_adapter", "torch_implementation": "torch_adapter"}
 
 
 def __getattr__(name: str) -> Any:

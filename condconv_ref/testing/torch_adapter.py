@@ -184,6 +184,25 @@ def torch_implementation(
         ``create_graph=True``, then the gradient of :math:`\langle t, g\rangle`,
         :math:`H^\top t = H t` (zeros where a gradient does not depend on
         the arrays).
+
+    Examples
+    --------
+    ``torch.nn.Conv1d`` as the plain ``conv`` variant, its weight and bias taking the
+    case's ``kernel`` and ``bias`` (same layout):
+
+    >>> import torch
+    >>> from condconv_ref.testing import Supports, check_implementation, torch_implementation
+    >>> def build(case):
+    ...     out_channels, in_channels, size = case.arrays["kernel"].shape
+    ...     return torch.nn.Conv1d(in_channels, out_channels, size, bias="bias" in case.arrays,
+    ...                            padding=case.options["padding"])
+    >>> conv = torch_implementation(
+    ...     build, {"kernel": "weight", "bias": "bias"},
+    ...     supports=Supports(spatial_dims=(1,), padding_forms=("int",), padding_modes=("zeros",),
+    ...                       max_groups=1, max_stride=1, max_dilation=1))
+    >>> report = check_implementation(conv, variant="conv", max_examples=10)
+    >>> report.passed, report.checked_vjp, report.checked_jvp
+    (True, True, True)
     """
     for name, flag in (("jvp", jvp), ("hvp", hvp)):
         if not isinstance(flag, bool):
