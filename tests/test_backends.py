@@ -13,13 +13,10 @@ import pytest
 
 from condconv_ref import cli, golden, verify
 from condconv_ref.backends import BACKEND_NAMES, BackendUnavailable, get_backend, to_numpy
-from condconv_ref.testing import ConvConfig
 from condconv_ref.variants import build_case, reference_forward, reference_vjp
+from derivative_cases import CONFIG
 
 HOW_TO = r'jax\.config\.update\("jax_enable_x64", True\).*JAX_ENABLE_X64=1'
-CONFIG = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,), kernel=(3,),
-                    stride=(1,), dilation=(1,), padding=1, padding_mode="zeros", n_experts=3,
-                    bias=True)
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ from condconv_ref.variants import (
     reference_hvp,
     reference_jvp,
 )
+from derivative_cases import routers_without_second_order
 
 FUNCTIONS = {name: obj for name in condconv_ref.__all__
              if callable(obj := getattr(condconv_ref, name))
@@ -613,8 +614,6 @@ def _dropped(tangents, name):
 def _without_the_routers_own_term(case, cotangent, tangents):
     """The HVP without the router's own second-order term (ODConv: its heads' sigmoids' and
     softmax's), the derivative of the router's VJP at a fixed routing gradient."""
-    from test_hvp import _routers_without_second_order
-
     from condconv_ref import _attention
 
     with pytest.MonkeyPatch().context() as patch:
@@ -624,7 +623,7 @@ def _without_the_routers_own_term(case, cotangent, tangents):
                 patch.setattr(_attention, term,
                               lambda *a, original=original, **k: 0 * original(*a, **k))
             return reference_hvp(case, cotangent, tangents, dtype=case.dtype)
-        with _routers_without_second_order(case.variant, patch):
+        with routers_without_second_order(case.variant, patch):
             return reference_hvp(case, cotangent, tangents, dtype=case.dtype)
 
 

@@ -6,8 +6,6 @@ the batch or a head's own term) is caught."""
 from __future__ import annotations
 
 import re
-import sys
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -19,17 +17,11 @@ import condconv_ref
 from condconv_ref import _attention, engine
 from condconv_ref._attention import HEADS
 from condconv_ref.backends import to_numpy
-from condconv_ref.testing import ConvConfig
-from condconv_ref.testing.strategies import Supports, cases
-from condconv_ref.variants import VARIANTS, bind, build_case
+from condconv_ref.testing.strategies import cases
+from condconv_ref.variants import VARIANTS, bind, build_case, hvp_variants
+from derivative_cases import CONFIG, DTYPES, SMALL, routers_without_second_order
 
-HVP_VARIANTS = sorted(name for name, entry in VARIANTS.items() if entry.hvp is not None)
-SMALL = Supports(spatial_dims=(1, 2), max_batch=2, max_experts=3, max_groups=2,
-                 max_channels_per_group=2, max_out_per_group=2, max_size=5)
-DTYPES = st.sampled_from(["float64", "float32"])
-CONFIG = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
-                    kernel=(3,), stride=(1,), dilation=(1,), padding=1, padding_mode="zeros",
-                    n_experts=3, bias=True)
+HVP_VARIANTS = hvp_variants()
 
 
 ROUTED = [name for name in HVP_VARIANTS if name != "odconv_layer"]
@@ -82,30 +74,10 @@ def test_the_odconv_hvp_matches_its_vjp_in_both_batch_norm_modes(backend, mode, 
 # ---------------------------------------------------------------- wrong HVPs are caught
 
 
-def _without_the_routers_term(router):
-    """``router`` with its own second-order term replaced by zeros."""
-    def zero(*args, **kwargs):
-        return {name: 0 * term for name, term in router.route_hvp(*args, **kwargs).items()}
-    return router._replace(route_hvp=zero)
-
-
-@contextmanager
-def _routers_without_second_order(variant, monkeypatch):
-    module = sys.modules[VARIANTS[variant].hvp.__module__]
-    with monkeypatch.context() as patch:
-        if variant == "dynamic_conv_layer":
-            router = module._softmax_router
-            patch.setattr(module, "_softmax_router",
-                          lambda temperature: _without_the_routers_term(router(temperature)))
-        else:
-            patch.setattr(module, "SIGMOID", _without_the_routers_term(module.SIGMOID))
-        yield
-
-
 @pytest.mark.parametrize("variant", ROUTED)
 def test_an_hvp_without_the_routers_second_order_term_is_caught(variant, monkeypatch):
     def wrong(*args, **kwargs):
-        with _routers_without_second_order(variant, monkeypatch):
+        with routers_without_second_order(variant, monkeypatch):
             return VARIANTS[variant].hvp(*args, **kwargs)
 
     case = build_case(variant, CONFIG, seed=7)

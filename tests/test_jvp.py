@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 import condconv_ref
 from condconv_ref import engine
 from condconv_ref.backends import to_numpy
-from condconv_ref.testing import ConvConfig
-from condconv_ref.testing.strategies import Supports, cases
+from condconv_ref.testing.strategies import cases
 from condconv_ref.variants import VARIANTS, bind, build_case
+from derivative_cases import CONFIG, DTYPES, SMALL
 
 VARIANT_NAMES = sorted(name for name, entry in VARIANTS.items() if entry.jvp is not None)
 
@@ -25,12 +25,6 @@ def test_every_variant_has_a_jvp():
     assert set(VARIANT_NAMES) == set(VARIANTS)
 
 
-SMALL = Supports(spatial_dims=(1, 2), max_batch=2, max_experts=3, max_groups=2,
-                 max_channels_per_group=2, max_out_per_group=2, max_size=5)
-DTYPES = st.sampled_from(["float64", "float32"])
-CONFIG = ConvConfig(batch=2, in_channels=2, out_channels=4, groups=2, spatial=(5,),
-                    kernel=(3,), stride=(1,), dilation=(1,), padding=1, padding_mode="zeros",
-                    n_experts=3, bias=True)
 
 
 def _case(variant):
